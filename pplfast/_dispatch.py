@@ -1,0 +1,84 @@
+"""Backend resolution: the one place that decides which implementation runs.
+
+Every backend module exposes the same two launchers, called with validated, normalised inputs:
+
+    token_nll(logits3, targets, ignore_index, softcap, temperature) -> float32 (B*T,)
+        logits3: (B, T, V) view of the caller's logits, any strides, dtype kept
+        targets: (B*T,) int64, contiguous, each in [0, V) or == ignore_index
+    linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature)
+        -> float32 (N,)
+        hidden2: (N, D), weight: (V, D), bias: (V,) or None, targets as above
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+ENV_BACKEND = "PPLFAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine or on these tensors."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _auto(device: torch.device, op: str) -> str:
+    if device.type == "cuda":
+        return "triton"
+    return "cpu"
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Return the concrete backend name for ``op`` on ``device``, or raise why it cannot run."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = _auto(device, op)
+    if backend == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(
+            f'backend="cpu" needs CPU tensors, got tensors on {device}; '
+            'use backend="auto" or move the tensors with .cpu()'
+        )
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise BackendUnavailableError(
+            f'backend="triton" needs CUDA tensors, got tensors on {device} '
+            "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors "
+            "in the interpreter, for testing)"
+        )
+    if backend == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(
+            f'backend="cuda" needs CUDA tensors, got tensors on {device}'
+        )
+    return backend
+
+
+def module(backend: str):
+    """Import the launcher module of a concrete backend, with an actionable error."""
+    name = {
+        "reference": "pplfast._reference_backend",
+        "cpu": "pplfast._cpu",
+        "triton": "pplfast._triton",
+        "cuda": "pplfast._cuda",
+    }[backend]
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        hint = {
+            "cpu": "the native extension pplfast._C is missing: reinstall with "
+            "`pip install -e .` (needs a C++17 compiler with OpenMP)",
+            "triton": "install triton (>= 3.6): `pip install triton`",
+            "cuda": "the CUDA extension pplfast._cuda_C is missing: reinstall on a machine "
+            "where nvcc is on PATH (or CUDA_HOME is set)",
+            "reference": "",
+        }[backend]
+        raise BackendUnavailableError(f'backend="{backend}" cannot run here: {exc}. {hint}') from exc

@@ -1,0 +1,96 @@
+"""Float64 PyTorch implementations of every op: the oracle for the tests and ``backend="reference"``.
+
+Each function equals ``F.cross_entropy(z.double(), targets, reduction="none", ignore_index=...)``
+with ``z`` the (soft-capped, temperature-scaled) logits, and returns float64. Rows are processed in
+chunks so that the float64 copies stay within a few tens of MiB whatever the input size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _transform(z: torch.Tensor, softcap: Optional[float], temperature: float) -> torch.Tensor:
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def _nll_rows(z: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """z: (n, V) float64, targets: (n,) int64 -> (n,) float64 NLL, 0 where ignored."""
+    scored = targets != ignore_index
+    safe = torch.where(scored, targets, torch.zeros_like(targets))
+    if z.shape[-1] == 0:
+        return torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    lse = torch.logsumexp(z, dim=-1)
+    target_logit = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored, lse - target_logit, torch.zeros_like(lse))
+
+
+def _shifted(x: torch.Tensor, targets: torch.Tensor, shift: bool):
+    if shift:
+        return x[..., :-1, :], targets[..., 1:]
+    return x, targets
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, _CHUNK_BYTES // (8 * max(width, 1)))
+
+
+def token_nll(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token NLL of ``logits`` (..., V) at ``targets`` (...), in float64."""
+    logits, targets = _shifted(logits, targets, shift)
+    lead = targets.shape
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    flat_targets = targets.reshape(-1).long()
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    step = _rows_per_chunk(V)
+    for start in range(0, flat.shape[0], step):
+        z = _transform(flat[start : start + step].double(), softcap, temperature)
+        out[start : start + step] = _nll_rows(z, flat_targets[start : start + step], ignore_index)
+    return out.reshape(lead)
+
+
+def linear_token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token NLL of ``hidden @ weight.T + bias`` at ``targets``, in float64."""
+    hidden, targets = _shifted(hidden, targets, shift)
+    lead = targets.shape
+    D = hidden.shape[-1]
+    V = weight.shape[0]
+    flat = hidden.reshape(-1, D)
+    flat_targets = targets.reshape(-1).long()
+    weight64 = weight.double()
+    bias64 = bias.double() if bias is not None else None
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=hidden.device)
+    step = _rows_per_chunk(V)
+    for start in range(0, flat.shape[0], step):
+        z = flat[start : start + step].double() @ weight64.T
+        if bias64 is not None:
+            z = z + bias64
+        z = _transform(z, softcap, temperature)
+        out[start : start + step] = _nll_rows(z, flat_targets[start : start + step], ignore_index)
+    return out.reshape(lead)
