@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch  # importing torch does not import triton
+
+# The Triton interpreter is chosen when triton is first imported; without a GPU it is how the
+# Triton kernels run (on CPU tensors). On a GPU machine the kernels run compiled on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _nan_empty(*args, **kwargs):
+    out = _empty(*args, **kwargs)
+    if out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def _nan_empty_like(*args, **kwargs):
+    out = _empty_like(*args, **kwargs)
+    if out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """Outputs allocated with torch.empty start as NaN, so an element no kernel wrote fails."""
+    monkeypatch.setattr(torch, "empty", _nan_empty)
+    monkeypatch.setattr(torch, "empty_like", _nan_empty_like)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,56 @@
+"""Shared test helpers: the tolerance table and one assert that says where and by how much."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# DESIGN.md numerics: per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
+LSE_RTOL = 2e-6
+
+
+def row_lse(logits, *, softcap=None, temperature=1.0, shift=False) -> torch.Tensor:
+    """float64 logsumexp of each (transformed) row, shaped like the NLL output."""
+    z = logits.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    if shift:
+        z = z[..., :-1, :]
+    if z.shape[-1] == 0:
+        return torch.zeros(z.shape[:-1], dtype=torch.float64)
+    return torch.logsumexp(z, dim=-1)
+
+
+def assert_nll_close(actual: torch.Tensor, expected: torch.Tensor, lse: Optional[torch.Tensor] = None,
+                     *, rtol: float = LSE_RTOL, atol: Optional[torch.Tensor] = None, what: str = "nll"):
+    """Elementwise |actual - expected| <= rtol * max(1, |lse|) (or ``atol``, a per-element bound).
+
+    Non-finite expected values (inf, nan) must be matched exactly; on failure the message gives
+    the count of bad elements, the worst index, both values and the bound there.
+    """
+    assert actual.dtype == torch.float32, f"{what}: dtype {actual.dtype}, expected float32"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    if atol is None:
+        scale = torch.ones_like(e) if lse is None else lse.detach().cpu().double().abs().clamp_min(1.0)
+        scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+        bound = rtol * scale
+    else:
+        bound = atol.detach().cpu().double().expand_as(e)
+    finite = torch.isfinite(e)
+    same_nonfinite = (torch.isnan(e) & torch.isnan(a)) | (~torch.isnan(e) & (a == e))
+    err = torch.where(finite, (a - e).abs(), torch.where(same_nonfinite, 0.0, float("inf")))
+    err = torch.where(torch.isnan(err), float("inf"), err)
+    bad = err > bound
+    if bool(bad.any()):
+        ratio = torch.where(bad, err / bound, torch.zeros_like(err))
+        worst = int(ratio.reshape(-1).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape)) if e.ndim else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {e.numel()} elements out of tolerance; worst at {list(idx)}: "
+            f"actual={a.reshape(-1)[worst].item()!r} expected={e.reshape(-1)[worst].item()!r} "
+            f"|err|={err.reshape(-1)[worst].item():.3e} bound={bound.reshape(-1)[worst].item():.3e}; "
+            f"max |err| over finite={err[finite].max().item() if bool(finite.any()) else 0.0:.3e}"
+        )
