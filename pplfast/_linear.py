@@ -1,0 +1,216 @@
+"""Chunked hidden-states paths: per-token NLL of ``hidden @ weight.T + bias`` within a memory budget.
+
+CPU (``backend="cpu"``): the vocabulary is cut into tiles and the (scored) tokens into chunks.
+Each (chunk, tile) pair is one GEMM into a single reused float32 buffer, folded at once into a
+per-row running state (max, sum of exp, target logit) by the native kernel
+``pplfast._cpu.lse_update``; ``lse_finish`` turns the state into NLL. The loop runs tiles outside
+and chunks inside, so the weight (the large operand) is read once and only the hidden states are
+re-read, once per tile. Tile sizes are chosen so that every temporary (logits buffer, float32
+copies of fp16/bf16 operand tiles, gathered rows) fits in the budget; beyond that the extra
+memory is the O(N) state (20 bytes per scored row) and the output.
+
+GPU fallback (for the dtypes and GPUs the fused Triton kernel does not cover): token chunks, one
+``F.linear`` per chunk into a reused buffer, reduced by a logits launcher such as
+``pplfast.kernels.token_nll.token_nll_forward``. Extra memory is the fixed chunk buffer plus O(N).
+
+Environment (read at call time):
+
+==========================  =======================================================================
+``PPLFAST_CPU_CHUNK_MB``    CPU path: budget in MiB for all temporaries (default 32).
+``PPLFAST_GPU_CHUNK_MB``    GPU fallback: budget in MiB for one chunk of logits (default 256).
+==========================  =======================================================================
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+ENV_CPU_CHUNK_MB = "PPLFAST_CPU_CHUNK_MB"
+ENV_GPU_CHUNK_MB = "PPLFAST_GPU_CHUNK_MB"
+DEFAULT_CPU_CHUNK_MB = 32
+DEFAULT_GPU_CHUNK_MB = 256
+
+# Preferred CPU tile: 512 tokens x 4096 vocabulary entries (an 8 MiB float32 buffer) keeps the
+# GEMM near its full rate on x86 BLAS while the buffer stays cache-sized for the reduction pass.
+_CPU_ROWS = 512
+_CPU_COLS = 4096
+_MIN_COLS = 16
+
+
+def _budget_bytes(env: str, default_mb: float, budget_mb: Optional[float]) -> int:
+    if budget_mb is None:
+        raw = os.environ.get(env, "")
+        try:
+            budget_mb = float(raw) if raw else default_mb
+        except ValueError:
+            raise ValueError(f"{env} must be a number of MiB, got {raw!r}") from None
+    if not budget_mb > 0:
+        raise ValueError(f"the chunk budget must be > 0 MiB, got {budget_mb!r}")
+    return int(budget_mb * (1 << 20))
+
+
+def cpu_tile_sizes(rows: int, V: int, D: int, *, upcast: bool, gather_bytes: int,
+                   budget: int) -> tuple[int, int]:
+    """(token rows, vocabulary columns) of one CPU tile whose temporaries fit in ``budget`` bytes.
+
+    Temporaries per tile: the float32 logits buffer (rows x cols); with ``upcast`` (fp16/bf16
+    inputs) float32 copies of the weight tile (cols x D) and hidden chunk (rows x D); with
+    ``gather_bytes`` > 0 (some rows ignored) the gathered hidden chunk, rows x D x gather_bytes.
+    """
+
+    def cost(n: int, c: int) -> int:
+        extra = 4 * (n + c) * D if upcast else 0
+        return 4 * n * c + extra + gather_bytes * n * D
+
+    n, c = max(1, min(rows, _CPU_ROWS)), max(1, min(V, _CPU_COLS))
+    while cost(n, c) > budget:
+        # halve the longer side; keep a few columns per tile so the GEMM is not a GEMV
+        if (c >= n or n == 1) and c > _MIN_COLS:
+            c = (c + 1) // 2
+        elif n > 1:
+            n = (n + 1) // 2
+        else:
+            break  # one row x a few columns: the least any tile can use
+    return n, c
+
+
+def cpu_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
+                         *, budget_mb: Optional[float] = None) -> torch.Tensor:
+    """CPU launcher behind ``linear_token_nll(..., backend="cpu")``.
+
+    Args:
+        hidden2: ``(N, D)`` float32/float16/bfloat16, any row stride.
+        weight: ``(V, D)``, same dtype; bias: ``(V,)`` or None.
+        targets: ``(N,)`` int64 contiguous, in ``[0, V)`` or ``== ignore_index``.
+        ignore_index, softcap (None or > 0), temperature (> 0): as in ``token_nll``.
+        budget_mb: MiB for temporaries; default ``PPLFAST_CPU_CHUNK_MB`` or 32.
+
+    Returns:
+        ``(N,)`` float32 NLL, equal to
+        ``F.cross_entropy(z.double(), targets, reduction="none", ignore_index=ignore_index)``
+        with ``z = (F.linear(hidden2, weight, bias))`` soft-capped and divided by temperature.
+    """
+    from . import _cpu
+
+    return chunked_cpu(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
+                       update=_cpu.lse_update, finish=_cpu.lse_finish,
+                       budget=_budget_bytes(ENV_CPU_CHUNK_MB, DEFAULT_CPU_CHUNK_MB, budget_mb))
+
+
+def _scored_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the rows to score, or None when every row is scored (no gather needed)."""
+    scored = targets != ignore_index
+    if bool(scored.all()):
+        return None
+    return scored.nonzero().squeeze(1)
+
+
+def chunked_cpu(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
+                update: Callable, finish: Callable, budget: int) -> torch.Tensor:
+    """Tiled GEMM + running-state reduction; ``update``/``finish`` follow ``_cpu.lse_update``."""
+    N, D = hidden2.shape
+    V = weight.shape[0]
+    out = torch.zeros(N, dtype=torch.float32)
+    rows = _scored_rows(targets, ignore_index)
+    if rows is not None:
+        if rows.numel() == 0:
+            return out
+        targets = targets.index_select(0, rows)
+    n_scored = targets.shape[0]
+    upcast = hidden2.dtype != torch.float32
+    gather_bytes = 0 if rows is None else hidden2.element_size()
+    n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
+                                  budget=budget)
+
+    logits_buf = torch.empty(n_max * c_max, dtype=torch.float32)
+    if upcast:
+        # fp16/bf16 products are exact in float32; a float32 GEMM then leaves only the
+        # accumulation error, well below that of rounding the logits to fp16/bf16
+        weight_buf = torch.empty(c_max * D, dtype=torch.float32)
+        hidden_buf = torch.empty(n_max * D, dtype=torch.float32)
+    fused_bias = bias is not None and bias.dtype == torch.float32
+    row_max = torch.full((n_scored,), float("-inf"), dtype=torch.float32)
+    row_sum = torch.zeros(n_scored, dtype=torch.float64)
+    target_logit = torch.zeros(n_scored, dtype=torch.float64)
+
+    for v0 in range(0, V, c_max):
+        c = min(c_max, V - v0)
+        w_tile = weight[v0 : v0 + c]
+        if upcast:
+            w_tile = weight_buf[: c * D].view(c, D).copy_(w_tile)
+        b_tile = None if bias is None else bias[v0 : v0 + c]
+        for r0 in range(0, n_scored, n_max):
+            n = min(n_max, n_scored - r0)
+            if rows is None:
+                h_tile = hidden2[r0 : r0 + n]
+            else:
+                h_tile = hidden2.index_select(0, rows[r0 : r0 + n])
+            if upcast:
+                h_tile = hidden_buf[: n * D].view(n, D).copy_(h_tile)
+            logits = logits_buf[: n * c].view(n, c)
+            if fused_bias:
+                torch.addmm(b_tile, h_tile, w_tile.T, out=logits)
+            else:
+                torch.matmul(h_tile, w_tile.T, out=logits)
+                if b_tile is not None:
+                    logits.add_(b_tile)
+            update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
+                   row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
+            del h_tile
+
+    nll = finish(row_max, row_sum, target_logit, targets, ignore_index)
+    if rows is None:
+        return nll
+    out.index_copy_(0, rows, nll)
+    return out
+
+
+def gpu_chunk_rows(V: int, element_size: int, budget: int) -> int:
+    return max(1, budget // max(1, V * element_size))
+
+
+def chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
+                             *, launcher: Optional[Callable] = None,
+                             budget_mb: Optional[float] = None) -> torch.Tensor:
+    """Chunked GEMM + fused logits reduction, for any device and dtype (the GPU fallback).
+
+    Each chunk of scored rows gets its logits from one ``F.linear`` (in the input dtype, as the
+    same-dtype PyTorch path does, into a reused buffer) and its NLL from ``launcher``, which
+    follows the ``token_nll`` launcher interface of ``pplfast._dispatch`` (default: the Triton
+    ``pplfast.kernels.token_nll.token_nll_forward``).
+
+    Args/Returns: as :func:`cpu_linear_token_nll`; ``budget_mb`` bounds one chunk of logits
+    (default ``PPLFAST_GPU_CHUNK_MB`` or 256).
+    """
+    if launcher is None:
+        from .kernels.token_nll import token_nll_forward as launcher
+    budget = _budget_bytes(ENV_GPU_CHUNK_MB, DEFAULT_GPU_CHUNK_MB, budget_mb)
+    N, D = hidden2.shape
+    V = weight.shape[0]
+    out = torch.zeros(N, dtype=torch.float32, device=hidden2.device)
+    rows = _scored_rows(targets, ignore_index)
+    if rows is not None:
+        if rows.numel() == 0:
+            return out
+        targets = targets.index_select(0, rows)
+    n_scored = targets.shape[0]
+    step = gpu_chunk_rows(V, hidden2.element_size(), budget)
+    logits_buf = torch.empty(min(step, n_scored) * V, dtype=hidden2.dtype, device=hidden2.device)
+    b = None if bias is None else bias.to(hidden2.dtype)
+    nll = torch.empty(n_scored, dtype=torch.float32, device=hidden2.device)
+    for r0 in range(0, n_scored, step):
+        n = min(step, n_scored - r0)
+        h = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(0, rows[r0 : r0 + n])
+        logits = logits_buf[: n * V].view(n, V)
+        if b is None:
+            torch.matmul(h, weight.T, out=logits)
+        else:
+            torch.addmm(b, h, weight.T, out=logits)
+        nll[r0 : r0 + n] = launcher(logits.unsqueeze(0), targets[r0 : r0 + n], ignore_index,
+                                    softcap, temperature)
+    if rows is None:
+        return nll
+    out.index_copy_(0, rows, nll)
+    return out
