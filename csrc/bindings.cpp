@@ -1,0 +1,64 @@
+// pybind11 module pplfast._C: the CPU kernels over raw pointers, sizes and strides, so that the
+// build needs no PyTorch headers. pplfast/_cpu.py passes tensor.data_ptr() and friends; the GIL is
+// released while a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/token_nll.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pplfast native CPU kernels";
+  m.attr("FLOAT32") = static_cast<int>(pplfast::kFloat32);
+  m.attr("FLOAT16") = static_cast<int>(pplfast::kFloat16);
+  m.attr("BFLOAT16") = static_cast<int>(pplfast::kBFloat16);
+
+  m.def(
+      "token_nll",
+      [](std::uintptr_t logits, int dtype, int64_t batch, int64_t time, int64_t cols,
+         int64_t batch_stride, int64_t time_stride, int64_t col_stride, std::uintptr_t targets,
+         int64_t ignore_index, double softcap, double temperature, std::uintptr_t out,
+         int nthreads) {
+        py::gil_scoped_release release;
+        pplfast::token_nll(ptr<const void>(logits), dtype, batch, time, cols, batch_stride,
+                           time_stride, col_stride, ptr<const int64_t>(targets), ignore_index,
+                           softcap, temperature, ptr<float>(out), nthreads);
+      },
+      "Per-token NLL of a strided (batch, time, cols) logits tensor into out (float32).");
+
+  m.def(
+      "lse_update",
+      [](std::uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t v_offset, std::uintptr_t targets, int64_t ignore_index,
+         double softcap, double temperature, std::uintptr_t row_max, std::uintptr_t row_sum,
+         std::uintptr_t target_logit, int nthreads) {
+        py::gil_scoped_release release;
+        pplfast::lse_update(ptr<const void>(logits), dtype, rows, cols, row_stride, col_stride,
+                            v_offset, ptr<const int64_t>(targets), ignore_index, softcap,
+                            temperature, ptr<float>(row_max), ptr<double>(row_sum),
+                            ptr<double>(target_logit), nthreads);
+      },
+      "Fold a (rows, cols) slab of logits into running (max, sum-exp, target logit) state.");
+
+  m.def(
+      "lse_finish",
+      [](std::uintptr_t row_max, std::uintptr_t row_sum, std::uintptr_t target_logit,
+         std::uintptr_t targets, int64_t ignore_index, int64_t rows, std::uintptr_t out) {
+        py::gil_scoped_release release;
+        pplfast::lse_finish(ptr<const float>(row_max), ptr<const double>(row_sum),
+                            ptr<const double>(target_logit), ptr<const int64_t>(targets),
+                            ignore_index, rows, ptr<float>(out));
+      },
+      "NLL from the running state: row_max + log(row_sum) - target_logit.");
+}

@@ -1,0 +1,431 @@
+// Native CPU kernels: per-row log-sum-exp and target gather in one pass over the logits.
+//
+// Each row of logits is read once, in blocks of BLOCK elements. A block is loaded, converted to
+// fp32 (fp16/bf16 are read in place, never copied whole) and transformed (softcap, temperature)
+// into a small buffer that stays in L1; its maximum folds into the row's running maximum, and the
+// block's sum of exp(z - max) is accumulated in 32 fp32 lanes (4 AVX2 accumulators), reduced in
+// double and added to the row's running sum, rescaled when the maximum grows. The running sum is
+// a double: the only fp32 sums are the 64-term lane sums inside one block.
+//
+// Work is split over OpenMP threads by rows; when rows are fewer than threads each row is also
+// split into column ranges whose partial (max, sum) pairs are merged afterwards.
+//
+// NaN anywhere in a row makes that row's result NaN (tracked explicitly: max_ps drops NaN).
+// +inf makes the row's log-sum-exp +inf; an all -inf row gives -inf, as torch.logsumexp does.
+#include "token_nll.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PPLFAST_AVX2 1
+#endif
+
+namespace pplfast {
+namespace {
+
+constexpr int64_t BLOCK = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// ---- scalar element access -------------------------------------------------------------------
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float fp16_to_float(uint16_t h) {
+#ifdef PPLFAST_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400u));
+      bits = sign | ((112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline float load_scalar(const void* base, int dtype, int64_t index) {
+  switch (dtype) {
+    case kFloat32: return static_cast<const float*>(base)[index];
+    case kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[index]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+  }
+}
+
+// Cephes-style tanhf: odd minimax polynomial below 0.625 (where 1 - 2/(e^2y + 1) would cancel),
+// the exp form above. Relative error ~1e-7 everywhere.
+inline float tanh_scalar(float y) {
+  const float a = std::fabs(y);
+  if (a < 0.625f) {
+    const float z = y * y;
+    const float p = (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                     1.33314422036e-1f) * z - 3.33332819422e-1f;
+    return y + y * z * p;
+  }
+  const float t = 1.0f - 2.0f / (std::exp(2.0f * std::min(a, 44.0f)) + 1.0f);
+  return std::copysign(t, y);
+}
+
+struct Transform {
+  bool has_softcap;
+  float softcap, inv_softcap, inv_temperature;
+  bool has_temperature;
+  inline float apply(float x) const {
+    if (has_softcap) x = softcap * tanh_scalar(x * inv_softcap);
+    if (has_temperature) x *= inv_temperature;
+    return x;
+  }
+};
+
+// The target logit is transformed in double, as the reference does.
+inline double transform_target(double x, double softcap, double temperature) {
+  if (softcap > 0) x = softcap * std::tanh(x / softcap);
+  return x / temperature;
+}
+
+#ifdef PPLFAST_AVX2
+// ---- AVX2 helpers ------------------------------------------------------------------------------
+
+template <int DT>
+inline __m256 load8(const void* base, int64_t index) {
+  if constexpr (DT == kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+  } else {
+    const __m128i h = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + index));
+    if constexpr (DT == kFloat16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// exp(d) for d <= 0 (Cephes expf polynomial, ~1 ulp). Inputs below -87.3 (and NaN) are clamped,
+// giving ~1e-38 instead of 0: harmless, because every sum it joins holds exp(0) = 1.
+inline __m256 exp8_nonpos(__m256 d) {
+  d = _mm256_max_ps(d, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(d, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), d);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 tanh8(__m256 y) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign_mask, y);
+  // small |y|: odd polynomial
+  const __m256 z = _mm256_mul_ps(y, y);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(y, z), p, y);
+  // large |y|: 1 - 2 / (exp(2|y|) + 1), computed as exp(-2|y|) to stay in exp8_nonpos's domain:
+  // 1 - 2 / (1/q + 1) = (1 - q) / (1 + q) with q = exp(-2|y|).
+  const __m256 q = exp8_nonpos(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, q), _mm256_add_ps(one, q));
+  const __m256 big_signed = _mm256_or_ps(big, _mm256_and_ps(sign_mask, y));
+  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  // NaN input: a < 0.625 is false, big path yields a finite value; NaN is tracked separately.
+  return _mm256_blendv_ps(big_signed, small, use_small);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline double hsum8_double(__m256 v) {
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+  const __m256d s = _mm256_add_pd(lo, hi);
+  __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  t = _mm_add_sd(t, _mm_unpackhi_pd(t, t));
+  return _mm_cvtsd_f64(t);
+}
+#endif
+
+// Running (max, sum of exp(z - max)) of one row or row range; nan marks a NaN seen.
+struct Partial {
+  float max = kNegInf;
+  double sum = 0.0;
+  bool nan = false;
+};
+
+inline void merge(Partial& into, const Partial& p) {
+  into.nan = into.nan || p.nan;
+  if (p.max == kNegInf) return;  // nothing but -inf: adds exp(-inf) = 0
+  if (into.max == kNegInf) {
+    into.max = p.max;
+    into.sum = p.sum;
+    return;
+  }
+  const float m = std::max(into.max, p.max);
+  into.sum = into.sum * std::exp(static_cast<double>(into.max) - m) +
+             p.sum * std::exp(static_cast<double>(p.max) - m);
+  into.max = m;
+}
+
+// Fold one block (already transformed, padded with -inf to a multiple of 8) into `acc`.
+inline void fold_block(Partial& acc, const float* z, int64_t len, float block_max) {
+  if (block_max == kNegInf) return;
+  const float m = std::max(acc.max, block_max);
+  if (m == kPosInf) {  // the row's lse is +inf; the sum no longer matters
+    acc.max = m;
+    return;
+  }
+  double block_sum;
+#ifdef PPLFAST_AVX2
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    s0 = _mm256_add_ps(s0, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm)));
+    s1 = _mm256_add_ps(s1, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i + 8), vm)));
+    s2 = _mm256_add_ps(s2, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i + 16), vm)));
+    s3 = _mm256_add_ps(s3, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i + 24), vm)));
+  }
+  for (; i < len; i += 8)
+    s0 = _mm256_add_ps(s0, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm)));
+  block_sum = hsum8_double(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+#else
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < len; ++i) lanes[i & 7] += std::exp(z[i] - m);
+  block_sum = 0;
+  for (float l : lanes) block_sum += l;
+#endif
+  acc.sum = (acc.max == kNegInf ? 0.0 : acc.sum * std::exp(static_cast<double>(acc.max) - m)) +
+            block_sum;
+  acc.max = m;
+}
+
+// One pass over `len` elements starting at `base` (element stride `stride`), specialised on the
+// dtype and on which transforms are active so that the inner loops carry no branches.
+template <int DT, bool SOFTCAP, bool TEMPERATURE>
+Partial row_partial_t(const void* base, int64_t len, int64_t stride, const Transform& tf) {
+  constexpr int dtype = DT;
+  alignas(32) float z[BLOCK];
+  Partial acc;
+  for (int64_t start = 0; start < len; start += BLOCK) {
+    const int64_t n = std::min(BLOCK, len - start);
+    float block_max = kNegInf;
+    bool nan = false;
+    int64_t i = 0;
+#ifdef PPLFAST_AVX2
+    if (stride == 1) {
+      __m256 vmax = _mm256_set1_ps(kNegInf);
+      __m256 vnan = _mm256_setzero_ps();
+      const __m256 vcap = _mm256_set1_ps(tf.softcap), vinv_cap = _mm256_set1_ps(tf.inv_softcap);
+      const __m256 vinv_t = _mm256_set1_ps(tf.inv_temperature);
+      for (; i + 8 <= n; i += 8) {
+        __m256 x = load8<DT>(base, start + i);
+        if constexpr (SOFTCAP) x = _mm256_mul_ps(vcap, tanh8(_mm256_mul_ps(x, vinv_cap)));
+        if constexpr (TEMPERATURE) x = _mm256_mul_ps(x, vinv_t);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(x, vmax);  // returns vmax where x is NaN
+        _mm256_store_ps(z + i, x);
+      }
+      block_max = hmax8(vmax);
+      nan = _mm256_movemask_ps(vnan) != 0;
+    }
+#endif
+    for (; i < n; ++i) {
+      const float x = tf.apply(load_scalar(base, dtype, (start + i) * stride));
+      nan = nan || std::isnan(x);
+      block_max = x > block_max ? x : block_max;
+      z[i] = x;
+    }
+    int64_t padded = n;
+    for (; padded % 8 != 0; ++padded) z[padded] = kNegInf;
+    acc.nan = acc.nan || nan;
+    fold_block(acc, z, padded, block_max);
+  }
+  return acc;
+}
+
+template <int DT>
+Partial row_partial_dt(const void* base, int64_t len, int64_t stride, const Transform& tf) {
+  if (tf.has_softcap) {
+    return tf.has_temperature ? row_partial_t<DT, true, true>(base, len, stride, tf)
+                              : row_partial_t<DT, true, false>(base, len, stride, tf);
+  }
+  return tf.has_temperature ? row_partial_t<DT, false, true>(base, len, stride, tf)
+                            : row_partial_t<DT, false, false>(base, len, stride, tf);
+}
+
+Partial row_partial(const void* base, int dtype, int64_t len, int64_t stride,
+                    const Transform& tf) {
+  switch (dtype) {
+    case kFloat32: return row_partial_dt<kFloat32>(base, len, stride, tf);
+    case kFloat16: return row_partial_dt<kFloat16>(base, len, stride, tf);
+    default: return row_partial_dt<kBFloat16>(base, len, stride, tf);
+  }
+}
+
+inline const void* element_ptr(const void* base, int dtype, int64_t offset) {
+  const int64_t bytes = dtype == kFloat32 ? 4 : 2;
+  return static_cast<const char*>(base) + offset * bytes;
+}
+
+inline double finish_lse(float max, double sum, bool nan) {
+  if (nan || std::isnan(max)) return std::numeric_limits<double>::quiet_NaN();
+  if (std::isinf(max)) return max;
+  return max + std::log(sum);
+}
+
+Transform make_transform(double softcap, double temperature) {
+  Transform tf;
+  tf.has_softcap = softcap > 0;
+  tf.softcap = static_cast<float>(softcap > 0 ? softcap : 1.0);
+  tf.inv_softcap = static_cast<float>(softcap > 0 ? 1.0 / softcap : 1.0);
+  tf.has_temperature = temperature != 1.0;
+  tf.inv_temperature = static_cast<float>(1.0 / temperature);
+  return tf;
+}
+
+// Column splits per row so that rows × splits keeps every thread busy on long rows.
+int64_t column_splits(int64_t rows, int64_t cols, int nthreads) {
+  if (rows >= nthreads) return 1;
+  const int64_t want = (2 * nthreads + rows - 1) / rows;
+  return std::max<int64_t>(1, std::min(want, cols / (4 * BLOCK)));
+}
+
+}  // namespace
+
+void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                int64_t col_stride, int64_t v_offset, const int64_t* targets,
+                int64_t ignore_index, double softcap, double temperature, float* row_max,
+                double* row_sum, double* target_logit, int nthreads) {
+  const Transform tf = make_transform(softcap, temperature);
+  const int64_t splits = column_splits(rows, cols, nthreads);
+  const int64_t span = (cols + splits - 1) / splits;
+  std::vector<Partial> parts(static_cast<size_t>(rows * splits));
+
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t task = 0; task < rows * splits; ++task) {
+    const int64_t r = task / splits, piece = task % splits;
+    if (targets[r] == ignore_index) continue;
+    const int64_t c0 = piece * span, c1 = std::min(cols, c0 + span);
+    if (c0 >= c1) continue;
+    const void* base = element_ptr(logits, dtype, r * row_stride + c0 * col_stride);
+    parts[task] = row_partial(base, dtype, c1 - c0, col_stride, tf);
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = targets[r];
+    if (t == ignore_index) continue;
+    Partial acc;
+    acc.max = row_max[r];
+    acc.sum = row_sum[r];
+    acc.nan = std::isnan(acc.max);
+    if (acc.nan) continue;  // already NaN: stays NaN
+    for (int64_t piece = 0; piece < splits; ++piece) merge(acc, parts[r * splits + piece]);
+    row_max[r] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.max;
+    row_sum[r] = acc.sum;
+    if (t >= v_offset && t < v_offset + cols) {
+      const double x = load_scalar(logits, dtype, r * row_stride + (t - v_offset) * col_stride);
+      target_logit[r] = transform_target(x, softcap, temperature);
+    }
+  }
+}
+
+void lse_finish(const float* row_max, const double* row_sum, const double* target_logit,
+                const int64_t* targets, int64_t ignore_index, int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] == ignore_index) {
+      out[r] = 0.0f;
+      continue;
+    }
+    const float m = row_max[r];
+    out[r] = static_cast<float>(finish_lse(m, row_sum[r], std::isnan(m)) - target_logit[r]);
+  }
+}
+
+void token_nll(const void* logits, int dtype, int64_t batch, int64_t time, int64_t cols,
+               int64_t batch_stride, int64_t time_stride, int64_t col_stride,
+               const int64_t* targets, int64_t ignore_index, double softcap, double temperature,
+               float* out, int nthreads) {
+  const int64_t rows = batch * time;
+  const Transform tf = make_transform(softcap, temperature);
+  const int64_t splits = column_splits(rows, cols, nthreads);
+  const int64_t span = (cols + splits - 1) / splits;
+  std::vector<Partial> parts(static_cast<size_t>(splits > 1 ? rows * splits : 0));
+
+  auto row_offset = [&](int64_t r) { return (r / time) * batch_stride + (r % time) * time_stride; };
+  auto finish_row = [&](int64_t r, const Partial& p) {
+    const int64_t t = targets[r];
+    const double x = load_scalar(logits, dtype, row_offset(r) + t * col_stride);
+    out[r] = static_cast<float>(finish_lse(p.max, p.sum, p.nan) -
+                                transform_target(x, softcap, temperature));
+  };
+
+  if (splits == 1) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (targets[r] == ignore_index) {
+        out[r] = 0.0f;
+        continue;
+      }
+      finish_row(r, row_partial(element_ptr(logits, dtype, row_offset(r)), dtype, cols,
+                                col_stride, tf));
+    }
+    return;
+  }
+
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t task = 0; task < rows * splits; ++task) {
+    const int64_t r = task / splits, piece = task % splits;
+    if (targets[r] == ignore_index) continue;
+    const int64_t c0 = piece * span, c1 = std::min(cols, c0 + span);
+    if (c0 >= c1) continue;
+    parts[task] = row_partial(element_ptr(logits, dtype, row_offset(r) + c0 * col_stride), dtype,
+                              c1 - c0, col_stride, tf);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] == ignore_index) {
+      out[r] = 0.0f;
+      continue;
+    }
+    Partial acc;
+    for (int64_t piece = 0; piece < splits; ++piece) merge(acc, parts[r * splits + piece]);
+    finish_row(r, acc);
+  }
+}
+
+}  // namespace pplfast
