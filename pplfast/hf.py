@@ -1,0 +1,455 @@
+"""Score Hugging Face causal LMs without building their logits.
+
+The model body (``model.base_model``) gives the final hidden states; the output layer
+(``model.get_output_embeddings()``) is applied inside :func:`pplfast.linear_token_nll`, so no
+``(tokens, V)`` tensor exists. Only the hidden states of scored tokens reach the output layer,
+which also skips the context-only positions of sliding windows.
+
+How each model's last step maps onto ``linear_token_nll``'s ``softcap`` then ``temperature``:
+
+- ``final_logit_softcapping`` (Gemma 2/3 and others): ``softcap``.
+- Cohere family ``logits * logit_scale``: ``temperature = 1 / logit_scale``.
+- Granite family and MiniCPM3 divide by ``logits_scaling``: ``temperature = logits_scaling``.
+- HyperCLOVA X multiplies by ``logits_scaling``: ``temperature = 1 / logits_scaling``.
+
+Before scoring, one short probe compares the model's own logits on a few tokens with this
+mapping; a model that does not match (an unknown final transform), has no separate body or no
+output layer is scored from its logits through :func:`pplfast.token_nll` instead.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .api import linear_token_nll, token_nll
+from .metric import Perplexity, PerplexityResult
+from .windows import MODES, Window, make_windows
+
+IGNORE = -100
+_PROBE_TOKENS = 16
+
+
+@dataclass
+class ScoreResult:
+    """Output of :func:`score_model`.
+
+    ``token_nll[b, t]`` is the NLL (nats, float32) of token ``t`` of row ``b`` given the context
+    its window gave it; ``scored`` marks the tokens that were scored (0 elsewhere).
+    """
+
+    perplexity: float
+    mean_nll: float
+    num_tokens: int
+    perplexity_stderr: float
+    token_nll: torch.Tensor
+    scored: torch.Tensor
+
+
+@dataclass
+class DocumentScore:
+    """One document of :func:`score_texts`: its tokens, their NLL and its own figures."""
+
+    num_tokens: int
+    num_bytes: int
+    num_words: int
+    sum_nll: float
+    mean_nll: float
+    perplexity: float
+    token_ids: torch.Tensor
+    token_nll: torch.Tensor
+    scored: torch.Tensor
+
+
+@dataclass
+class TextScores:
+    """Output of :func:`score_texts`: per-document scores and the corpus figures."""
+
+    documents: List[DocumentScore]
+    corpus: PerplexityResult
+
+
+@dataclass
+class _Head:
+    body: torch.nn.Module
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    temperature: float
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def logit_transform(model):
+    """``(softcap, temperature)`` that reproduce ``model``'s final logit transform (see module doc)."""
+    config = _text_config(model)
+    if config is None:
+        return None, 1.0
+    model_type = str(getattr(config, "model_type", "") or "")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    temperature = 1.0
+    logit_scale = getattr(config, "logit_scale", None)
+    if model_type.startswith("cohere") and logit_scale:
+        temperature = 1.0 / float(logit_scale)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        if model_type.startswith("granite") or model_type == "minicpm3":
+            temperature = float(scaling)
+        elif model_type.startswith("hyperclovax"):
+            temperature = 1.0 / float(scaling)
+    return (float(softcap) if softcap else None), temperature
+
+
+def _accepts(module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _call(module, ids, mask):
+    kwargs = {"input_ids": ids}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if _accepts(module, "use_cache"):
+        kwargs["use_cache"] = False
+    return module(**kwargs)
+
+
+def _last_hidden(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    hidden = getattr(out, "last_hidden_state", None)
+    return hidden if hidden is not None else out[0]
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out[0]
+
+
+def _find_head(model) -> Optional[_Head]:
+    """The body and output layer of a causal LM, or None where the model does not expose them."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return None
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        get_decoder = getattr(model, "get_decoder", None)
+        try:
+            body = get_decoder() if callable(get_decoder) else None
+        except Exception:  # transformers raises for models without a findable decoder
+            body = None
+    if body is None or body is model or not isinstance(body, torch.nn.Module):
+        return None
+    bias = getattr(head, "bias", None)
+    softcap, temperature = logit_transform(model)
+    return _Head(body, weight, bias if isinstance(bias, torch.Tensor) else None, softcap, temperature)
+
+
+def _head_logits(head: _Head, hidden: torch.Tensor) -> torch.Tensor:
+    z = F.linear(hidden.float(), head.weight.float(),
+                 None if head.bias is None else head.bias.float())
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z / head.temperature
+
+
+def _probe(model, head: _Head, ids: torch.Tensor) -> Optional[str]:
+    """Compare the model's logits with body + output layer on ``ids``; None if they agree."""
+    try:
+        theirs = _logits(_call(model, ids, None)).float()
+        ours = _head_logits(head, _last_hidden(_call(head.body, ids, None)))
+    except Exception as exc:  # an unusual body signature: the logits path still works
+        return f"calling the model body failed ({type(exc).__name__}: {exc})"
+    if theirs.shape != ours.shape:
+        return f"body + output layer give shape {tuple(ours.shape)}, the model {tuple(theirs.shape)}"
+    # fp32 matmuls in another order differ by ~1e-6 relative; half precision rounds the logits
+    rel = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    bound = rel * max(1.0, float(theirs.abs().max()))
+    err = float((ours - theirs).abs().max())
+    if not err <= bound:
+        return f"logits differ by {err:.3g} (bound {bound:.3g}): an output transform pplfast does not know"
+    return None
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _context_length(model) -> Optional[int]:
+    config = _text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def _prefix_id(model, tokenizer, prefix_token_id) -> int:
+    if prefix_token_id is not None:
+        return int(prefix_token_id)
+    for source in (tokenizer, _text_config(model)):
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    raise ValueError(
+        "mode='rolling' predicts the first token from a prefix token: pass prefix_token_id "
+        "(the model config has neither bos_token_id nor eos_token_id)"
+    )
+
+
+def _progress_bar(total: int, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            'progress=True needs tqdm: pip install "pplfast[progress]"'
+        ) from exc
+    return tqdm(total=total, unit="window", desc="scoring", leave=False)
+
+
+def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
+                   batch_size: int, backend: str, progress) -> List[torch.Tensor]:
+    """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask."""
+    device = _model_device(model)
+    out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
+    scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
+    jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
+    if not jobs:
+        return list(zip(out, scored))
+    head = _find_head(model)
+    if head is not None:
+        first_doc, first = jobs[0]
+        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
+        why = _probe(model, head, probe.unsqueeze(0).to(device))
+        if why is not None:
+            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
+            head = None
+    bar = _progress_bar(len(jobs), progress)
+    for b in range(0, len(jobs), batch_size):
+        batch = jobs[b : b + batch_size]
+        length = max(w.input_length for _, w in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        targets = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+        for row, (doc, w) in enumerate(batch):
+            n = w.input_length
+            ids[row, :n] = streams[doc][w.start : w.stop - 1]
+            mask[row, :n] = 1
+            skip = w.score_start - w.start - 1  # outputs that only feed context
+            targets[row, skip:n] = streams[doc][w.score_start : w.stop]
+        padded = bool((mask == 0).any())
+        ids, targets = ids.to(device), targets.to(device)
+        # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
+        attn = mask.to(device) if padded else None
+        if head is not None:
+            hidden = _last_hidden(_call(head.body, ids, attn))
+            keep = targets != IGNORE
+            rows = hidden[keep].to(head.weight.dtype)
+            nll_rows = linear_token_nll(
+                rows, head.weight, targets[keep], bias=head.bias, softcap=head.softcap,
+                temperature=head.temperature, backend=backend,
+            )
+            nll = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+            nll[keep] = nll_rows
+        else:
+            logits = _logits(_call(model, ids, attn))
+            nll = token_nll(logits, targets, ignore_index=IGNORE, backend=backend)
+        nll = nll.cpu()
+        for row, (doc, w) in enumerate(batch):
+            skip = w.score_start - w.start - 1
+            out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]
+            scored[doc][w.score_start : w.stop] = True
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return list(zip(out, scored))
+
+
+def _schedules(lengths, window, stride, mode, model):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if window is None:
+        window = _context_length(model)
+    return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
+                     tokenizer, batch_size, backend, progress):
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask."""
+    _check_batch_size(batch_size)
+    schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
+    if mode == "rolling":
+        prefix = torch.tensor([_prefix_id(model, tokenizer, prefix_token_id)], dtype=torch.long)
+        streams = [torch.cat([prefix, d]) for d in docs]
+    else:
+        streams = list(docs)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # dropout would make scores random
+    try:
+        with torch.inference_mode():
+            stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress)
+    finally:
+        if was_training:
+            model.train()
+    offset = 1 if mode == "rolling" else 0
+    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
+
+
+def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                window: Optional[int] = None, stride: Optional[int] = None, mode: str = "sliding",
+                prefix_token_id: Optional[int] = None, batch_size: int = 8, backend: str = "auto",
+                progress=False) -> ScoreResult:
+    """Perplexity of a causal LM on token ids, without building its logits.
+
+    Each row is one document: the tokens where ``attention_mask`` is 1 (one contiguous run, left
+    or right padded). Documents longer than ``window`` are split by the window schedule
+    (:mod:`pplfast.windows`); windows of all rows are batched ``batch_size`` at a time.
+
+    Args:
+        model: a Hugging Face causal LM (or any module returning ``.logits``).
+        input_ids: ``(T,)`` or ``(B, T)`` integer token ids.
+        attention_mask: same shape, 1 for real tokens; default all ones.
+        window: most tokens fed to the model at once; default the model's context length.
+        stride: tokens between window starts for ``mode="sliding"``; default ``window // 2``.
+        mode: ``"sliding"`` (first token unscored), ``"rolling"`` (every token scored, the first
+            from ``prefix_token_id``, default the model's BOS or EOS id) or ``"chunks"``.
+        batch_size: windows per forward pass.
+        backend: passed to :func:`pplfast.linear_token_nll` / :func:`pplfast.token_nll`.
+        progress: show a progress bar over windows (needs tqdm).
+
+    Returns:
+        :class:`ScoreResult`; ``token_nll`` and ``scored`` have ``input_ids``' shape. For one
+        window, ``mean_nll`` equals ``model(ids, labels=ids).loss``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("input_ids must be an int64 or int32 tensor")
+    if input_ids.ndim not in (1, 2):
+        raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
+    ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
+    if attention_mask is None:
+        mask2 = torch.ones_like(ids2, dtype=torch.bool)
+    else:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        mask2 = attention_mask.reshape(ids2.shape).cpu().bool()
+    docs, spans = [], []
+    for b in range(ids2.shape[0]):
+        where = mask2[b].nonzero().flatten()
+        lo = int(where[0]) if len(where) else 0
+        hi = int(where[-1]) + 1 if len(where) else 0
+        if hi - lo != len(where):
+            raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
+        docs.append(ids2[b, lo:hi])
+        spans.append((lo, hi))
+    per_doc = _score_documents(
+        model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
+        tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
+    )
+    token_nll_out = torch.zeros(ids2.shape, dtype=torch.float32)
+    scored_out = torch.zeros(ids2.shape, dtype=torch.bool)
+    metric = Perplexity()
+    for b, ((nll, scored), (lo, hi)) in enumerate(zip(per_doc, spans)):
+        token_nll_out[b, lo:hi] = nll
+        scored_out[b, lo:hi] = scored
+        metric.update_nll(nll, scored)
+    try:
+        res = metric.compute()
+        ppl, mean, n, err = res.perplexity, res.mean_nll, res.num_tokens, res.perplexity_stderr
+    except ValueError:
+        ppl, mean, n, err = math.nan, math.nan, 0, math.nan
+    return ScoreResult(
+        perplexity=ppl, mean_nll=mean, num_tokens=n, perplexity_stderr=err,
+        token_nll=token_nll_out.reshape(input_ids.shape),
+        scored=scored_out.reshape(input_ids.shape),
+    )
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity: ``len(re.split(r"\\s+", text))``."""
+    return len(re.split(r"\s+", text))
+
+
+def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int] = None,
+                stride: Optional[int] = None, mode: str = "sliding",
+                prefix_token_id: Optional[int] = None, add_special_tokens: Optional[bool] = None,
+                batch_size: int = 8, backend: str = "auto", progress=False) -> TextScores:
+    """Tokenize and score documents; per-document and corpus figures, bytes and words included.
+
+    Args:
+        model, window, stride, mode, prefix_token_id, batch_size, backend, progress: as in
+            :func:`score_model`.
+        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text)["input_ids"]``).
+        texts: the documents.
+        add_special_tokens: passed to the tokenizer; default False for ``mode="rolling"`` (the
+            prefix token plays BOS, as in lm-evaluation-harness), True otherwise.
+
+    Returns:
+        :class:`TextScores`. ``corpus.bits_per_byte`` and ``corpus.word_perplexity`` are ratios
+        of sums over documents (UTF-8 bytes; words split on whitespace).
+
+    Raises:
+        ValueError: no token of any document could be scored.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string")
+    if add_special_tokens is None:
+        add_special_tokens = mode != "rolling"
+    docs = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings, got {type(text).__name__}")
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+    per_doc = _score_documents(
+        model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
+        tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
+    )
+    metric = Perplexity()
+    documents = []
+    for text, ids, (nll, scored) in zip(texts, docs, per_doc):
+        num_bytes, num_words = len(text.encode("utf-8")), count_words(text)
+        metric.update_nll(nll, scored, num_bytes=num_bytes, num_words=num_words)
+        n = int(scored.sum())
+        total = float(nll.double().sum())
+        mean = total / n if n else math.nan
+        documents.append(DocumentScore(
+            num_tokens=n, num_bytes=num_bytes, num_words=num_words, sum_nll=total, mean_nll=mean,
+            perplexity=math.exp(mean) if n and mean < 709 else (math.inf if n else math.nan),
+            token_ids=ids, token_nll=nll, scored=scored,
+        ))
+    return TextScores(documents=documents, corpus=metric.compute())

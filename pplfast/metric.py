@@ -1,0 +1,214 @@
+"""Streaming perplexity: float64 sums that add up across batches, processes and documents.
+
+The state is seven float64 sums, so ``merge`` is an addition and ``sync`` one ``all_reduce``:
+sum of NLL, sum of squared NLL, scored tokens, bytes, words, and the tokens that came with byte
+(word) counts, so a ratio over bytes is only reported when every token's bytes were counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from .api import linear_token_nll, token_nll
+
+_SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(7)
+_STATE_SIZE = 7
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Corpus figures. NLL in nats; ``*_stderr`` from the per-token NLL variance.
+
+    ``perplexity_stderr`` is llama.cpp's ``PPL +/-``: ``perplexity * mean_nll_stderr`` with
+    ``mean_nll_stderr = sqrt((E[nll^2] - E[nll]^2) / (num_tokens - 1))``. The byte and word
+    figures are ratios of sums over all documents (lm-evaluation-harness): ``bits_per_byte =
+    sum(nll) / num_bytes / ln 2``, ``byte_perplexity = exp(sum(nll) / num_bytes)``,
+    ``word_perplexity = exp(sum(nll) / num_words)``; None unless every update gave the counts.
+    """
+
+    perplexity: float
+    mean_nll: float
+    num_tokens: int
+    sum_nll: float
+    bits_per_token: float
+    mean_nll_stderr: float
+    perplexity_stderr: float
+    num_bytes: Optional[int] = None
+    num_words: Optional[int] = None
+    bits_per_byte: Optional[float] = None
+    byte_perplexity: Optional[float] = None
+    word_perplexity: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _count(value, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.sum().item()
+    elif not isinstance(value, (int, float)):
+        value = sum(value)
+    if isinstance(value, bool) or value < 0 or value != int(value):
+        raise ValueError(f"{name} must be a non-negative integer count, got {value!r}")
+    return int(value)
+
+
+class Perplexity:
+    """Accumulate per-token NLL over batches; ``compute()`` gives corpus perplexity and friends.
+
+    Example::
+
+        metric = pplfast.Perplexity()
+        for batch in loader:
+            logits = model(batch["input_ids"]).logits
+            metric.update(logits, batch["input_ids"], shift=True)
+        print(metric.compute().perplexity)
+
+    Equivalent PyTorch: ``exp(cat(nll_per_batch).double().mean())`` over the scored tokens.
+    """
+
+    def __init__(self) -> None:
+        self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
+        self._global: Optional[torch.Tensor] = None
+
+    def reset(self) -> "Perplexity":
+        self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
+        self._global = None
+        return self
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, *, num_bytes=None,
+               num_words=None, **options) -> torch.Tensor:
+        """Score a batch of logits and add it.
+
+        Args:
+            logits: ``(..., V)``; targets: ``(...)``; ``options`` as in :func:`pplfast.token_nll`
+                (``ignore_index``, ``shift``, ``softcap``, ``temperature``, ``backend``).
+            num_bytes, num_words: optional UTF-8 byte and word counts of the text these targets
+                cover (an int, a sequence or a tensor of per-document counts, summed).
+
+        Returns:
+            The per-token NLL, float32, shaped like :func:`pplfast.token_nll`'s output.
+        """
+        nll = token_nll(logits, targets, **options)
+        self._add(nll, targets, options, num_bytes, num_words)
+        return nll
+
+    def update_linear(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      num_bytes=None, num_words=None, **options) -> torch.Tensor:
+        """Like :meth:`update` from final hidden states ``(..., D)`` and the output layer
+        ``weight`` ``(V, D)`` (``bias=`` among ``options``); see :func:`pplfast.linear_token_nll`."""
+        nll = linear_token_nll(hidden, weight, targets, **options)
+        self._add(nll, targets, options, num_bytes, num_words)
+        return nll
+
+    def update_nll(self, nll: torch.Tensor, scored: Optional[torch.Tensor] = None, *,
+                   num_bytes=None, num_words=None) -> None:
+        """Add per-token NLL computed elsewhere; ``scored`` (bool, same shape) masks the tokens
+        that count (default: all). Unscored entries are ignored whatever their value."""
+        if not isinstance(nll, torch.Tensor) or not nll.is_floating_point():
+            raise TypeError(f"nll must be a floating-point tensor, got {type(nll).__name__}")
+        if scored is None:
+            scored = torch.ones(nll.shape, dtype=torch.bool, device=nll.device)
+        elif scored.shape != nll.shape or scored.dtype != torch.bool:
+            raise ValueError(
+                f"scored must be a bool tensor of shape {tuple(nll.shape)}, got "
+                f"{scored.dtype} {tuple(scored.shape)}"
+            )
+        self._accumulate(nll, scored, num_bytes, num_words)
+
+    def _add(self, nll, targets, options, num_bytes, num_words) -> None:
+        if options.get("shift", False):
+            targets = targets[..., 1:]
+        scored = targets != options.get("ignore_index", -100)
+        self._accumulate(nll, scored, num_bytes, num_words)
+
+    def _accumulate(self, nll, scored, num_bytes, num_words) -> None:
+        num_bytes = _count(num_bytes, "num_bytes")
+        num_words = _count(num_words, "num_words")
+        x = torch.where(scored, nll.double(), torch.zeros((), dtype=torch.float64, device=nll.device))
+        tokens = scored.sum().double()
+        update = torch.stack([
+            x.sum(), (x * x).sum(), tokens,
+            torch.tensor(float(num_bytes or 0), dtype=torch.float64, device=nll.device),
+            torch.tensor(float(num_words or 0), dtype=torch.float64, device=nll.device),
+            tokens if num_bytes is not None else torch.zeros_like(tokens),
+            tokens if num_words is not None else torch.zeros_like(tokens),
+        ])
+        # the state follows the device of the first update, so GPU updates never synchronise
+        if self._state.device != nll.device and not bool(self._state.any()):
+            self._state = self._state.to(nll.device)
+        self._state = self._state + update.to(self._state.device)
+        self._global = None
+
+    def merge(self, other: "Perplexity") -> "Perplexity":
+        """Add another metric's local sums into this one (e.g. from another shard); returns self."""
+        if not isinstance(other, Perplexity):
+            raise TypeError(f"other must be a Perplexity, got {type(other).__name__}")
+        self._state = self._state + other._state.to(self._state.device)
+        self._global = None
+        return self
+
+    def sync(self, group=None) -> "Perplexity":
+        """All-reduce the float64 sums over ``torch.distributed`` (every rank must call it).
+
+        ``compute()`` then reports the totals over all ranks until the next ``update``,
+        ``merge`` or ``reset``; the local sums are kept, so calling ``sync`` twice is harmless.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sync() needs an initialised torch.distributed process group")
+        device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        total = self._state.to(device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        self._global = total
+        return self
+
+    def compute(self) -> PerplexityResult:
+        """Corpus figures over everything added (after ``sync``: over all ranks).
+
+        Raises:
+            ValueError: no token has been scored.
+        """
+        state = (self._global if self._global is not None else self._state).cpu().tolist()
+        n = state[_TOKENS]
+        if n <= 0:
+            raise ValueError(
+                "Perplexity.compute() called with no scored tokens: call update() with at least "
+                "one target that is not ignore_index first"
+            )
+        sum_nll = state[_SUM_NLL]
+        mean = sum_nll / n
+        if n > 1:
+            var = max(state[_SUM_SQ] / n - mean * mean, 0.0)
+            stderr = math.sqrt(var / (n - 1))
+        else:
+            stderr = math.nan
+        ppl = _exp(mean)
+        result = dict(
+            perplexity=ppl, mean_nll=mean, num_tokens=int(n), sum_nll=sum_nll,
+            bits_per_token=mean / math.log(2), mean_nll_stderr=stderr,
+            perplexity_stderr=ppl * stderr,
+        )
+        if state[_TOKENS_W_BYTES] == n and state[_BYTES] > 0:
+            nb = state[_BYTES]
+            result.update(num_bytes=int(nb), bits_per_byte=sum_nll / nb / math.log(2),
+                          byte_perplexity=_exp(sum_nll / nb))
+        if state[_TOKENS_W_WORDS] == n and state[_WORDS] > 0:
+            nw = state[_WORDS]
+            result.update(num_words=int(nw), word_perplexity=_exp(sum_nll / nw))
+        return PerplexityResult(**result)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
