@@ -1,14 +1,26 @@
 """pplfast: fused per-token NLL and perplexity that never build the vocabulary-sized tensor."""
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
+from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
+from .metric import Perplexity, PerplexityResult
+from .windows import Window, make_windows
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DocumentScore",
+    "Perplexity",
+    "PerplexityResult",
+    "ScoreResult",
+    "TextScores",
+    "Window",
     "linear_perplexity",
     "linear_token_nll",
+    "make_windows",
     "perplexity",
+    "score_model",
+    "score_texts",
     "token_nll",
 ]
