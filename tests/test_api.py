@@ -1,0 +1,188 @@
+"""Public API contract: shapes, dtypes, dispatch, and every bad input of DESIGN.md."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pplfast
+from pplfast import reference
+
+
+def logits_targets(N=4, V=10, dtype=torch.float32):
+    return torch.randn(N, V, dtype=dtype), torch.randint(0, V, (N,))
+
+
+def test_reference_equals_cross_entropy_in_float64():
+    logits = torch.randn(3, 7, 101)
+    targets = torch.randint(0, 101, (3, 7))
+    targets[0, 0] = -100
+    want = F.cross_entropy(logits.double().reshape(-1, 101), targets.reshape(-1), reduction="none")
+    got = reference.token_nll(logits, targets)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.reshape(-1), want, rtol=0, atol=1e-12)
+    capped = 4.0 * torch.tanh(logits.double() / 4.0) / 0.5
+    want = F.cross_entropy(capped.reshape(-1, 101), targets.reshape(-1), reduction="none")
+    got = reference.token_nll(logits, targets, softcap=4.0, temperature=0.5)
+    torch.testing.assert_close(got.reshape(-1), want, rtol=0, atol=1e-12)
+
+
+def test_reference_linear_equals_linear_then_cross_entropy():
+    hidden, weight, bias = torch.randn(5, 6, 12), torch.randn(33, 12), torch.randn(33)
+    targets = torch.randint(0, 33, (5, 6))
+    z = F.linear(hidden.double(), weight.double(), bias.double())
+    want = F.cross_entropy(z[:, :-1].reshape(-1, 33), targets[:, 1:].reshape(-1), reduction="none")
+    got = reference.linear_token_nll(hidden, weight, targets, bias=bias, shift=True)
+    torch.testing.assert_close(got.reshape(-1), want, rtol=0, atol=1e-12)
+
+
+def test_output_dtype_and_shape():
+    logits, targets = logits_targets(dtype=torch.bfloat16)
+    out = pplfast.token_nll(logits, targets)
+    assert out.dtype == torch.float32 and out.shape == (4,)
+    ppl = pplfast.perplexity(logits, targets)
+    assert ppl.dtype == torch.float32 and ppl.shape == ()
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(20, 8)
+    out = pplfast.linear_token_nll(hidden, weight, torch.randint(0, 20, (2, 5)), shift=True)
+    assert out.dtype == torch.float32 and out.shape == (2, 4)
+
+
+def test_reference_backend_is_float32_of_the_oracle():
+    logits, targets = logits_targets(V=99)
+    got = pplfast.token_nll(logits, targets, backend="reference")
+    assert torch.equal(got, reference.token_nll(logits, targets).float())
+
+
+def test_options_are_keyword_only():
+    logits, targets = logits_targets()
+    with pytest.raises(TypeError):
+        pplfast.token_nll(logits, targets, -100)  # noqa
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        ({"logits": torch.randint(0, 5, (4, 10))}, TypeError, "logits must be float32"),
+        ({"logits": torch.randn(4, 10, dtype=torch.float64)}, TypeError, "torch.float64"),
+        ({"logits": [[0.0] * 10] * 4}, TypeError, "logits must be a torch.Tensor"),
+        ({"logits": torch.tensor(1.0)}, ValueError, "at least one dimension"),
+        ({"targets": torch.zeros(4)}, TypeError, "targets must be int64 or int32, got torch.float32"),
+        ({"targets": torch.zeros(4, dtype=torch.int16)}, TypeError, "torch.int16"),
+        ({"targets": torch.zeros(5, dtype=torch.long)}, ValueError, r"targets has shape \(5,\)"),
+        ({"targets": torch.zeros(4, 1, dtype=torch.long)}, ValueError, "leading shape"),
+        ({"targets": torch.tensor([0, 1, 10, 2])}, ValueError, r"targets\[2\] = 10 is outside \[0, 10\)"),
+        ({"targets": torch.tensor([0, -1, 3, 2])}, ValueError, r"targets\[1\] = -1"),
+        ({"temperature": 0.0}, ValueError, "temperature must be finite and > 0, got 0.0"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"temperature": "1"}, TypeError, "temperature must be a real number"),
+        ({"softcap": 0.0}, ValueError, "softcap must be finite and > 0, got 0.0"),
+        ({"softcap": -3.0}, ValueError, "softcap"),
+        ({"softcap": float("nan")}, ValueError, "softcap"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"shift": 1}, TypeError, "shift must be a bool"),
+        ({"backend": "gpu"}, ValueError, "backend must be one of"),
+        ({"shift": True}, ValueError, "shift=True needs a sequence axis"),
+    ],
+)
+def test_bad_inputs_token_nll(kwargs, exc, pattern):
+    args = {"logits": torch.randn(4, 10), "targets": torch.tensor([0, 1, 2, 3])}
+    args.update(kwargs)
+    if kwargs.get("shift"):
+        args["logits"], args["targets"] = torch.randn(10), torch.tensor(1)
+    logits, targets = args.pop("logits"), args.pop("targets")
+    with pytest.raises(exc, match=pattern):
+        pplfast.token_nll(logits, targets, **args)
+    with pytest.raises(exc, match=pattern):
+        pplfast.perplexity(logits, targets, **args)
+
+
+def test_target_error_names_the_position():
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    targets[1, 2] = 50
+    with pytest.raises(ValueError, match=re.escape("targets[1, 2] = 50 is outside [0, 10)")):
+        pplfast.token_nll(torch.randn(2, 3, 10), targets)
+
+
+def test_ignore_index_inside_vocabulary_is_allowed():
+    logits, targets = logits_targets(V=10)
+    targets[1] = 7
+    out = pplfast.token_nll(logits, targets, ignore_index=7)
+    assert out[1] == 0
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        ({"weight": torch.randn(20, 9)}, ValueError, r"weight has shape \(20, 9\) but hidden has width D=8"),
+        ({"weight": torch.randn(8, 20)}, ValueError, "looks transposed"),
+        ({"weight": torch.randn(20)}, ValueError, "weight must be 2-D"),
+        ({"weight": torch.randn(20, 8, dtype=torch.bfloat16)}, TypeError, "weight dtype"),
+        ({"weight": torch.randint(0, 3, (20, 8))}, TypeError, "weight must be float32"),
+        ({"hidden": torch.randn(6, 8).half()}, TypeError, "weight dtype"),
+        ({"bias": torch.randn(21)}, ValueError, r"bias has shape \(21,\)"),
+        ({"bias": torch.randn(20, 1)}, ValueError, "bias must be"),
+        ({"targets": torch.tensor([0, 1, 2, 3, 4, 20])}, ValueError, r"targets\[5\] = 20 is outside \[0, 20\)"),
+        ({"targets": torch.zeros(6)}, TypeError, "targets must be int64 or int32"),
+        ({"targets": torch.zeros(5, dtype=torch.long)}, ValueError, "targets has shape"),
+        ({"backend": "fast"}, ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_inputs_linear(change, exc, pattern):
+    args = {"hidden": torch.randn(6, 8), "weight": torch.randn(20, 8),
+            "targets": torch.randint(0, 20, (6,)), "bias": None}
+    args.update(change)
+    hidden, weight, targets = args.pop("hidden"), args.pop("weight"), args.pop("targets")
+    with pytest.raises(exc, match=pattern):
+        pplfast.linear_token_nll(hidden, weight, targets, **args)
+    with pytest.raises(exc, match=pattern):
+        pplfast.linear_perplexity(hidden, weight, targets, **args)
+
+
+def test_devices_must_match(monkeypatch):
+    meta_targets = torch.zeros(4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="targets is on meta but logits is on cpu"):
+        pplfast.token_nll(torch.randn(4, 10), meta_targets)
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        pplfast.linear_token_nll(torch.randn(4, 8), torch.randn(10, 8, device="meta"),
+                                 torch.zeros(4, dtype=torch.long))
+
+
+def test_backend_that_cannot_run_says_why():
+    logits, targets = logits_targets()
+    with pytest.raises(pplfast.BackendUnavailableError, match='backend="cuda" needs CUDA tensors'):
+        pplfast.token_nll(logits, targets, backend="cuda")
+
+
+def test_env_backend_overrides_auto(monkeypatch):
+    logits, targets = logits_targets(V=50)
+    seen = []
+    from pplfast import _reference_backend
+
+    original = _reference_backend.token_nll
+
+    def spy(*args):
+        seen.append("reference")
+        return original(*args)
+
+    monkeypatch.setattr(_reference_backend, "token_nll", spy)
+    monkeypatch.setenv("PPLFAST_BACKEND", "reference")
+    pplfast.token_nll(logits, targets)
+    assert seen == ["reference"]
+    pplfast.token_nll(logits, targets, backend="cpu")  # an explicit backend wins
+    assert seen == ["reference"]
+    monkeypatch.setenv("PPLFAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="PPLFAST_BACKEND must be one of"):
+        pplfast.token_nll(logits, targets)
+
+
+def test_import_does_not_import_optional_modules():
+    import subprocess
+    import sys
+
+    # torch itself may import some of these; only what `import pplfast` adds counts
+    code = ("import sys, torch; before = set(sys.modules); import pplfast; "
+            "bad = [m for m in ('triton', 'transformers', 'matplotlib', 'tqdm') "
+            "if m in sys.modules and m not in before]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
