@@ -1,0 +1,133 @@
+"""Smoke tests of ``pplfast bench``: tiny shapes, JSON fields, selection, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pplfast import cli
+
+FAST = ["--no-progress", "--bandwidth-mib", "8", "--reps", "2", "--warmup", "1"]
+
+
+def bench_json(capsys, *argv):
+    rc = cli.main(["bench", *argv, *FAST, "--json", "-"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out), err
+
+
+def rows_of(record, path=None):
+    return [r for r in record["results"] if path is None or r["path"] == path]
+
+
+def test_logits_table_fields_and_selection(capsys):
+    record, table = bench_json(capsys, "--shapes", "64x1000,33x507", "--dtypes", "fp32,bf16",
+                               "--backend", "reference", "--device", "cpu", "--no-memory")
+    assert record["schema"] == "pplfast-bench/1"
+    for key in ("pplfast", "torch", "triton", "python"):
+        assert record["versions"][key], key
+    assert record["machine"]["cpu"] and record["machine"]["device"] == "cpu"
+    assert "--shapes 33x507,64x1000" in record["command"] and "--backend reference" in record["command"]
+    assert record["bandwidth"]["gbps"] > 0 and "torch.sum" in record["bandwidth"]["method"]
+    rows = rows_of(record)
+    cases = {(tuple(r["shape"]), r["dtype"]) for r in rows}
+    assert cases == {((64, 1000), "fp32"), ((64, 1000), "bf16"), ((33, 507), "fp32"), ((33, 507), "bf16")}
+    assert {r["impl"] for r in rows} == {"pplfast", "cross_entropy", "log_softmax_gather"}
+    for r in rows:
+        assert r["error"] is None, r
+        assert len(r["ms_all"]) == 2 and r["ms"] > 0
+        N, V = r["shape"]
+        assert r["logits_bytes"] == N * V * (4 if r["dtype"] == "fp32" else 2)
+        assert r["gbps"] == pytest.approx(r["logits_bytes"] / (r["ms"] * 1e-3) / 1e9)
+        assert r["read_bw_fraction"] == pytest.approx(r["gbps"] / record["bandwidth"]["gbps"])
+        assert r["peak_extra_bytes"] is None
+        ref = next(p for p in rows if p["impl"] == "pplfast" and p["shape"] == r["shape"]
+                   and p["dtype"] == r["dtype"])
+        assert r["pplfast_speedup"] == pytest.approx(r["ms"] / ref["ms"])
+    assert all(r["label"] == "pplfast[reference]" for r in rows if r["impl"] == "pplfast")
+    # the human table went to stderr, with its header and one line per row
+    assert "pplfast bench" in table and "GB/s" in table and "%read-BW" in table
+    assert sum("pplfast[reference]" in line for line in table.splitlines()) == 4
+
+
+def test_linear_path_rows(capsys):
+    record, table = bench_json(capsys, "--path", "linear", "--shapes", "16x24x300",
+                               "--dtypes", "fp32", "--backend", "reference", "--no-memory")
+    rows = rows_of(record, "linear")
+    assert len(rows) == len(record["results"])
+    names = {r["impl"] for r in rows}
+    assert {"pplfast", "linear_cross_entropy_unfused", "matmul"} <= names
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        assert "torch_linear_cross_entropy" in names
+    matmul = next(r for r in rows if r["impl"] == "matmul")
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["flops"] == 2 * 16 * 24 * 300
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+        assert r["matmul_fraction"] == pytest.approx(matmul["ms"] / r["ms"])
+    assert "TFLOP/s" in table and "%matmul" in table
+
+
+def test_path_all_routes_shapes_by_form(capsys):
+    record, _ = bench_json(capsys, "--path", "all", "--shapes", "16x300,8x16x300", "--dtypes", "fp32",
+                           "--backend", "reference", "--no-memory")
+    assert {tuple(r["shape"]) for r in rows_of(record, "logits")} == {(16, 300)}
+    assert {tuple(r["shape"]) for r in rows_of(record, "linear")} == {(8, 16, 300)}
+
+
+def test_json_file_and_memory_probe(capsys, tmp_path):
+    # live control: log_softmax+gather materialises N x V fp32, pplfast must not. The kernel's
+    # resident-size counters are approximate (per-CPU batches of pages), hence the 5% slack.
+    N, V = 128, 30000
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "--shapes", f"{N}x{V}", "--dtypes", "fp32", "--backend", "cpu",
+                   "--device", "cpu", *FAST, "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "peak extra MiB" in out and "pplfast[cpu]" in out
+    record = json.loads(path.read_text())
+    by_impl = {r["impl"]: r for r in record["results"]}
+    logits_bytes = N * V * 4
+    assert by_impl["log_softmax_gather"]["peak_extra_bytes"] >= 0.95 * logits_bytes
+    assert by_impl["cross_entropy"]["peak_extra_bytes"] >= 0.95 * logits_bytes
+    assert by_impl["pplfast"]["peak_extra_bytes"] < logits_bytes // 20
+    assert "clear_refs" in record["settings"]["memory_method"] or "fresh" in record["settings"]["memory_method"]
+
+
+BAD = [
+    (["--shapes", "4096x"], "bad shape"),
+    (["--shapes", "4096xabc"], "bad shape"),
+    (["--shapes", "0x100"], "bad shape"),
+    (["--dtypes", "fp64"], "unknown dtype"),
+    (["--backend", "nope"], "unknown --backend"),
+    (["--path", "sideways"], "unknown --path"),
+    (["--path", "linear", "--shapes", "4x100"], "NxDxV"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--reps", "0"], "--reps"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_argument_is_one_line(capsys, argv, message):
+    rc = cli.main(["bench", *argv, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pplfast bench: error:") and message in lines[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_unusable_backend_reports_library_error_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pplfast.cli", "bench", "--backend", "cuda", "--shapes", "4x10",
+         "--no-memory", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert 'backend="cuda" needs CUDA tensors' in lines[0]
