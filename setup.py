@@ -3,8 +3,18 @@
 ``pplfast._C``: the CPU kernels (C++17, OpenMP), bound with pybind11 over raw pointers and
 strides so that the build never needs PyTorch. Set ``PPLFAST_CPU_ARCH`` to override the
 ``-march`` flag (default ``native``: the wheel is tuned for the machine that builds it).
+
+``pplfast._cuda_C``: the CUDA kernels (csrc/cuda), built only where ``nvcc`` is found
+(``CUDA_HOME`` / ``CUDA_PATH``, else ``nvcc`` on ``PATH``); elsewhere the install still succeeds
+and ``backend="cuda"`` says why it cannot run. The ``.cu`` files are compiled by nvcc into
+objects and linked into a plain pybind11 module with the CUDA runtime linked statically, so
+neither PyTorch nor its CUDA headers are needed to build, and no matching libcudart is needed at
+run time. ``PPLFAST_CUDA_ARCHS`` (e.g. ``"80;90"``, default ``"80;90"``) lists the SASS targets;
+PTX for the highest one is embedded too, for newer GPUs. ``PPLFAST_NO_CUDA=1`` skips the module.
 """
 import os
+import shutil
+import subprocess
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -22,10 +32,107 @@ ext_modules = [
     ),
 ]
 
+
+def find_cuda_home():
+    """The CUDA toolkit root holding bin/nvcc and include/cuda_runtime.h, or None."""
+
+    def is_root(root):
+        return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(root, "include", "cuda_runtime.h"))
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if is_root(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if is_root(root):
+        return root
+    # nvcc on PATH may be a wrapper script outside the toolkit; try the conventional root
+    return "/usr/local/cuda" if is_root("/usr/local/cuda") else None
+
+
+def cuda_lib_dir(cuda_home):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
+        if os.path.isfile(os.path.join(cuda_home, sub, "libcudart_static.a")):
+            return os.path.join(cuda_home, sub)
+    raise RuntimeError(f"libcudart_static.a not found under the CUDA toolkit at {cuda_home}")
+
+
+def nvcc_arch_flags(archs):
+    """SASS for each arch plus PTX for the highest, e.g. "80;90" -> sm_80, sm_90, compute_90."""
+    codes = sorted({int(a.strip().replace(".", "")) for a in archs.replace(",", ";").split(";")
+                    if a.strip()})
+    if not codes:
+        raise RuntimeError(f"PPLFAST_CUDA_ARCHS lists no architecture: {archs!r}")
+    flags = [f"-gencode=arch=compute_{c},code=sm_{c}" for c in codes]
+    flags.append(f"-gencode=arch=compute_{codes[-1]},code=compute_{codes[-1]}")
+    return flags
+
+
+# No --use_fast_math: the kernels pick their fast intrinsics (exp2f, fmaf) explicitly and rely on
+# IEEE inf/NaN and exact division elsewhere. (tests/test_cuda_build.py compiles with these flags
+# plus -Werror.)
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC"]
+
+
+class BuildExt(build_ext):
+    """pybind11's build_ext, compiling an extension's ``cuda_sources`` with nvcc first."""
+
+    def build_extension(self, ext):
+        cuda_sources = getattr(ext, "cuda_sources", None)
+        if cuda_sources:
+            nvcc = os.path.join(ext.cuda_home, "bin", "nvcc")
+            out_dir = os.path.join(self.build_temp, "cuda")
+            os.makedirs(out_dir, exist_ok=True)
+            objects = []
+            flags = [*NVCC_FLAGS, *nvcc_arch_flags(ext.cuda_archs)]
+            for source in cuda_sources:
+                obj = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".o")
+                inputs = [source, *ext.depends]
+                stamp = obj + ".flags"
+                fresh = (os.path.exists(obj) and os.path.exists(stamp)
+                         and open(stamp).read() == " ".join(flags)
+                         and all(os.path.getmtime(obj) >= os.path.getmtime(f) for f in inputs))
+                if not fresh or self.force:
+                    cmd = [nvcc, "-c", source, "-o", obj, *flags]
+                    print(" ".join(cmd), flush=True)
+                    subprocess.check_call(cmd)
+                    with open(stamp, "w") as f:
+                        f.write(" ".join(flags))
+                objects.append(obj)
+            ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
+cuda_home = None if os.environ.get("PPLFAST_NO_CUDA", "0") not in ("", "0") else find_cuda_home()
+if cuda_home is None:
+    print("pplfast: nvcc not found (set CUDA_HOME or put nvcc on PATH): building without the "
+          'CUDA extension pplfast._cuda_C; backend="cuda" will be unavailable', flush=True)
+else:
+    lib_dir = cuda_lib_dir(cuda_home)
+    cuda_ext = Pybind11Extension(
+        "pplfast._cuda_C",
+        sources=["csrc/cuda/bindings.cpp"],
+        depends=["csrc/cuda/token_nll.h", "csrc/cuda/token_nll.cu"],
+        include_dirs=["csrc/cuda"],
+        cxx_std=17,
+        extra_compile_args=["-O2"],
+        library_dirs=[lib_dir],
+        # static runtime: no libcudart.so of a matching version is needed when importing
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+    )
+    cuda_ext.cuda_sources = ["csrc/cuda/token_nll.cu"]
+    cuda_ext.cuda_home = cuda_home
+    cuda_ext.cuda_archs = os.environ.get("PPLFAST_CUDA_ARCHS", "80;90")
+    ext_modules.append(cuda_ext)
+
 setup(
     packages=["pplfast", "pplfast.kernels"],
     package_dir={"pplfast": "pplfast", "pplfast.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )
