@@ -214,10 +214,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_splits(n_rows: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
+def choose_splits(n_rows: int, V: int, block_n: int, block_v: int, sm_count: int) -> int:
     """Vocabulary splits so that about 8 waves of programs run (1 when tokens alone fill them)."""
     token_blocks = triton.cdiv(n_rows, block_n)
-    target = 8 * _sm_count(device)
+    target = 8 * sm_count
     return max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, token_blocks), 1024))
 
 
@@ -285,7 +285,7 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
         os.environ.get(ENV_AUTOTUNE, "0") not in ("", "0"))
     block_n, block_v, block_d, num_warps, num_stages = config or default_config(device, hidden2.dtype)
     if splits is None:
-        splits = choose_splits(n, V, block_n, block_v, device)
+        splits = choose_splits(n, V, block_n, block_v, _sm_count(device))
     align = _SPLIT_ALIGN if autotune else block_v
     cols_per_split = triton.cdiv(triton.cdiv(V, max(1, splits)), align) * align
     splits = triton.cdiv(V, cols_per_split)

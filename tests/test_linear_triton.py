@@ -1,0 +1,140 @@
+"""Fused Triton linear_token_nll kernel: under TRITON_INTERPRET=1 on CPU tensors (set by conftest
+when there is no GPU) with tiny shapes and fp32/fp16 operands, compiled on a GPU otherwise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pplfast
+from pplfast import reference
+from helpers import LSE_RTOL, assert_nll_close, row_lse
+
+pytest.importorskip("triton")
+from pplfast.kernels import linear_token_nll as kernel  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# interpreter: one small tile; on GPU the tuned configuration
+CONFIG = (16, 32, 32, 1, 1) if DEVICE == "cpu" else None
+
+
+def make_inputs(N, D, V, dtype, *, bias=False, ignore_every=0):
+    hidden = torch.randn(N, D).to(dtype)
+    weight = (torch.randn(V, D) * (2.0 / D**0.5)).to(dtype)
+    b = torch.randn(V).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,))
+    if ignore_every:
+        targets[::ignore_every] = -100
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(hidden), to(weight), to(b), to(targets)
+
+
+def check(out, hidden, weight, bias, targets, *, softcap=None, temperature=1.0, rtol=LSE_RTOL):
+    expected = reference.linear_token_nll(hidden, weight, targets, bias=bias, softcap=softcap,
+                                          temperature=temperature).cpu()
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    assert_nll_close(out, expected, row_lse(z.cpu(), softcap=softcap, temperature=temperature),
+                     rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "N,D,V,splits",
+    [(37, 123, 507, None), (37, 64, 507, 3), (20, 40, 300, 1), (3, 32, 1, None)],
+    ids=["N37-D123-V507", "N37-D64-V507-split3", "N20-D40-V300-split1", "N3-D32-V1"],
+)
+def test_fused_matches_reference(N, D, V, splits, dtype):
+    hidden, weight, _, targets = make_inputs(N, D, V, dtype, ignore_every=6)
+    out = kernel.linear_token_nll_forward(hidden, weight, None, targets, -100, None, 1.0,
+                                          config=CONFIG, splits=splits)
+    check(out, hidden, weight, None, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "softcap,temperature", [(30.0, 1.0), (2.0, 0.6), (None, 1.7)], ids=["sc30", "sc2-t0.6", "t1.7"]
+)
+def test_fused_bias_softcap_temperature(dtype, softcap, temperature):
+    hidden, weight, b, targets = make_inputs(21, 48, 200, dtype, bias=True)
+    out = kernel.linear_token_nll_forward(hidden, weight, b, targets, -100, softcap, temperature,
+                                          config=CONFIG, splits=2)
+    check(out, hidden, weight, b, targets, softcap=softcap, temperature=temperature)
+
+
+def test_fused_small_arguments_of_softcap_tanh():
+    # logits far below the cap: tanh near 0, where 1 - exp(-2|x|) would lose digits
+    hidden, weight, _, targets = make_inputs(16, 32, 64, torch.float32)
+    out = kernel.linear_token_nll_forward(hidden, weight, None, targets, -100, 500.0, 1.0,
+                                          config=CONFIG)
+    check(out, hidden, weight, None, targets, softcap=500.0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_fused_ignored_rows_nan_and_all_ignored():
+    hidden, weight, _, targets = make_inputs(24, 32, 100, torch.float32)
+    targets[5:11] = -100
+    hidden[6] = float("nan")  # ignored: stays 0
+    hidden[15] = float("nan")  # scored: NaN there only
+    out = kernel.linear_token_nll_forward(hidden, weight, None, targets, -100, None, 1.0,
+                                          config=CONFIG, splits=2)
+    assert (out[5:11] == 0).all() and torch.isnan(out[15])
+    keep = torch.ones(24, dtype=torch.bool, device=DEVICE)
+    keep[15] = False
+    check(out[keep], hidden[keep], weight, None, targets[keep])
+
+    targets[:] = -100
+    out = kernel.linear_token_nll_forward(hidden, weight, None, targets, -100, None, 1.0,
+                                          config=CONFIG)
+    assert out.dtype == torch.float32 and (out == 0).all()
+
+
+def test_fused_large_magnitudes_and_strided_hidden():
+    hidden, weight, _, targets = make_inputs(18, 64, 120, torch.float32)
+    bias = torch.zeros(120, device=DEVICE)
+    bias[::7] = 1e4
+    bias[3] = -1e4
+    targets[0] = 3
+    wide = torch.randn(18, 96, device=DEVICE)
+    wide[:, 16:80] = hidden
+    strided = wide[:, 16:80]  # row stride 96
+    out = kernel.linear_token_nll_forward(strided, weight, bias, targets, -100, None, 1.0,
+                                          config=CONFIG, splits=2)
+    check(out, hidden, weight, bias, targets)
+
+
+def test_public_api_triton_backend_with_shift():
+    hidden, weight, _, _ = make_inputs(2 * 13, 32, 150, torch.float32)
+    hidden = hidden.view(2, 13, 32)
+    ids = torch.randint(0, 150, (2, 13), device=DEVICE)
+    nll = pplfast.linear_token_nll(hidden, weight, ids, shift=True, backend="triton")
+    expected = reference.linear_token_nll(hidden, weight, ids, shift=True).cpu()
+    z = hidden.double() @ weight.double().T
+    assert_nll_close(nll, expected, row_lse(z.cpu(), shift=True))
+    ppl = pplfast.linear_perplexity(hidden, weight, ids, shift=True, backend="triton")
+    assert torch.allclose(ppl.double().cpu(), torch.exp(expected.mean()), rtol=1e-5)
+
+
+def test_splits_and_configs():
+    # H100 (132 SMs), 128x256 tiles: 8192 tokens are 64 blocks, so 17 vocabulary splits make
+    # about 8 waves; a million tokens need none; 5 tokens split as far as the tiles allow
+    assert kernel.choose_splits(8192, 131072, 128, 256, 132) == 17
+    assert kernel.choose_splits(1 << 20, 131072, 128, 256, 132) == 1
+    assert kernel.choose_splits(5, 1000, 128, 256, 132) == 4
+    assert kernel.default_config(torch.device("cpu"), torch.float32) == (16, 32, 32, 1, 1)
+    for (major, nbytes), (bn, bv, bd, warps, stages) in kernel._CONFIGS.items():
+        # the pipelined operand tiles must fit in shared memory (A100 164 KiB, H100 228 KiB)
+        assert (bn + bv) * bd * nbytes * stages <= (160 << 10)
+        assert kernel._SPLIT_ALIGN % bv == 0
+    for bn, bv, bd, warps, stages in kernel._AUTOTUNE_SPACE:
+        assert kernel._SPLIT_ALIGN % bv == 0 and 64 % bd == 0
+
+
+@pytest.mark.cuda
+def test_fused_gpu_real_vocabulary_fp32():
+    # fp16/bf16 on GPU: the three-way rule in test_linear_token_nll.py
+    hidden, weight, b, targets = make_inputs(300, 256, 128256, torch.float32, bias=True,
+                                             ignore_every=11)
+    out = kernel.linear_token_nll_forward(hidden, weight, b, targets, -100, None, 1.0)
+    check(out, hidden, weight, b, targets, rtol=4 * LSE_RTOL)
