@@ -1,0 +1,82 @@
+"""CPU hidden-states path: extra peak memory stays within the chunk budget, measured in a fresh
+process from its own VmHWM, with a live control (the naive logits path) exceeding the bound."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BUDGET_MB = 16
+SLACK_MB = 8  # output, O(N) running state, allocator rounding
+N, D, V = 2048, 64, 32768  # naive logits alone: N * V * 4 bytes = 256 MiB
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    import pplfast
+
+    def peak():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM")
+
+    mode, dtype, N, D, V, ignore = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:])
+    torch.manual_seed(0)
+    # filled in place: no temporaries larger than the inputs before the baseline is taken
+    hidden = torch.empty(N, D, dtype=dtype).normal_()
+    weight = torch.empty(V, D, dtype=dtype).normal_(std=D ** -0.5)
+    targets = torch.randint(0, V, (N,))
+    if ignore:
+        targets[::ignore] = -100
+
+    def run(h, w, t):
+        if mode == "naive":
+            return F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
+        return pplfast.linear_token_nll(h, w, t, backend="cpu")
+
+    run(hidden[:4], weight[:100], targets[:4].clamp(max=99))  # load libraries, start threads
+    try:  # reset the high-water mark to the current RSS where the kernel allows it
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = peak()
+    out = run(hidden, weight, targets)
+    after = peak()
+    print(json.dumps({"extra": after - before, "finite": bool(torch.isfinite(out).all())}))
+    """
+)
+
+
+def measure(mode: str, dtype: str, ignore: int = 0) -> dict:
+    env = dict(os.environ, PPLFAST_CPU_CHUNK_MB=str(BUDGET_MB))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode, dtype, str(N), str(D), str(V), str(ignore)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_cpu_extra_peak_memory_within_budget():
+    bound = (BUDGET_MB + SLACK_MB) << 20
+    naive = measure("naive", "float32")
+    assert naive["finite"]
+    # the control builds N x V logits: it must break the bound, or the measurement is blind
+    assert naive["extra"] > 4 * bound, naive
+    for dtype, ignore in (("float32", 0), ("bfloat16", 5)):
+        ours = measure("pplfast", dtype, ignore)
+        assert ours["finite"]
+        assert ours["extra"] <= bound, (
+            f"{dtype}: extra peak {ours['extra'] / 2**20:.1f} MiB > {bound / 2**20:.0f} MiB "
+            f"(naive path: {naive['extra'] / 2**20:.0f} MiB)"
+        )
