@@ -80,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rate of a plain hidden @ weight.T of the same shape over this row's time; pplfast\n"
         "speed-up = this row's time / pplfast's time; peak extra MiB = memory the call adds at\n"
         "its peak (inputs excluded, output included).\n"
-        "Defaults finish in about a minute on a 2-core CPU (logits path)."
+        "Defaults finish in about a minute on a 2-core CPU (logits path). The hidden path on CPU\n"
+        "runs for many minutes (about a TFLOP per call at the default shape): pass smaller\n"
+        "--shapes, or --reps 1 --warmup 0, for a quick look."
     )
     parser.add_argument(
         "--path", default="logits", metavar="{logits,linear,all}",
