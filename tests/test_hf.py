@@ -1,0 +1,300 @@
+"""score_model / score_texts on tiny random-weight GPT-2, Llama, Gemma 2, Cohere and Granite models.
+
+Every figure is checked against the model's own logits: its loss for one window, and explicit
+loops over the Hugging Face guide's sliding windows and lm-evaluation-harness rolling windows.
+"""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pplfast
+from pplfast import score_model, score_texts
+from helpers import assert_nll_close
+from test_windows import hf_guide_sliding, lm_eval_rolling
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+# fp32 body and output layer: the only difference from the model's loss is the order of the
+# D-term dot products and of the logsumexp, ~1e-6 relative
+RTOL = 1e-5
+
+WORDS = (
+    "the a model token scores every window long short text over under river stone light quick "
+    "brown fox jumps lazy dog night day sea wind paper kernel vocab byte word line one two three "
+    "über café naïve 東京 ✓"
+).split()
+
+
+def corpus(num_lines=200, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(num_lines)]
+
+
+def train_tokenizer(vocab_size=320):
+    """A byte-level BPE trained on the corpus above, wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def build_model(kind, vocab_size, context=128, hidden=32, seed=0):
+    """kind: gpt2 | llama | gemma2 | cohere | granite; weights large enough that context matters."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=2)
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=context, **common)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=context, n_embd=hidden, n_layer=2,
+                                                 n_head=2, **common))
+    elif kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False, **llama_like))
+    elif kind == "gemma2":
+        config = tf.Gemma2Config(head_dim=8, final_logit_softcapping=4.0, **llama_like)
+        config._attn_implementation = "eager"
+        model = tf.Gemma2ForCausalLM(config)
+        with torch.no_grad():  # logits well past the cap, so that capping changes the NLL
+            model.get_output_embeddings().weight.mul_(4.0)
+    elif kind == "cohere":
+        model = tf.CohereForCausalLM(tf.CohereConfig(logit_scale=0.25, **llama_like))
+    elif kind == "granite":
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=3.0, **llama_like))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    return {kind: build_model(kind, len(tokenizer))
+            for kind in ("gpt2", "llama", "gemma2", "cohere", "granite")}
+
+
+def encode(tokenizer, seed, lines=6):
+    return torch.tensor(tokenizer(" ".join(corpus(lines, seed=seed)))["input_ids"])
+
+
+def model_token_nll(model, ids):
+    """float64 NLL of ids[1:] from the model's own logits on ids."""
+    with torch.no_grad():
+        logits = model(ids.unsqueeze(0)).logits[0]
+    return F.cross_entropy(logits[:-1].double(), ids[1:], reduction="none")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "cohere", "granite"])
+def test_single_window_equals_model_loss(models, tokenizer, kind, recwarn):
+    model = models[kind]
+    ids = encode(tokenizer, seed=1)[:63]
+    res = score_model(model, ids)
+    with torch.no_grad():
+        loss = model(ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss.item()
+    assert res.num_tokens == len(ids) - 1
+    assert res.mean_nll == pytest.approx(loss, rel=RTOL)
+    assert res.perplexity == pytest.approx(math.exp(loss), rel=RTOL)
+    assert res.token_nll.shape == ids.shape and not res.scored[0] and res.scored[1:].all()
+    expected = model_token_nll(model, ids)
+    assert_nll_close(res.token_nll[1:], expected, expected.abs() + math.log(len(tokenizer)),
+                     rtol=RTOL)
+    # the hidden-states path ran: no fall-back to logits
+    assert not [w for w in recwarn if "pplfast" in str(w.message)]
+
+
+def test_gemma2_softcap_matters(models, tokenizer):
+    model = models["gemma2"]
+    ids = encode(tokenizer, seed=2)[:40]
+    with torch.no_grad():
+        hidden = model.model(ids.unsqueeze(0)).last_hidden_state
+        weight = model.get_output_embeddings().weight
+        uncapped = pplfast.linear_token_nll(hidden, weight, ids.unsqueeze(0), shift=True).mean().item()
+    capped = score_model(model, ids).mean_nll
+    assert abs(uncapped - capped) > 0.1  # control: the cap is not a no-op on these logits
+    assert capped == pytest.approx(model_token_nll(model, ids).mean().item(), rel=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_documents_alone(models, tokenizer, kind, side):
+    model = models[kind]
+    docs = [encode(tokenizer, seed=s, lines=n)[:cut] for s, n, cut in ((3, 4, 30), (4, 2, 11), (5, 6, 45))]
+    T = max(len(d) for d in docs)
+    ids = torch.full((len(docs), T), 2, dtype=torch.long)
+    mask = torch.zeros(len(docs), T, dtype=torch.long)
+    for b, d in enumerate(docs):
+        sl = slice(0, len(d)) if side == "right" else slice(T - len(d), T)
+        ids[b, sl], mask[b, sl] = d, 1
+    res = score_model(model, ids, mask, batch_size=2)
+    total, count = 0.0, 0
+    for b, d in enumerate(docs):
+        sl = slice(0, len(d)) if side == "right" else slice(T - len(d), T)
+        expected = model_token_nll(model, d)
+        assert_nll_close(res.token_nll[b, sl][1:], expected, expected.abs() + 6, rtol=RTOL)
+        assert res.scored[b, sl][1:].all() and int(res.scored[b].sum()) == len(d) - 1
+        total, count = total + expected.sum().item(), count + len(d) - 1
+    assert res.num_tokens == count
+    assert res.mean_nll == pytest.approx(total / count, rel=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
+@pytest.mark.parametrize("window,stride", [(16, 5), (24, 12), (9, 8)])
+def test_sliding_equals_explicit_loop(models, tokenizer, kind, window, stride):
+    model = models[kind]
+    ids = encode(tokenizer, seed=6, lines=8)[:70]
+    expected = torch.zeros(len(ids), dtype=torch.float64)
+    seen = torch.zeros(len(ids), dtype=torch.bool)
+    for begin, end, first in hf_guide_sliding(len(ids), window, stride):
+        nll = model_token_nll(model, ids[begin:end])  # targets begin+1 .. end-1
+        expected[first:end] = nll[first - begin - 1 :]
+        assert not seen[first:end].any()
+        seen[first:end] = True
+    res = score_model(model, ids, window=window, stride=stride, batch_size=3)
+    assert torch.equal(res.scored, seen)
+    assert_nll_close(res.token_nll[1:], expected[1:], expected[1:] + 6, rtol=RTOL)
+    assert res.mean_nll == pytest.approx(expected[1:].mean().item(), rel=RTOL)
+    # control: the windows give less context than one pass, and that changes the figures
+    assert abs(res.mean_nll - score_model(model, ids).mean_nll) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("window", [8, 13, 70])
+def test_rolling_equals_lm_eval_loop(models, tokenizer, kind, window):
+    model = models[kind]
+    ids = encode(tokenizer, seed=7, lines=8)[:61]
+    prefix = 1
+    expected = []
+    for context, continuation in lm_eval_rolling(ids.tolist(), prefix, window):
+        inp = torch.tensor(context + continuation)  # lm-eval feeds inp[:-1], scores continuation
+        expected.append(model_token_nll(model, inp)[-len(continuation):])
+    expected = torch.cat(expected)
+    res = score_model(model, ids, window=window, mode="rolling", prefix_token_id=prefix)
+    assert res.scored.all() and res.num_tokens == len(ids)
+    assert_nll_close(res.token_nll, expected, expected + 6, rtol=RTOL)
+    assert res.mean_nll == pytest.approx(expected.mean().item(), rel=RTOL)
+
+
+def test_chunks_and_default_window(models, tokenizer):
+    model = build_model("gpt2", len(tokenizer), context=32)
+    ids = encode(tokenizer, seed=8, lines=8)[:75]
+    res = score_model(model, ids, window=20, mode="chunks")
+    for begin in range(0, len(ids), 20):
+        chunk = ids[begin : begin + 20]
+        assert not res.scored[begin]
+        if len(chunk) > 1:
+            expected = model_token_nll(model, chunk)
+            assert_nll_close(res.token_nll[begin + 1 : begin + len(chunk)], expected, expected + 6,
+                             rtol=RTOL)
+    assert res.num_tokens == len(ids) - 4
+    # no window given: the model's context (32) with stride 16, not one 75-token pass
+    default = score_model(model, ids)
+    explicit = score_model(model, ids, window=32, stride=16)
+    assert torch.equal(default.token_nll, explicit.token_nll) and default.num_tokens == len(ids) - 1
+
+
+class LogitsOnly(torch.nn.Module):
+    """A model that gives logits and nothing else: no body, no output layer to reach."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_fallback_to_logits(models, tokenizer):
+    ids = encode(tokenizer, seed=9)[:40]
+    expected = model_token_nll(models["llama"], ids)
+    res = score_model(LogitsOnly(models["llama"]), torch.stack([ids, ids]), window=16, stride=8)
+    ref = score_model(models["llama"], torch.stack([ids, ids]), window=16, stride=8)
+    assert_nll_close(res.token_nll, ref.token_nll, rtol=RTOL)
+    assert res.num_tokens == 2 * (len(ids) - 1)
+    single = score_model(LogitsOnly(models["llama"]), ids)
+    assert_nll_close(single.token_nll[1:], expected, expected + 6, rtol=RTOL)
+
+
+def test_unknown_output_transform_is_caught(models, tokenizer):
+    import transformers as tf
+
+    class Scaled(tf.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    model = Scaled(models["llama"].config).eval()
+    model.load_state_dict(models["llama"].state_dict())
+    ids = encode(tokenizer, seed=10)[:30]
+    with pytest.warns(UserWarning, match="from its logits"):
+        res = score_model(model, ids)
+    expected = model_token_nll(model, ids)
+    assert_nll_close(res.token_nll[1:], expected, expected + 6, rtol=RTOL)
+
+
+def test_training_mode_restored_and_bad_input(models, tokenizer):
+    model = models["gpt2"]
+    model.train()
+    ids = encode(tokenizer, seed=11)[:30]
+    try:
+        a, b = score_model(model, ids), score_model(model, ids)  # dropout off while scoring
+        assert torch.equal(a.token_nll, b.token_nll) and model.training
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="contiguous"):
+        score_model(model, ids.unsqueeze(0), torch.tensor([[1, 0] * 15]))
+    with pytest.raises(TypeError, match="input_ids"):
+        score_model(model, ids.float())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        score_model(model, ids, mode="bogus")
+    with pytest.raises(ValueError, match="batch_size"):
+        score_model(model, ids, batch_size=0)
+    empty = score_model(model, ids[:1])
+    assert empty.num_tokens == 0 and math.isnan(empty.perplexity)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "rolling"])
+def test_score_texts_documents_and_corpus(models, tokenizer, mode):
+    model = models["gpt2"]
+    texts = [" ".join(corpus(n, seed=20 + n)) for n in (1, 3, 5)] + ["über ✓ 東京 café"]
+    out = score_texts(model, tokenizer, texts, window=24, mode=mode, batch_size=4)
+    assert len(out.documents) == len(texts)
+    total_nll, total_tokens = 0.0, 0
+    for text, doc in zip(texts, out.documents):
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        assert torch.equal(doc.token_ids, ids)
+        alone = score_model(model, ids, window=24, mode=mode)
+        assert_nll_close(doc.token_nll, alone.token_nll, rtol=RTOL)
+        assert doc.num_tokens == alone.num_tokens == len(ids) - (mode == "sliding")
+        assert doc.num_bytes == len(text.encode("utf-8")) and doc.num_words == len(text.split())
+        assert doc.mean_nll == pytest.approx(alone.mean_nll, rel=1e-6)
+        total_nll += doc.sum_nll
+        total_tokens += doc.num_tokens
+    corpus_res = out.corpus
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    num_words = sum(len(t.split()) for t in texts)
+    assert corpus_res.num_tokens == total_tokens and corpus_res.num_bytes == num_bytes
+    assert corpus_res.mean_nll == pytest.approx(total_nll / total_tokens, rel=1e-9)
+    assert corpus_res.bits_per_byte == pytest.approx(total_nll / num_bytes / math.log(2), rel=1e-9)
+    assert corpus_res.word_perplexity == pytest.approx(math.exp(total_nll / num_words), rel=1e-9)
+    with pytest.raises(ValueError, match="no scored tokens"):
+        score_texts(model, tokenizer, [""])
