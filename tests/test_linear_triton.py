@@ -138,3 +138,19 @@ def test_fused_gpu_real_vocabulary_fp32():
                                              ignore_every=11)
     out = kernel.linear_token_nll_forward(hidden, weight, b, targets, -100, None, 1.0)
     check(out, hidden, weight, b, targets, rtol=4 * LSE_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_chunked_fallback_with_triton_logits_kernel(dtype, monkeypatch):
+    # GPUs the fused kernel does not cover: chunked GEMM + the fused logits reduction
+    monkeypatch.setattr(kernel, "fused_supported", lambda hidden2: False)
+    hidden, weight, b, targets = make_inputs(30, 40, 257, dtype, bias=True, ignore_every=4)
+    monkeypatch.setenv("PPLFAST_GPU_CHUNK_MB", str(7 * 257 * 2 / 2**20))  # 7 rows per chunk
+    out = kernel.linear_token_nll_forward(hidden, weight, b, targets, -100, 4.0, 1.0)
+    if dtype == torch.float32:
+        check(out, hidden, weight, b, targets, softcap=4.0)
+    else:
+        # logits in the input dtype, as the same-dtype PyTorch path has them
+        logits = torch.nn.functional.linear(hidden, weight, b).float()
+        expected = reference.token_nll(logits, targets, softcap=4.0).cpu()
+        assert_nll_close(out, expected, row_lse(logits.cpu(), softcap=4.0))
