@@ -8,6 +8,7 @@ import sys
 # sub-command name -> module with add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "bench": ("pplfast.bench", "time pplfast against PyTorch baselines on this machine"),
+    "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on a text or JSONL file"),
 }
 
 
