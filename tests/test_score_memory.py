@@ -1,0 +1,118 @@
+"""score_model's peak memory has no tokens x vocabulary term; the model's own loss does (control).
+
+Each measurement runs in a fresh subprocess that reads its own high-water mark (VmHWM in
+/proc/self/status) just before and just after the measured call. Doubling T at a large V must
+add (almost) nothing to score_model's peak, while the model's forward with labels (the live
+control) adds at least the extra logits, V * T * 4 bytes.
+
+Run as a script for one figure, e.g. the 32k-token one:
+    python tests/test_score_memory.py --tokens 32768 --vocab 128256
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_high_water_mark() -> None:
+    # "5" resets VmHWM to the current RSS (Linux >= 4.0), so one process can measure in turn
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(path: str, token_counts, vocab: int, hidden: int = 64, window=None) -> list:
+    """In this process: build a one-layer Llama, run ``path`` once per T, return peak growths."""
+    import torch
+    import transformers as tf
+
+    import pplfast
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                            max_position_embeddings=max(max(token_counts), 64),
+                            tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, vocab, (1, max(token_counts)))
+    results = []
+    with torch.inference_mode():
+        warm = ids[:, :32]  # one-time allocations (thread pools, caches) are not counted
+        model(warm, labels=warm) if path == "model_loss" else pplfast.score_model(model, warm)
+        for tokens in token_counts:
+            x = ids[:, :tokens]
+            _reset_high_water_mark()
+            before = _status_bytes("VmHWM")
+            if path == "model_loss":
+                out = model(x, labels=x)
+                nll = float(out.loss)
+                del out
+            else:
+                nll = pplfast.score_model(model, x, window=window, batch_size=1).mean_nll
+            after = _status_bytes("VmHWM")
+            results.append({"path": path, "tokens": tokens, "vocab": vocab,
+                            "peak_growth": after - before, "rss_before": before, "mean_nll": nll})
+    return results
+
+
+def run_measurement(path, token_counts, vocab, window=None) -> list:
+    cmd = [sys.executable, os.path.abspath(__file__), "--path", path, "--vocab", str(vocab),
+           "--tokens", *map(str, token_counts)]
+    if window is not None:
+        cmd += ["--window", str(window)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_has_no_tokens_by_vocab_term():
+    pytest.importorskip("transformers")
+    V, T = 65536, 512
+    logits_bytes = V * T * 4  # fp32 logits of T tokens
+    # memory a finished call leaves cached can only hide growth in a later call: ours measures
+    # 2T first (its absolute figure is fresh), the control T first (its growth is understated)
+    ours_2t, ours_t = run_measurement("score_model", (2 * T, T), V)
+    control_t, control_2t = run_measurement("model_loss", (T, 2 * T), V)
+    for a, b in ((ours_t, control_t), (ours_2t, control_2t)):
+        assert a["mean_nll"] == pytest.approx(b["mean_nll"], rel=1e-5)  # equal computations
+    control_growth = control_2t["peak_growth"] - control_t["peak_growth"]
+    ours_growth = ours_2t["peak_growth"] - ours_t["peak_growth"]
+    assert control_growth >= logits_bytes, (control_t, control_2t, "control shows no T x V term")
+    # what does grow with T (activations, the chunked path's tile up to its fixed budget) is
+    # far below one T x V tensor, even in 16-bit
+    assert ours_growth <= logits_bytes / 4, (ours_t, ours_2t)
+    assert ours_2t["peak_growth"] <= logits_bytes / 4, ours_2t
+
+
+@pytest.mark.slow
+def test_peak_memory_32k_tokens(request):
+    """The figure quoted for T = 32k at a Llama-3-sized vocabulary (minutes on a laptop CPU)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("minutes of CPU: run with -m slow")
+    pytest.importorskip("transformers")
+    V, T = 128256, 32768
+    (res,) = run_measurement("score_model", (T,), V)
+    # the logits alone would be V * T * 4 bytes = 15.7 GiB
+    assert res["peak_growth"] < V * T * 4 / 16, res
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", choices=("score_model", "model_loss"), default="score_model")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32768])
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--window", type=int, default=None)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.path, args.tokens, args.vocab, window=args.window)))
