@@ -269,17 +269,18 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
         if head is not None:
             hidden = _last_hidden(_call(head.body, ids, attn))
             keep = targets != IGNORE
-            rows = hidden[keep].to(head.weight.dtype)
+            # with the model split over devices, the output layer may sit apart from the body
+            rows = hidden[keep].to(device=head.weight.device, dtype=head.weight.dtype)
             nll_rows = linear_token_nll(
-                rows, head.weight, targets[keep], bias=head.bias, softcap=head.softcap,
-                temperature=head.temperature, backend=backend,
+                rows, head.weight, targets[keep].to(head.weight.device), bias=head.bias,
+                softcap=head.softcap, temperature=head.temperature, backend=backend,
             )
-            nll = torch.zeros(targets.shape, dtype=torch.float32, device=device)
-            nll[keep] = nll_rows
+            nll = torch.zeros(targets.shape, dtype=torch.float32)
+            nll[keep.cpu()] = nll_rows.cpu()
         else:
             logits = _logits(_call(model, ids, attn))
-            nll = token_nll(logits, targets, ignore_index=IGNORE, backend=backend)
-        nll = nll.cpu()
+            nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
+                            backend=backend).cpu()
         for row, (doc, w) in enumerate(batch):
             skip = w.score_start - w.start - 1
             out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]

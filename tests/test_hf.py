@@ -298,3 +298,24 @@ def test_score_texts_documents_and_corpus(models, tokenizer, mode):
     assert corpus_res.word_perplexity == pytest.approx(math.exp(total_nll / num_words), rel=1e-9)
     with pytest.raises(ValueError, match="no scored tokens"):
         score_texts(model, tokenizer, [""])
+
+
+def test_bfloat16_model_no_worse_than_its_own_loss(models, tokenizer):
+    """Three-way rule: error against a float64 head on the same bf16 hidden states is no larger
+    than that of the model's own bf16 logits + float32 cross-entropy."""
+    import copy
+
+    model = copy.deepcopy(models["llama"]).to(torch.bfloat16)
+    ids = encode(tokenizer, seed=12)[:64]
+    res = score_model(model, ids)
+    with torch.no_grad():
+        hidden = model.model(ids.unsqueeze(0)).last_hidden_state[0]
+        weight = model.get_output_embeddings().weight
+        truth = F.cross_entropy(F.linear(hidden.double(), weight.double())[:-1], ids[1:],
+                                reduction="none")
+        own = F.cross_entropy(model(ids.unsqueeze(0)).logits[0, :-1].float(), ids[1:],
+                              reduction="none").double()
+    ours_err = (res.token_nll[1:].double() - truth).abs()
+    own_err = (own - truth).abs()
+    assert own_err.max() > 1e-3  # control: bf16 logits really are rounded
+    assert ours_err.max() <= own_err.max() + 1e-5 and ours_err.mean() <= own_err.mean()
