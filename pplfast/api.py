@@ -77,10 +77,11 @@ def token_nll(
     if flat_targets.numel() == 0 or V == 0:
         # no rows, or every target is ignore_index (the range check allows nothing else at V=0)
         return torch.zeros(lead, dtype=torch.float32, device=logits.device)
-    nll = _dispatch.module(backend).token_nll(
-        _rows3(logits), flat_targets, ignore_index,
-        None if softcap is None else float(softcap), float(temperature),
-    )
+    with torch.no_grad():  # scoring is forward-only; also accepts parameters with requires_grad
+        nll = _dispatch.module(backend).token_nll(
+            _rows3(logits), flat_targets, ignore_index,
+            None if softcap is None else float(softcap), float(temperature),
+        )
     return nll.reshape(lead)
 
 
@@ -124,10 +125,11 @@ def linear_token_nll(
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     if flat_targets.numel() == 0 or V == 0:
         return torch.zeros(lead, dtype=torch.float32, device=hidden.device)
-    nll = _dispatch.module(backend).linear_token_nll(
-        hidden.reshape(-1, D), weight, bias, flat_targets, ignore_index,
-        None if softcap is None else float(softcap), float(temperature),
-    )
+    with torch.no_grad():
+        nll = _dispatch.module(backend).linear_token_nll(
+            hidden.reshape(-1, D), weight, bias, flat_targets, ignore_index,
+            None if softcap is None else float(softcap), float(temperature),
+        )
     return nll.reshape(lead)
 
 

@@ -186,3 +186,17 @@ def test_import_does_not_import_optional_modules():
             "if m in sys.modules and m not in before]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_parameters_with_requires_grad_are_accepted(backend):
+    """Model parameters require grad; scoring is forward-only and must not trip autograd."""
+    hidden = torch.randn(2, 5, 8)
+    weight = torch.nn.Parameter(torch.randn(40, 8))
+    targets = torch.randint(0, 40, (2, 5))
+    got = pplfast.linear_token_nll(hidden, weight, targets, backend=backend)
+    assert not got.requires_grad
+    want = reference.linear_token_nll(hidden, weight.detach(), targets)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    logits = torch.randn(3, 11, requires_grad=True)
+    assert not pplfast.token_nll(logits, torch.randint(0, 11, (3,)), backend=backend).requires_grad

@@ -97,10 +97,8 @@ def test_peak_memory_has_no_tokens_by_vocab_term():
 
 
 @pytest.mark.slow
-def test_peak_memory_32k_tokens(request):
+def test_peak_memory_32k_tokens():
     """The figure quoted for T = 32k at a Llama-3-sized vocabulary (minutes on a laptop CPU)."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("minutes of CPU: run with -m slow")
     pytest.importorskip("transformers")
     V, T = 128256, 32768
     (res,) = run_measurement("score_model", (T,), V)

@@ -178,7 +178,6 @@ def test_split_count_is_reduced_to_nonempty_chunks():
     _check(x, _targets(3, 50), num_splits=40)
 
 
-@pytest.mark.slow
 def test_int64_row_offsets():
     # rows x V passes 2^31 elements: row 2 starts past the int32 range
     from pplfast.kernels.token_nll import token_nll_forward
