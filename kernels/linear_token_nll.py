@@ -18,7 +18,9 @@ All row, vocabulary and partial offsets are 64-bit.
 Environment (read at call time):
 
 =========================  ======================================================================
-``PPLFAST_ALLOW_TF32=1``   float32 inputs use TF32 tensor-core products (default: IEEE float32).
+``PPLFAST_ALLOW_TF32=1``   float32 inputs use TF32 tensor-core products (default: IEEE float32;
+                           PyTorch's ``torch.backends.cuda.matmul.allow_tf32 = True`` asks for
+                           TF32 too, as it does for the cuBLAS GEMMs of the chunked paths).
 ``PPLFAST_AUTOTUNE=1``     autotune the tile configuration per (V, D, dtype) instead of using
                            the configuration fixed per GPU family.
 =========================  ======================================================================
@@ -241,7 +243,9 @@ def _autotuned_kernel():
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and os.environ.get(ENV_ALLOW_TF32, "0") not in ("", "0"):
+    asked = (os.environ.get(ENV_ALLOW_TF32, "0") not in ("", "0")
+             or torch.backends.cuda.matmul.allow_tf32)
+    if dtype == torch.float32 and asked:
         return "tf32"
     return "ieee"
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-ENV_AUTOTUNE = "PPLFAST_TRITON_AUTOTUNE"
+ENV_AUTOTUNE = "PPLFAST_AUTOTUNE"
 
 _LOG2E = 1.4426950408889634
 
@@ -371,7 +371,7 @@ def token_nll_forward(
     )
     grid = (rows, n_split)
     autotune = (
-        logits3.is_cuda and block_v is None and os.environ.get(ENV_AUTOTUNE, "0") == "1"
+        logits3.is_cuda and block_v is None and os.environ.get(ENV_AUTOTUNE, "0") not in ("", "0")
     )
     if autotune:
         _autotuned_kernel()[grid](logits3, targets, out, part_max, part_sum, **common)

@@ -230,7 +230,7 @@ def test_public_api_end_to_end():
 
 @pytest.mark.cuda
 def test_autotune_matches(monkeypatch):
-    monkeypatch.setenv("PPLFAST_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("PPLFAST_AUTOTUNE", "1")
     V = 32000
     x = torch.randn(600, V, device="cuda", dtype=torch.bfloat16).view(2, 300, V)
     _check(x, _targets(600, V, ignored=(5,)))
