@@ -41,6 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._memprobe import reset_peak, status_bytes
+
 SCHEMA = "pplfast-bench/1"
 
 DTYPES = {
@@ -444,24 +446,6 @@ def read_bandwidth(device: torch.device, nbytes: int) -> Dict[str, object]:
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current resident size (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cuda_peak_extra(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes the call adds to the CUDA allocator's peak over what was allocated before it."""
     torch.cuda.synchronize(device)
@@ -544,7 +528,7 @@ def _memory_worker() -> int:
     torch.set_grad_enabled(False)
     jobs = json.load(sys.stdin)
     device = torch.device("cpu")
-    if jobs and jobs[0].get("reset", True) and not _reset_hwm():
+    if jobs and jobs[0].get("reset", True) and not reset_peak():
         print(json.dumps({"no_reset": "/proc/self/clear_refs is not writable"}), flush=True)
         return 3
     for k, job in enumerate(jobs):
@@ -566,22 +550,21 @@ def _memory_worker() -> int:
                 args = (inputs[0].clone(),) + tuple(inputs[1:])
             gc.collect()
             if job.get("reset", True):
-                _reset_hwm()
-            rss0 = _status_kib("VmRSS")
-            hwm0 = _status_kib("VmHWM")
+                reset_peak()
+            rss0 = status_bytes("VmRSS")
+            hwm0 = status_bytes("VmHWM")
             result = {"case": k, "impl": name, "bytes": None, "error": None}
             try:
                 out = impl.fn(*args)
-                hwm1 = _status_kib("VmHWM")
-                result["bytes"] = max(0, hwm1 - rss0) * 1024
-                if hwm0 > rss0 + 1024:
+                result["bytes"] = max(0, status_bytes("VmHWM") - rss0)
+                if hwm0 > rss0 + MiB:
                     result["note"] = "upper bound: the mark was above the resident size before the call"
                 del out
             except Exception as exc:
                 result["error"] = _one_line(exc)
             del args
             gc.collect()
-            result["retained_bytes"] = max(0, _status_kib("VmRSS") - rss0) * 1024
+            result["retained_bytes"] = max(0, status_bytes("VmRSS") - rss0)
             print(json.dumps(result), flush=True)
         del inputs, tiny
         gc.collect()

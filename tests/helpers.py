@@ -54,3 +54,16 @@ def assert_nll_close(actual: torch.Tensor, expected: torch.Tensor, lse: Optional
             f"|err|={err.reshape(-1)[worst].item():.3e} bound={bound.reshape(-1)[worst].item():.3e}; "
             f"max |err| over finite={err[finite].max().item() if bool(finite.any()) else 0.0:.3e}"
         )
+
+
+def run_json_child(args, *, env=None, timeout: float = 300):
+    """Run ``python *args`` in a fresh process (memory tests measure there) and return the JSON
+    of its last stdout line; a failed child fails the test with the tail of its stderr."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

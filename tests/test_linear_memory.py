@@ -2,13 +2,11 @@
 process from its own VmHWM, with a live control (the naive logits path) exceeding the bound."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from helpers import run_json_child
 
 BUDGET_MB = 16
 SLACK_MB = 8  # output, O(N) running state, allocator rounding
@@ -20,13 +18,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     import pplfast
-
-    def peak():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+    from pplfast._memprobe import reset_peak, status_bytes
 
     mode, dtype, N, D, V, ignore = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:])
     torch.manual_seed(0)
@@ -43,14 +35,10 @@ SCRIPT = textwrap.dedent(
         return pplfast.linear_token_nll(h, w, t, backend="cpu")
 
     run(hidden[:4], weight[:100], targets[:4].clamp(max=99))  # load libraries, start threads
-    try:  # reset the high-water mark to the current RSS where the kernel allows it
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    before = peak()
+    reset_peak()  # where the kernel refuses, the control below still shows the probe is not blind
+    before = status_bytes("VmHWM")
     out = run(hidden, weight, targets)
-    after = peak()
+    after = status_bytes("VmHWM")
     print(json.dumps({"extra": after - before, "finite": bool(torch.isfinite(out).all())}))
     """
 )
@@ -58,12 +46,7 @@ SCRIPT = textwrap.dedent(
 
 def measure(mode: str, dtype: str, ignore: int = 0) -> dict:
     env = dict(os.environ, PPLFAST_CPU_CHUNK_MB=str(BUDGET_MB))
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, dtype, str(N), str(D), str(V), str(ignore)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(["-c", SCRIPT, mode, dtype, N, D, V, ignore], env=env)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")

@@ -11,26 +11,9 @@ Run as a script for one figure, e.g. the 32k-token one:
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def _reset_high_water_mark() -> None:
-    # "5" resets VmHWM to the current RSS (Linux >= 4.0), so one process can measure in turn
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from helpers import run_json_child
 
 
 def measure(path: str, token_counts, vocab: int, hidden: int = 64, window=None) -> list:
@@ -39,6 +22,7 @@ def measure(path: str, token_counts, vocab: int, hidden: int = 64, window=None) 
     import transformers as tf
 
     import pplfast
+    from pplfast._memprobe import reset_peak, status_bytes
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -53,28 +37,26 @@ def measure(path: str, token_counts, vocab: int, hidden: int = 64, window=None) 
         model(warm, labels=warm) if path == "model_loss" else pplfast.score_model(model, warm)
         for tokens in token_counts:
             x = ids[:, :tokens]
-            _reset_high_water_mark()
-            before = _status_bytes("VmHWM")
+            if not reset_peak():  # each T is measured in turn: the mark must restart
+                raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs")
+            before = status_bytes("VmHWM")
             if path == "model_loss":
                 out = model(x, labels=x)
                 nll = float(out.loss)
                 del out
             else:
                 nll = pplfast.score_model(model, x, window=window, batch_size=1).mean_nll
-            after = _status_bytes("VmHWM")
+            after = status_bytes("VmHWM")
             results.append({"path": path, "tokens": tokens, "vocab": vocab,
                             "peak_growth": after - before, "rss_before": before, "mean_nll": nll})
     return results
 
 
 def run_measurement(path, token_counts, vocab, window=None) -> list:
-    cmd = [sys.executable, os.path.abspath(__file__), "--path", path, "--vocab", str(vocab),
-           "--tokens", *map(str, token_counts)]
+    args = [os.path.abspath(__file__), "--path", path, "--vocab", vocab, "--tokens", *token_counts]
     if window is not None:
-        cmd += ["--window", str(window)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        args += ["--window", window]
+    return run_json_child(args, timeout=3600)
 
 
 def test_peak_memory_has_no_tokens_by_vocab_term():
