@@ -28,8 +28,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._optional import require
 from .api import linear_token_nll, token_nll
-from .metric import Perplexity, PerplexityResult
+from .metric import Perplexity, PerplexityResult, _exp
 from .windows import MODES, Window, make_windows
 
 IGNORE = -100
@@ -223,12 +224,7 @@ def _prefix_id(model, tokenizer, prefix_token_id) -> int:
 def _progress_bar(total: int, enabled):
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise ImportError(
-            'progress=True needs tqdm: pip install "pplfast[progress]"'
-        ) from exc
+    tqdm = require("tqdm.auto", extra="progress", feature="progress=True").tqdm
     return tqdm(total=total, unit="window", desc="scoring", leave=False)
 
 
@@ -355,7 +351,8 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         window, ``mean_nll`` equals ``model(ids, labels=ids).loss``.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError("input_ids must be an int64 or int32 tensor")
+        what = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an int64 or int32 tensor, got {what}")
     if input_ids.ndim not in (1, 2):
         raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
     ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
@@ -450,7 +447,6 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         mean = total / n if n else math.nan
         documents.append(DocumentScore(
             num_tokens=n, num_bytes=num_bytes, num_words=num_words, sum_nll=total, mean_nll=mean,
-            perplexity=math.exp(mean) if n and mean < 709 else (math.inf if n else math.nan),
-            token_ids=ids, token_nll=nll, scored=scored,
+            perplexity=_exp(mean), token_ids=ids, token_nll=nll, scored=scored,
         ))
     return TextScores(documents=documents, corpus=metric.compute())

@@ -7,13 +7,15 @@ Input: a ``.txt`` file (one document) or a ``.jsonl`` file (one document per lin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
 
-from ._dispatch import BACKENDS
+from ._dispatch import BACKENDS, BackendUnavailableError
+from ._optional import require
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -78,11 +80,12 @@ def _read_documents(path: str, text_field: str):
 
 
 def _load(args):
+    import torch
+
     try:
-        import torch
-        import transformers
-    except ImportError:
-        raise ScoreError('pplfast score needs transformers: pip install "pplfast[hf]"') from None
+        transformers = require("transformers", extra="hf", feature="pplfast score")
+    except ImportError as exc:
+        raise ScoreError(str(exc)) from None
     transformers.logging.set_verbosity_error()
     if args.no_progress:
         transformers.logging.disable_progress_bar()
@@ -123,15 +126,20 @@ def _write_per_token(path, tokenizer, documents):
                 }, ensure_ascii=False) + "\n")
 
 
-def _plot(path, documents, title):
+def _pyplot():
     try:
-        import matplotlib
+        require("matplotlib", extra="plot", feature="--plot").use("Agg")
+    except ImportError as exc:
+        raise ScoreError(str(exc)) from None
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ScoreError('--plot needs matplotlib: pip install "pplfast[plot]"') from None
+    return plt
+
+
+def _plot(path, documents, title):
     import torch
+
+    plt = _pyplot()
 
     length = max(len(doc.token_ids) for doc in documents)
     total = torch.zeros(length, dtype=torch.float64)
@@ -193,23 +201,27 @@ def _score(args) -> int:
         raise ScoreError(f"--batch-size must be positive, got {args.batch_size}")
     if args.backend not in BACKENDS:
         raise ScoreError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.plot:
+        _pyplot()  # a missing extra fails now, not after the scoring
     documents = _read_documents(args.input, args.text_field)
     model, tokenizer, device = _load(args)
-    from ._dispatch import BackendUnavailableError
     from .hf import _context_length, score_texts
 
     window = args.window or _context_length(model)
     stride = args.stride
     if args.mode == "sliding" and window is not None and stride is None:
         stride = max(1, window // 2)
+    # the bar is a convenience: without the progress extra, score quietly
+    progress = not args.no_progress and importlib.util.find_spec("tqdm") is not None
     start = time.perf_counter()
     try:
         scores = score_texts(
             model, tokenizer, documents, window=window, stride=stride, mode=args.mode,
             prefix_token_id=args.prefix_token_id, batch_size=args.batch_size,
-            backend=args.backend, progress=not args.no_progress,
+            backend=args.backend, progress=progress,
         )
     except (ValueError, BackendUnavailableError) as exc:
+        # bad options or an unusable backend: one line, no traceback
         raise ScoreError(str(exc).splitlines()[0]) from None
     seconds = time.perf_counter() - start
     corpus = scores.corpus

@@ -134,6 +134,9 @@ def make_windows(num_tokens: int, *, window: Optional[int] = None, stride: Optio
     if stride is not None and mode != "sliding":
         raise ValueError(f"stride applies to mode='sliding' only, got stride={stride} with mode={mode!r}")
     if window is None:
+        if stride is not None:
+            raise ValueError(f"stride needs a window: got stride={stride} with window=None "
+                             "(the whole document in one window)")
         if mode == "rolling":
             return rolling_windows(num_tokens, max(num_tokens, 1))
         whole = max(num_tokens, 2)

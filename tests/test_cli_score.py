@@ -91,7 +91,8 @@ def test_progress_bar_goes_to_stderr(saved, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing-model", "missing-input", "empty-input", "bad-jsonl",
-                                  "no-field", "bad-utf8", "bad-backend"])
+                                  "no-field", "bad-utf8", "bad-backend", "window-too-small",
+                                  "stride-in-rolling", "unwritable-per-token"])
 def test_errors_are_one_line(saved, capsys, tmp_path, case):
     root = saved[0]
     model, inp = root / "model", root / "doc.txt"
@@ -114,6 +115,12 @@ def test_errors_are_one_line(saved, capsys, tmp_path, case):
         inp.write_bytes(b"\xff\xfe\x00bad")
     elif case == "bad-backend":
         extra = ["--backend", "nope"]
+    elif case == "window-too-small":
+        extra = ["--window", "1"]
+    elif case == "stride-in-rolling":
+        extra = ["--mode", "rolling", "--stride", "2"]
+    elif case == "unwritable-per-token":
+        extra = ["--per-token", str(tmp_path / "no-such-dir" / "tokens.jsonl")]
     rc, out, err = run_cli(capsys, "--model", model, "--input", inp, "--no-progress", *extra)
     assert rc != 0 and out == ""
     lines = err.strip().splitlines()

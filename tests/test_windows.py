@@ -97,6 +97,8 @@ def test_make_windows_defaults_and_errors():
         make_windows(10, window=4, mode="strided")
     with pytest.raises(ValueError, match="stride applies"):
         make_windows(10, window=4, stride=2, mode="rolling")
+    with pytest.raises(ValueError, match="stride needs a window"):
+        make_windows(10, stride=2)
     with pytest.raises(ValueError, match="window must be >= 2"):
         make_windows(10, window=1)
     with pytest.raises(TypeError, match="window must be an int"):
