@@ -7,6 +7,7 @@ sum of NLL, sum of squared NLL, scored tokens, bytes, words, and the tokens that
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -14,8 +15,8 @@ import torch
 
 from .api import linear_token_nll, token_nll
 
-_SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(7)
 _STATE_SIZE = 7
+_SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(_STATE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,12 @@ def _count(value, name: str) -> Optional[int]:
         return None
     if isinstance(value, torch.Tensor):
         value = value.sum().item()
-    elif not isinstance(value, (int, float)):
-        value = sum(value)
+    elif not isinstance(value, numbers.Real):
+        try:
+            value = sum(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a count, a sequence of counts or a tensor, "
+                            f"got {type(value).__name__}") from None
     if isinstance(value, bool) or value < 0 or value != int(value):
         raise ValueError(f"{name} must be a non-negative integer count, got {value!r}")
     return int(value)
@@ -73,12 +78,11 @@ class Perplexity:
     """
 
     def __init__(self) -> None:
-        self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
-        self._global: Optional[torch.Tensor] = None
+        self.reset()
 
     def reset(self) -> "Perplexity":
         self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
-        self._global = None
+        self._global: Optional[torch.Tensor] = None  # the all-reduced state after sync()
         return self
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, *, num_bytes=None,
@@ -132,12 +136,13 @@ class Perplexity:
         num_words = _count(num_words, "num_words")
         x = torch.where(scored, nll.double(), torch.zeros((), dtype=torch.float64, device=nll.device))
         tokens = scored.sum().double()
+        zero = torch.zeros_like(tokens)
+        # full_like fills on the device: no host-to-device copy (and no stream sync) per update
         update = torch.stack([
             x.sum(), (x * x).sum(), tokens,
-            torch.tensor(float(num_bytes or 0), dtype=torch.float64, device=nll.device),
-            torch.tensor(float(num_words or 0), dtype=torch.float64, device=nll.device),
-            tokens if num_bytes is not None else torch.zeros_like(tokens),
-            tokens if num_words is not None else torch.zeros_like(tokens),
+            torch.full_like(tokens, num_bytes or 0), torch.full_like(tokens, num_words or 0),
+            tokens if num_bytes is not None else zero,
+            tokens if num_words is not None else zero,
         ])
         # the state follows the device of the first update, so GPU updates never synchronise
         if self._state.device != nll.device and not bool(self._state.any()):

@@ -115,6 +115,8 @@ def test_merge_reset_and_empty():
         only_ignored.compute()
     with pytest.raises(ValueError, match="num_bytes"):
         Perplexity().update(torch.randn(3, 8), torch.zeros(3, dtype=torch.long), num_bytes=-1)
+    with pytest.raises(TypeError, match="num_words must be a count.*got object"):
+        Perplexity().update(torch.randn(3, 8), torch.zeros(3, dtype=torch.long), num_words=object())
 
 
 def test_nan_and_single_token():
