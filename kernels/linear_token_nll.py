@@ -39,6 +39,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Kernels spell these constants as literals: compiled Triton code may read no global that is not
+# a tl.constexpr (a plain float runs under the interpreter but is a NameError when compiled).
 
 ENV_ALLOW_TF32 = "PPLFAST_ALLOW_TF32"
 ENV_AUTOTUNE = "PPLFAST_AUTOTUNE"
@@ -48,7 +50,7 @@ ENV_AUTOTUNE = "PPLFAST_AUTOTUNE"
 def _tanh(x):
     # tanh via exp2 (no libdevice); a short odd series near 0 where 1 - exp(-2|x|) would cancel
     ax = tl.abs(x)
-    t = tl.exp2(-2.0 * LOG2E * ax)
+    t = tl.exp2(-2.8853900817779268 * ax)  # -2 log2(e)
     far = (1.0 - t) / (1.0 + t)
     x2 = x * x
     near = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
@@ -166,7 +168,7 @@ def _finish_kernel(
         dot += tl.load(b_ptr + target).to(tl.float32)
     if HAS_SOFTCAP:
         dot = softcap * _tanh(dot / softcap)
-    nll = (lse2 - dot * scale) * LN2
+    nll = (lse2 - dot * scale) * 0.6931471805599453  # ln 2
     tl.store(out_ptr + rows, nll, mask=ok)
 
 
