@@ -31,7 +31,7 @@ def test_token_nll(benchmark, impl_name, shape, dtype, read_bandwidth, peak_memo
     with torch.inference_mode():
         benchmark(synced(lambda: impl.fn(logits, targets)))
         peak = peak_memory("logits", shape, dtype, impl_name, lambda: impl.fn(logits, targets))
-    nbytes = bench.logits_bytes("logits", shape, dtype)
+    nbytes = bench.logits_bytes(shape, dtype)
     seconds = median_seconds(benchmark)
     gbps = None if seconds is None else nbytes / seconds / 1e9
     record(benchmark, device=DEVICE.type, impl=impl.label, logits_bytes=nbytes, gbps=gbps,

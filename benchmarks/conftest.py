@@ -57,11 +57,6 @@ def synced(fn):
 
 
 @pytest.fixture(scope="session")
-def device():
-    return DEVICE
-
-
-@pytest.fixture(scope="session")
 def read_bandwidth():
     """This machine's read (CPU) or copy (GPU) bandwidth, measured once per session."""
     nbytes = (256 if SIZE == "small" else bench.DEFAULT_BW_MIB[DEVICE.type]) * bench.MiB

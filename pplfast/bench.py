@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import BACKENDS
 from ._memprobe import reset_peak, status_bytes
 
 SCHEMA = "pplfast-bench/1"
@@ -51,7 +52,6 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
 PATHS = ("logits", "linear", "all")
 DEVICES = ("cpu", "cuda")
 
@@ -184,8 +184,8 @@ class Plan:
 def make_plan(args) -> Plan:
     if args.path not in PATHS:
         raise BenchError(f"unknown --path {args.path!r}: choose from {', '.join(PATHS)}")
-    if args.backend not in BACKEND_CHOICES:
-        raise BenchError(f"unknown --backend {args.backend!r}: choose from {', '.join(BACKEND_CHOICES)}")
+    if args.backend not in BACKENDS:
+        raise BenchError(f"unknown --backend {args.backend!r}: choose from {', '.join(BACKENDS)}")
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name not in DEVICES:
         raise BenchError(f"unknown --device {device_name!r}: choose from cpu, cuda")
@@ -278,9 +278,10 @@ def make_inputs(path: str, shape: Sequence[int], dtype: str, device: torch.devic
     return hidden, weight, targets
 
 
-def logits_bytes(path: str, shape: Sequence[int], dtype: str) -> int:
+def logits_bytes(shape: Sequence[int], dtype: str) -> int:
+    """Bytes of the ``(N, V)`` logits of a case (built by the unfused peers on the hidden path)."""
     N, V = shape[0], shape[-1]
-    return N * V * torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    return N * V * DTYPES[dtype].itemsize
 
 
 def linear_flops(shape: Sequence[int]) -> int:
@@ -409,7 +410,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, reps:
         torch.cuda.synchronize(device)
         return [start.elapsed_time(end) for start, end in events]
     first = None
-    for i in range(max(warmup, 1 if reps is None else 0)):
+    for _ in range(max(warmup, 1 if reps is None else 0)):
         t0 = time.perf_counter()
         fn()
         first = time.perf_counter() - t0
@@ -705,7 +706,7 @@ def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
     impl_sets = {path: implementations(path, plan.device, plan.backend) for path in {p for p, _, _ in plan.cases}}
     total = sum(len(impl_sets[p][0]) for p, _, _ in plan.cases)
     bar = _Progress(total * (2 if plan.memory and plan.device.type == "cpu" else 1), progress)
-    rows: List[Dict[str, object]] = []
+    rows_by_case: List[List[Dict[str, object]]] = []
     try:
         for path, shape, dtype in plan.cases:
             bar.case(f"{path} {'x'.join(map(str, shape))} {dtype}")
@@ -735,21 +736,17 @@ def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
             _derive(case_rows, path, shape, dtype, bandwidth["gbps"])
-            rows.extend(case_rows)
+            rows_by_case.append(case_rows)
         memory_method = None
         if plan.memory and plan.device.type == "cpu":
             bar.case("peak memory (separate process)")
-            index = {}
+            index = {}  # (case number, impl name) -> its row
             cases = []
-            for path, shape, dtype in plan.cases:
-                names = [r["impl"] for r in rows if r["path"] == path and tuple(r["shape"]) == shape
-                         and r["dtype"] == dtype and r["error"] is None]
-                for name in names:
-                    index[(len(cases), name)] = next(
-                        r for r in rows if r["path"] == path and tuple(r["shape"]) == shape
-                        and r["dtype"] == dtype and r["impl"] == name)
+            for (path, shape, dtype), case_rows in zip(plan.cases, rows_by_case):
+                timed = [r for r in case_rows if r["error"] is None]
+                index.update(((len(cases), r["impl"]), r) for r in timed)
                 cases.append({"path": path, "shape": list(shape), "dtype": dtype,
-                              "backend": plan.backend, "impls": names})
+                              "backend": plan.backend, "impls": [r["impl"] for r in timed]})
 
             def on_result(k, name, msg):
                 row = index.get((k, name))
@@ -783,7 +780,7 @@ def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
                      "timer": "CUDA events" if plan.device.type == "cuda" else "time.perf_counter"},
         "bandwidth": bandwidth,
         "skipped": [{"impl": n, "reason": why} for n, why in skipped],
-        "results": rows,
+        "results": [row for case_rows in rows_by_case for row in case_rows],
     }
 
 
@@ -791,7 +788,7 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
     """Ratios within one case: throughput, fraction of the floor, pplfast speed-up."""
     ref = next((r for r in case_rows if r["role"] == "pplfast" and r["ms"]), None)
     floor = next((r for r in case_rows if r["role"] == "floor" and r["ms"]), None)
-    nbytes = logits_bytes(path, shape, dtype)
+    nbytes = logits_bytes(shape, dtype)
     for r in case_rows:
         r["logits_bytes"] = nbytes
         ms = r["ms"]
@@ -887,10 +884,18 @@ def render(record: Dict[str, object]) -> str:
 
 
 def run(args) -> int:
+    json_file = None
     try:
         plan = make_plan(args)
+        if args.json not in (None, "-"):
+            try:  # opened now: an unwritable path fails before minutes of timing, not after
+                json_file = open(args.json, "w")
+            except OSError as exc:
+                raise BenchError(f"cannot write --json {args.json!r}: {exc.strerror}") from None
         record = bench(plan, progress=not args.no_progress)
     except BenchError as exc:
+        if json_file is not None:
+            json_file.close()
         print(f"pplfast bench: error: {exc}", file=sys.stderr)
         return 2
     text = render(record)
@@ -900,8 +905,8 @@ def run(args) -> int:
         sys.stdout.write("\n")
     else:
         print(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(record, f, indent=1)
-                f.write("\n")
+        if json_file is not None:
+            with json_file:
+                json.dump(record, json_file, indent=1)
+                json_file.write("\n")
     return 0

@@ -106,6 +106,7 @@ BAD = [
     (["--path", "linear", "--shapes", "4x100"], "NxDxV"),
     (["--device", "tpu"], "unknown --device"),
     (["--reps", "0"], "--reps"),
+    (["--shapes", "4x10", "--json", "/nonexistent-dir/out.json"], "cannot write --json"),
 ]
 
 
