@@ -41,14 +41,16 @@ _MIN_COLS = 16
 
 
 def _budget_bytes(env: str, default_mb: float, budget_mb: Optional[float]) -> int:
+    source = "budget_mb"
     if budget_mb is None:
         raw = os.environ.get(env, "")
+        source = env if raw else "the default budget"
         try:
             budget_mb = float(raw) if raw else default_mb
         except ValueError:
             raise ValueError(f"{env} must be a number of MiB, got {raw!r}") from None
-    if not budget_mb > 0:
-        raise ValueError(f"the chunk budget must be > 0 MiB, got {budget_mb!r}")
+    if not budget_mb > 0:  # also catches NaN
+        raise ValueError(f"{source} must be > 0 MiB, got {budget_mb!r}")
     return int(budget_mb * (1 << 20))
 
 

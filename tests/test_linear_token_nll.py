@@ -159,6 +159,11 @@ def test_bad_budget_env(monkeypatch):
     hidden, weight, _, targets = make_inputs(4, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="PPLFAST_CPU_CHUNK_MB"):
         pplfast.linear_token_nll(hidden, weight, targets, backend="cpu")
+    monkeypatch.setenv(_linear.ENV_CPU_CHUNK_MB, "-1")
+    with pytest.raises(ValueError, match="PPLFAST_CPU_CHUNK_MB must be > 0 MiB, got -1.0"):
+        pplfast.linear_token_nll(hidden, weight, targets, backend="cpu")
+    with pytest.raises(ValueError, match="budget_mb must be > 0 MiB, got 0"):
+        _linear.cpu_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0, budget_mb=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
