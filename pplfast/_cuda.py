@@ -69,13 +69,18 @@ def _launch(out: torch.Tensor, logits3: torch.Tensor, targets: torch.Tensor, ign
     # with the producer of the logits and with any later use of `out` and of the workspace (whose
     # memory the caching allocator may hand out again once it is freed here).
     stream = torch.cuda.current_stream(device).cuda_stream
-    _cuda_C.token_nll(
-        logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], B, T, V, sB, sT, sV,
-        targets.data_ptr(), int(ignore_index), out.data_ptr(),
-        0 if workspace is None else workspace.data_ptr(), workspace_floats,
-        softcap is not None, 0.0 if softcap is None else float(softcap), float(temperature),
-        device.index, sm_count, stream, threads, splits,
-    )
+    # The module's own (static) CUDA runtime and PyTorch's share the device's primary context and
+    # the thread's current context, so the stream handle is valid in both. Making the tensors'
+    # device current through PyTorch first means the module's cudaSetDevice changes nothing, and
+    # PyTorch's notion of the current device is restored on exit.
+    with torch.cuda.device(device):
+        _cuda_C.token_nll(
+            logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], B, T, V, sB, sT, sV,
+            targets.data_ptr(), int(ignore_index), out.data_ptr(),
+            0 if workspace is None else workspace.data_ptr(), workspace_floats,
+            softcap is not None, 0.0 if softcap is None else float(softcap), float(temperature),
+            device.index, sm_count, stream, threads, splits,
+        )
 
 
 def token_nll(logits3, targets, ignore_index, softcap, temperature, *, threads: int = 0,

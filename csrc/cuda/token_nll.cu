@@ -385,6 +385,24 @@ void check(cudaError_t err, const char* what) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Makes `device` current for the guard's lifetime and restores the previous device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    else previous_ = -1;
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);  // best effort: destructors must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 template <typename T, bool SOFTCAP, bool CONTIG>
 void launch(const Plan& plan, const Params& p, cudaStream_t stream) {
   if (plan.threads == kWarp) {
@@ -498,9 +516,11 @@ void token_nll(uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int
   p.softcap = has_softcap ? static_cast<float>(softcap) : 1.f;
   p.inv_softcap = has_softcap ? static_cast<float>(1.0 / softcap) : 1.f;
 
-  // This module links its own (static) CUDA runtime, whose current device is independent of
-  // PyTorch's: select the tensors' device before launching on their stream.
-  check(cudaSetDevice(device), "cudaSetDevice");
+  // This module links its own (static) CUDA runtime. Both runtimes use the device's primary
+  // context, so PyTorch's stream handle is valid here; but the current context is per thread and
+  // shared, so a device switch made here would silently move PyTorch's current device too: switch
+  // only when needed and switch back when done (also when a launch throws).
+  DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool contig = sV == 1;
   switch (dtype) {
