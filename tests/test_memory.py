@@ -5,32 +5,18 @@ after the measured call, and reports the difference. ``ru_maxrss`` is not used: 
 inherit its parent's high-water mark. The live control (``F.cross_entropy``, which builds the
 log-softmax) must exceed the same bound, so the test can fail.
 """
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from helpers import run_json_child
 
 CHILD = textwrap.dedent(
     """
     import json, sys, torch
     import torch.nn.functional as F
     import pplfast
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    def reset_peak():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+    from pplfast._memprobe import reset_peak, status_bytes
 
     N, V, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
     logits = torch.randn(N, V).to(dtype)
@@ -41,9 +27,9 @@ CHILD = textwrap.dedent(
     }[which]
     pplfast.token_nll(logits[:2], targets[:2], backend="cpu")  # load the extension first
     reset_peak()
-    before = status("VmHWM")
+    before = status_bytes("VmHWM")
     out = run()
-    after = status("VmHWM")
+    after = status_bytes("VmHWM")
     print(json.dumps({"extra": after - before, "logits_bytes": logits.numel() * logits.element_size(),
                       "finite": bool(torch.isfinite(out).all())}))
     """
@@ -51,12 +37,7 @@ CHILD = textwrap.dedent(
 
 
 def extra_peak(N, V, dtype, which):
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(N), str(V), dtype, which],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_json_child(["-c", CHILD, N, V, dtype, which])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
