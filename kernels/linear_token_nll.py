@@ -25,8 +25,10 @@ Environment (read at call time):
                            the configuration fixed per GPU family.
 =========================  ======================================================================
 
-Dtypes or GPUs the fused kernel does not cover (CUDA capability < 8.0) go to the chunked GEMM
-path of ``pplfast._linear``, which reduces each chunk of logits with the fused logits kernel.
+GPUs the fused kernel does not cover (CUDA capability < 8.0) go to the chunked GEMM path of
+``pplfast._linear``, which reduces each chunk of logits with the fused logits kernel. Its logits
+buffer is float32 where PyTorch has an fp32-output GEMM for the inputs (fp16/bf16 logits then
+are not rounded to the input dtype) and in the input dtype, as ``F.linear`` gives them, elsewhere.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """``backend="cuda"``: launchers for the CUDA kernels of ``csrc/cuda`` (module ``pplfast._cuda_C``).
 
 The compiled module takes raw pointers, sizes, element strides and a stream handle; this file is
-the torch side: output and workspace allocation, ``data_ptr()``, the current stream, and the
-chunked GEMM of the hidden-states path.
+the torch side: output and workspace allocation, ``data_ptr()`` and the current stream.
 
-Hidden-states path: the scored tokens are cut into chunks; each chunk's logits come from one
+Hidden-states path: ``pplfast._linear.chunked_linear_token_nll`` with the logits kernel of this
+module as its launcher. The scored tokens are cut into chunks; each chunk's logits come from one
 cuBLAS GEMM (through PyTorch) into a single reused buffer and are reduced at once by the logits
 kernel, so the extra memory is one chunk (``PPLFAST_GPU_CHUNK_MB``, default 256 MiB) plus O(N),
 never N x V. The buffer is float32:
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _cuda_C
-from ._linear import DEFAULT_GPU_CHUNK_MB, ENV_GPU_CHUNK_MB, _budget_bytes, _scored_rows
+from ._linear import chunked_linear_token_nll
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -97,14 +97,12 @@ def token_nll(logits3, targets, ignore_index, softcap, temperature, *, threads: 
     return out
 
 
-def _fp32_out_gemm_available() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype_out")
-
-
 def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
                      budget_mb: Optional[float] = None,
                      logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Per-token NLL of ``hidden2 @ weight.T + bias``, chunked, as float32 (N,).
+
+    :func:`pplfast._linear.chunked_linear_token_nll` with :func:`token_nll` reducing each chunk.
 
     Args:
         hidden2: ``(N, D)`` float32/float16/bfloat16 CUDA tensor, any strides.
@@ -119,67 +117,6 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
         ``(N,)`` float32, equal to ``token_nll(F.linear(hidden2, weight, bias), targets, ...)``
         computed in float64 (up to the GEMM's rounding).
     """
-    budget = _budget_bytes(ENV_GPU_CHUNK_MB, DEFAULT_GPU_CHUNK_MB, budget_mb)
-    chosen = logits_dtype
-    if chosen is None:
-        chosen = torch.float32 if (hidden2.dtype == torch.float32
-                                   or _fp32_out_gemm_available()) else hidden2.dtype
-    try:
-        return _chunked(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
-                        budget, chosen)
-    except _NoFp32OutGemm as exc:
-        if logits_dtype is not None:
-            raise exc.__cause__
-        # no fp32-output GEMM for these tensors in this PyTorch build: same-dtype logits
-        return _chunked(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
-                        budget, hidden2.dtype)
-
-
-class _NoFp32OutGemm(Exception):
-    """The first fp16/bf16 -> float32 GEMM was refused by this PyTorch build."""
-
-
-def _chunked(hidden2, weight, bias, targets, ignore_index, softcap, temperature, budget: int,
-             logits_dtype: torch.dtype) -> torch.Tensor:
-    N, _ = hidden2.shape
-    V = weight.shape[0]
-    device = hidden2.device
-    out = torch.zeros(N, dtype=torch.float32, device=device)
-    rows = _scored_rows(targets, ignore_index)  # skip the GEMM for ignored tokens
-    if rows is not None:
-        if rows.numel() == 0:
-            return out
-        targets = targets.index_select(0, rows)
-    n_scored = targets.shape[0]
-    element = torch.empty((), dtype=logits_dtype).element_size()
-    step = max(1, budget // (V * element))
-    if step >= 128:
-        step -= step % 128  # whole GEMM tiles
-    mixed = logits_dtype != hidden2.dtype
-    buf = torch.empty(min(step, n_scored) * V, dtype=logits_dtype, device=device)
-    b = None if bias is None else bias.to(logits_dtype)
-    wt = weight.t()
-    nll = torch.empty(n_scored, dtype=torch.float32, device=device)
-    for r0 in range(0, n_scored, step):
-        n = min(step, n_scored - r0)
-        h = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(0, rows[r0 : r0 + n])
-        z = buf[: n * V].view(n, V)
-        if mixed:
-            try:
-                torch.mm(h, wt, out_dtype=logits_dtype, out=z)
-            except (RuntimeError, TypeError, NotImplementedError) as exc:
-                if r0 == 0:
-                    raise _NoFp32OutGemm() from exc
-                raise
-            if b is not None:
-                z.add_(b)
-        elif b is None:
-            torch.mm(h, wt, out=z)
-        else:
-            torch.addmm(b, h, wt, out=z)
-        _launch(nll[r0 : r0 + n], z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
-                temperature)
-    if rows is None:
-        return nll
-    out.index_copy_(0, rows, nll)
-    return out
+    return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
+                                    temperature, launcher=token_nll, budget_mb=budget_mb,
+                                    logits_dtype=logits_dtype)

@@ -9,15 +9,19 @@ re-read, once per tile. Tile sizes are chosen so that every temporary (logits bu
 copies of fp16/bf16 operand tiles, gathered rows) fits in the budget; beyond that the extra
 memory is the O(N) state (20 bytes per scored row) and the output.
 
-GPU fallback (for the dtypes and GPUs the fused Triton kernel does not cover): token chunks, one
-``F.linear`` per chunk into a reused buffer, reduced by a logits launcher such as
-``pplfast.kernels.token_nll.token_nll_forward``. Extra memory is the fixed chunk buffer plus O(N).
+GPU chunked path (``chunked_linear_token_nll``): the hidden-states path of ``backend="cuda"``
+and the fallback of ``backend="triton"`` on GPUs the fused kernel does not cover. Token chunks,
+one GEMM per chunk into a reused buffer, reduced by a logits launcher (the CUDA backend's
+``token_nll`` or ``pplfast.kernels.token_nll.token_nll_forward``). The buffer is float32 where
+PyTorch has an fp32-output GEMM for the inputs (``torch.mm(..., out_dtype=torch.float32)``, on
+CUDA), so fp16/bf16 logits are not rounded to the input dtype; elsewhere it is in the input
+dtype, as ``F.linear`` gives the logits. Extra memory is the fixed chunk buffer plus O(N).
 
 Environment (read at call time):
 
 ==========================  =======================================================================
 ``PPLFAST_CPU_CHUNK_MB``    CPU path: budget in MiB for all temporaries (default 32).
-``PPLFAST_GPU_CHUNK_MB``    GPU fallback: budget in MiB for one chunk of logits (default 256).
+``PPLFAST_GPU_CHUNK_MB``    GPU path: budget in MiB for one chunk of logits (default 256).
 ==========================  =======================================================================
 """
 from __future__ import annotations
@@ -110,17 +114,32 @@ def _scored_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Ten
     return scored.nonzero().squeeze(1)
 
 
+def _select_scored(targets: torch.Tensor, ignore_index: int):
+    """``(rows, scored_targets)``: :func:`_scored_rows` and the targets of those rows.
+
+    Ignored rows cost no GEMM; the caller returns zeros when ``scored_targets`` is empty and
+    scatters the NLL of the scored rows back with :func:`_scatter_scored`.
+    """
+    rows = _scored_rows(targets, ignore_index)
+    return rows, (targets if rows is None else targets.index_select(0, rows))
+
+
+def _scatter_scored(out: torch.Tensor, rows: Optional[torch.Tensor],
+                    nll: torch.Tensor) -> torch.Tensor:
+    if rows is None:
+        return nll
+    return out.index_copy_(0, rows, nll)
+
+
 def chunked_cpu(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
                 update: Callable, finish: Callable, budget: int) -> torch.Tensor:
     """Tiled GEMM + running-state reduction; ``update``/``finish`` follow ``_cpu.lse_update``."""
     N, D = hidden2.shape
     V = weight.shape[0]
     out = torch.zeros(N, dtype=torch.float32)
-    rows = _scored_rows(targets, ignore_index)
-    if rows is not None:
-        if rows.numel() == 0:
-            return out
-        targets = targets.index_select(0, rows)
+    rows, targets = _select_scored(targets, ignore_index)
+    if targets.numel() == 0:
+        return out
     n_scored = targets.shape[0]
     upcast = hidden2.dtype != torch.float32
     gather_bytes = 0 if rows is None else hidden2.element_size()
@@ -164,56 +183,106 @@ def chunked_cpu(hidden2, weight, bias, targets, ignore_index, softcap, temperatu
             del h_tile
 
     nll = finish(row_max, row_sum, target_logit, targets, ignore_index)
-    if rows is None:
-        return nll
-    out.index_copy_(0, rows, nll)
-    return out
+    return _scatter_scored(out, rows, nll)
+
+
+def fp32_out_gemm_available() -> bool:
+    """Whether this PyTorch has ``torch.mm(..., out_dtype=...)`` at all (on CUDA, in practice:
+    other devices refuse it at run time, which the chunked path handles)."""
+    return hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 def gpu_chunk_rows(V: int, element_size: int, budget: int) -> int:
-    return max(1, budget // max(1, V * element_size))
+    """Token rows per chunk of ``V``-wide logits of ``element_size`` bytes within ``budget``."""
+    step = max(1, budget // max(1, V * element_size))
+    if step >= 128:
+        step -= step % 128  # whole GEMM tiles
+    return step
+
+
+class _Fp32OutGemmRefused(Exception):
+    """The first fp16/bf16 -> float32 GEMM was refused for these tensors."""
 
 
 def chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
                              *, launcher: Optional[Callable] = None,
-                             budget_mb: Optional[float] = None) -> torch.Tensor:
-    """Chunked GEMM + fused logits reduction, for any device and dtype (the GPU fallback).
+                             budget_mb: Optional[float] = None,
+                             logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Chunked GEMM + fused logits reduction, for any device and dtype (the GPU hidden path).
 
-    Each chunk of scored rows gets its logits from one ``F.linear`` (in the input dtype, as the
-    same-dtype PyTorch path does, into a reused buffer) and its NLL from ``launcher``, which
-    follows the ``token_nll`` launcher interface of ``pplfast._dispatch`` (default: the Triton
-    ``pplfast.kernels.token_nll.token_nll_forward``).
+    The scored rows are cut into chunks (whole multiples of 128 rows where the budget allows);
+    each chunk's logits come from one GEMM into a single reused buffer and its NLL from
+    ``launcher``, which follows the ``token_nll`` launcher interface of ``pplfast._dispatch``
+    (default: the Triton ``pplfast.kernels.token_nll.token_nll_forward``). The buffer is float32
+    by default: float32 inputs get an fp32 GEMM; float16/bfloat16 inputs get
+    ``torch.mm(h, w.T, out_dtype=torch.float32)`` (fp32 accumulation *and* output, so no logit is
+    rounded to 8 or 11 bits as ``F.linear`` in that dtype rounds them) with the bias added in
+    float32. Where PyTorch refuses that GEMM for these tensors (no ``out_dtype`` overload, or a
+    device without it, such as the CPU), the first chunk's refusal switches the buffer to the
+    input dtype: then the logits are exactly those of ``F.linear``. Extra memory is the chunk
+    buffer plus O(N), never N x V.
 
-    Args/Returns: as :func:`cpu_linear_token_nll`; ``budget_mb`` bounds one chunk of logits
-    (default ``PPLFAST_GPU_CHUNK_MB`` or 256).
+    Args/Returns: as :func:`cpu_linear_token_nll`, plus
+
+        launcher: ``launcher(logits3, targets, ignore_index, softcap, temperature) -> (B*T,)``
+            float32 NLL.
+        budget_mb: MiB for one chunk of logits (default ``PPLFAST_GPU_CHUNK_MB`` or 256).
+        logits_dtype: dtype of the logits buffer, overriding the choice above; a float32 buffer
+            for fp16/bf16 inputs then raises where PyTorch refuses the fp32-output GEMM.
     """
     if launcher is None:
         from .kernels.token_nll import token_nll_forward as launcher
     budget = _budget_bytes(ENV_GPU_CHUNK_MB, DEFAULT_GPU_CHUNK_MB, budget_mb)
-    N, D = hidden2.shape
-    V = weight.shape[0]
+    N = hidden2.shape[0]
     out = torch.zeros(N, dtype=torch.float32, device=hidden2.device)
-    rows = _scored_rows(targets, ignore_index)
-    if rows is not None:
-        if rows.numel() == 0:
-            return out
-        targets = targets.index_select(0, rows)
+    rows, targets = _select_scored(targets, ignore_index)
+    if targets.numel() == 0:
+        return out
+    args = (hidden2, weight, bias, targets, rows, ignore_index, softcap, temperature, launcher,
+            budget)
+    if logits_dtype is not None:
+        nll = _chunk_loop(*args, logits_dtype)
+    elif hidden2.dtype == torch.float32 or not fp32_out_gemm_available():
+        nll = _chunk_loop(*args, hidden2.dtype)
+    else:
+        try:
+            nll = _chunk_loop(*args, torch.float32, refusable=True)
+        except _Fp32OutGemmRefused:
+            nll = _chunk_loop(*args, hidden2.dtype)
+    return _scatter_scored(out, rows, nll)
+
+
+def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, temperature,
+                launcher, budget: int, logits_dtype: torch.dtype, *,
+                refusable: bool = False) -> torch.Tensor:
+    """NLL of the scored rows (``rows``, None for all; ``targets`` already gathered)."""
+    V = weight.shape[0]
+    device = hidden2.device
     n_scored = targets.shape[0]
-    step = gpu_chunk_rows(V, hidden2.element_size(), budget)
-    logits_buf = torch.empty(min(step, n_scored) * V, dtype=hidden2.dtype, device=hidden2.device)
-    b = None if bias is None else bias.to(hidden2.dtype)
-    nll = torch.empty(n_scored, dtype=torch.float32, device=hidden2.device)
+    element = torch.empty((), dtype=logits_dtype).element_size()
+    step = gpu_chunk_rows(V, element, budget)
+    mixed = logits_dtype != hidden2.dtype
+    buf = torch.empty(min(step, n_scored) * V, dtype=logits_dtype, device=device)
+    b = None if bias is None else bias.to(logits_dtype)
+    wt = weight.t()
+    nll = torch.empty(n_scored, dtype=torch.float32, device=device)
     for r0 in range(0, n_scored, step):
         n = min(step, n_scored - r0)
         h = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(0, rows[r0 : r0 + n])
-        logits = logits_buf[: n * V].view(n, V)
-        if b is None:
-            torch.matmul(h, weight.T, out=logits)
+        z = buf[: n * V].view(n, V)
+        if mixed:
+            try:
+                torch.mm(h, wt, out_dtype=logits_dtype, out=z)
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                if refusable and r0 == 0:
+                    raise _Fp32OutGemmRefused() from exc
+                raise
+            if b is not None:
+                z.add_(b)
+        elif b is None:
+            torch.mm(h, wt, out=z)
         else:
-            torch.addmm(b, h, weight.T, out=logits)
-        nll[r0 : r0 + n] = launcher(logits.unsqueeze(0), targets[r0 : r0 + n], ignore_index,
-                                    softcap, temperature)
-    if rows is None:
-        return nll
-    out.index_copy_(0, rows, nll)
-    return out
+            torch.addmm(b, h, wt, out=z)
+        nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
+                                    temperature)
+    return nll
