@@ -342,27 +342,51 @@ int64_t column_splits(int64_t rows, int64_t cols, int nthreads) {
   return std::max<int64_t>(1, std::min(want, cols / (4 * BLOCK)));
 }
 
-}  // namespace
-
-void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
-                int64_t col_stride, int64_t v_offset, const int64_t* targets,
-                int64_t ignore_index, double softcap, double temperature, float* row_max,
-                double* row_sum, double* target_logit, int nthreads) {
-  const Transform tf = make_transform(softcap, temperature);
+// (max, sum) of every scored row (targets[r] != ignore_index; other rows stay empty), one pass over
+// the logits: rows are shared among the threads, and when rows are fewer than threads each row is
+// also cut into column ranges whose partials are merged. `row_offset(r)` is the element offset of
+// row r.
+template <typename RowOffset>
+std::vector<Partial> scored_row_partials(const void* logits, int dtype, int64_t rows, int64_t cols,
+                                         int64_t col_stride, RowOffset row_offset,
+                                         const int64_t* targets, int64_t ignore_index,
+                                         const Transform& tf, int nthreads) {
+  std::vector<Partial> per_row(static_cast<size_t>(rows));
   const int64_t splits = column_splits(rows, cols, nthreads);
+  if (splits == 1) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (targets[r] == ignore_index) continue;
+      per_row[r] = row_partial(element_ptr(logits, dtype, row_offset(r)), dtype, cols,
+                               col_stride, tf);
+    }
+    return per_row;
+  }
   const int64_t span = (cols + splits - 1) / splits;
   std::vector<Partial> parts(static_cast<size_t>(rows * splits));
-
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t task = 0; task < rows * splits; ++task) {
     const int64_t r = task / splits, piece = task % splits;
     if (targets[r] == ignore_index) continue;
     const int64_t c0 = piece * span, c1 = std::min(cols, c0 + span);
     if (c0 >= c1) continue;
-    const void* base = element_ptr(logits, dtype, r * row_stride + c0 * col_stride);
-    parts[task] = row_partial(base, dtype, c1 - c0, col_stride, tf);
+    parts[task] = row_partial(element_ptr(logits, dtype, row_offset(r) + c0 * col_stride), dtype,
+                              c1 - c0, col_stride, tf);
   }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t piece = 0; piece < splits; ++piece) merge(per_row[r], parts[r * splits + piece]);
+  return per_row;
+}
 
+}  // namespace
+
+void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+                int64_t col_stride, int64_t v_offset, const int64_t* targets,
+                int64_t ignore_index, double softcap, double temperature, float* row_max,
+                double* row_sum, double* target_logit, int nthreads) {
+  const std::vector<Partial> slab = scored_row_partials(
+      logits, dtype, rows, cols, col_stride, [&](int64_t r) { return r * row_stride; }, targets,
+      ignore_index, make_transform(softcap, temperature), nthreads);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = targets[r];
     if (t == ignore_index) continue;
@@ -371,7 +395,7 @@ void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64
     acc.sum = row_sum[r];
     acc.nan = std::isnan(acc.max);
     if (acc.nan) continue;  // already NaN: stays NaN
-    for (int64_t piece = 0; piece < splits; ++piece) merge(acc, parts[r * splits + piece]);
+    merge(acc, slab[r]);
     row_max[r] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.max;
     row_sum[r] = acc.sum;
     if (t >= v_offset && t < v_offset + cols) {
@@ -398,49 +422,21 @@ void token_nll(const void* logits, int dtype, int64_t batch, int64_t time, int64
                const int64_t* targets, int64_t ignore_index, double softcap, double temperature,
                float* out, int nthreads) {
   const int64_t rows = batch * time;
-  const Transform tf = make_transform(softcap, temperature);
-  const int64_t splits = column_splits(rows, cols, nthreads);
-  const int64_t span = (cols + splits - 1) / splits;
-  std::vector<Partial> parts(static_cast<size_t>(splits > 1 ? rows * splits : 0));
-
   auto row_offset = [&](int64_t r) { return (r / time) * batch_stride + (r % time) * time_stride; };
-  auto finish_row = [&](int64_t r, const Partial& p) {
-    const int64_t t = targets[r];
-    const double x = load_scalar(logits, dtype, row_offset(r) + t * col_stride);
-    out[r] = static_cast<float>(finish_lse(p.max, p.sum, p.nan) -
-                                transform_target(x, softcap, temperature));
-  };
-
-  if (splits == 1) {
+  const std::vector<Partial> per_row =
+      scored_row_partials(logits, dtype, rows, cols, col_stride, row_offset, targets, ignore_index,
+                          make_transform(softcap, temperature), nthreads);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t r = 0; r < rows; ++r) {
-      if (targets[r] == ignore_index) {
-        out[r] = 0.0f;
-        continue;
-      }
-      finish_row(r, row_partial(element_ptr(logits, dtype, row_offset(r)), dtype, cols,
-                                col_stride, tf));
-    }
-    return;
-  }
-
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t task = 0; task < rows * splits; ++task) {
-    const int64_t r = task / splits, piece = task % splits;
-    if (targets[r] == ignore_index) continue;
-    const int64_t c0 = piece * span, c1 = std::min(cols, c0 + span);
-    if (c0 >= c1) continue;
-    parts[task] = row_partial(element_ptr(logits, dtype, row_offset(r) + c0 * col_stride), dtype,
-                              c1 - c0, col_stride, tf);
-  }
   for (int64_t r = 0; r < rows; ++r) {
-    if (targets[r] == ignore_index) {
+    const int64_t t = targets[r];
+    if (t == ignore_index) {
       out[r] = 0.0f;
       continue;
     }
-    Partial acc;
-    for (int64_t piece = 0; piece < splits; ++piece) merge(acc, parts[r * splits + piece]);
-    finish_row(r, acc);
+    const Partial& p = per_row[r];
+    const double x = load_scalar(logits, dtype, row_offset(r) + t * col_stride);
+    out[r] = static_cast<float>(finish_lse(p.max, p.sum, p.nan) -
+                                transform_target(x, softcap, temperature));
   }
 }
 
