@@ -67,3 +67,25 @@ def run_json_child(args, *, env=None, timeout: float = 300):
                           env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def nvidia_backend() -> bool:
+    """Whether this triton can compile for NVIDIA GPUs (no GPU needed to compile)."""
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+def run_compile_script(script: str) -> str:
+    """Run a kernel-compiling script in a fresh process without the interpreter; its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout

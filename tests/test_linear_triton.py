@@ -7,7 +7,7 @@ import torch
 
 import pplfast
 from pplfast import reference
-from helpers import LSE_RTOL, assert_nll_close, row_lse
+from helpers import LSE_RTOL, assert_nll_close, nvidia_backend, row_lse, run_compile_script
 
 pytest.importorskip("triton")
 from pplfast.kernels import linear_token_nll as kernel  # noqa: E402
@@ -205,22 +205,7 @@ for flags in ((False, False, False), (True, True, True)):
 """
 
 
-def _nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton has no NVIDIA backend here")
+@pytest.mark.skipif(not nvidia_backend(), reason="triton has no NVIDIA backend here")
 def test_kernels_compile_for_sm90():
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 14, proc.stdout
+    stdout = run_compile_script(_COMPILE_SCRIPT)
+    assert stdout.count("ok ") == 14, stdout

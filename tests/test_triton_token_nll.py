@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_nll_close, row_lse
+from helpers import assert_nll_close, nvidia_backend, row_lse, run_compile_script
 from pplfast import reference
 
 pytestmark = [
@@ -291,23 +291,8 @@ for cap in (False, True):
 """
 
 
-def _nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton has no NVIDIA backend here")
+@pytest.mark.skipif(not nvidia_backend(), reason="triton has no NVIDIA backend here")
 def test_kernels_compile_for_sm90():
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = run_compile_script(_COMPILE_SCRIPT)
     # 3 dtypes x (contiguous aligned, contiguous unaligned, strided) x split x softcap, + 2 merges
-    assert proc.stdout.count("ok ") == 3 * 3 * 2 * 2 + 2, proc.stdout
+    assert stdout.count("ok ") == 3 * 3 * 2 * 2 + 2, stdout
