@@ -1,7 +1,8 @@
 """The CUDA backend where no GPU is needed: nvcc compiles csrc/cuda (warnings are errors), the
 built module imports and plans launches, the backend explains itself when the module is missing,
-and the chunked hidden-states loop of pplfast/_cuda.py is right (its kernel swapped for the
-reference). Compile tests skip where there is no nvcc.
+and the hidden-states path of pplfast/_cuda.py runs the shared chunked loop of pplfast/_linear.py
+with its own logits launcher (the kernel swapped for the reference; the loop itself is tested in
+test_linear_token_nll.py). Compile tests skip where there is no nvcc.
 """
 import os
 import shutil
@@ -131,7 +132,7 @@ def test_cuda_backend_needs_cuda_tensors():
         pplfast.token_nll(torch.randn(2, 5), torch.tensor([1, 2]), backend="cuda")
 
 
-# ---- the chunked GEMM loop, on CPU, with the kernel replaced by the reference ---------------
+# ---- the hidden-states path, on CPU, with the kernel replaced by the reference ------------
 
 
 @pytest.fixture
@@ -144,7 +145,9 @@ def cuda_module_on_cpu(monkeypatch):
                                   ignore_index=ignore_index, softcap=softcap,
                                   temperature=temperature)
         out.copy_(nll)
+        reference_launch.calls += 1
 
+    reference_launch.calls = 0
     monkeypatch.setattr(cuda, "_launch", reference_launch)
     return cuda
 
@@ -152,8 +155,8 @@ def cuda_module_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-scored", "some-ignored"])
 def test_chunked_linear_loop(cuda_module_on_cpu, dtype, ignore):
-    """Chunks, gathered scored rows, bias and the same-dtype fallback where PyTorch has no
-    fp32-output GEMM (the CPU build has none)."""
+    """_cuda.linear_token_nll: the shared chunked loop (chunks, gathered scored rows, bias, the
+    same-dtype fallback where the fp32-output GEMM is refused, as on CPU) reduced by _launch."""
     N, D, V = 63, 123, 507
     hidden = torch.randn(N, D).to(dtype)
     weight = (torch.randn(V, D) * D**-0.5).to(dtype)
@@ -177,6 +180,10 @@ def test_chunked_linear_loop(cuda_module_on_cpu, dtype, ignore):
         assert_nll_close(got, want, atol=bound)
     if ignore:
         assert bool((got[::3] == 0).all())
+    # one kernel launch per chunk: 10 float32 rows, or 20 bf16 rows after the refused fp32 GEMM
+    step = 10 if dtype == torch.float32 else 20
+    scored = N - N // 3 if ignore else N
+    assert cuda_module_on_cpu._launch.calls == -(-scored // step)
 
 
 def test_forced_fp32_logits_without_support_raises(cuda_module_on_cpu):

@@ -166,14 +166,62 @@ def test_bad_budget_env(monkeypatch):
         _linear.cpu_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0, budget_mb=0)
 
 
+# ---- the chunked GPU path (_linear.chunked_linear_token_nll), on CPU tensors ----------------
+# It is device-agnostic: here the logits launcher is the native CPU one or the float64
+# reference. The CPU refuses torch.mm(..., out_dtype=torch.float32), so fp16/bf16 take the
+# input-dtype fallback unless a test stands in an fp32-output GEMM.
+
+
+def recording(launcher, calls):
+    """``launcher`` that also records (logits dtype, rows) of every chunk it reduces."""
+
+    def launch(logits3, targets, ignore_index, softcap, temperature):
+        calls.append((logits3.dtype, logits3.shape[1]))
+        return launcher(logits3, targets, ignore_index, softcap, temperature)
+
+    return launch
+
+
+def reference_launcher(logits3, targets, ignore_index, softcap, temperature):
+    return reference.token_nll(logits3.reshape(-1, logits3.shape[-1]), targets,
+                               ignore_index=ignore_index, softcap=softcap,
+                               temperature=temperature).float()
+
+
+@pytest.fixture
+def fp32_out_mm(monkeypatch):
+    """An fp32-output ``torch.mm`` on CPU (as CUDA has): float32 products and sums of the
+    fp16/bf16 operands. ``refuse`` lists the calls (0-based, counting out_dtype calls only) that
+    raise as a PyTorch without it does."""
+    real_mm = torch.mm
+    state = {"calls": 0, "refuse": set()}
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        call = state["calls"]
+        state["calls"] += 1
+        if call in state["refuse"]:
+            raise NotImplementedError("no fp32-output GEMM here")
+        return real_mm(a.to(out_dtype), b.to(out_dtype), out=out)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    return state
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_chunked_gpu_fallback_path_on_cpu_tensors(dtype):
-    # the fallback is device-agnostic; on CPU tensors it runs with the native logits launcher
+    # a bf16 fp32-output GEMM is refused on the first chunk: the buffer falls back to bf16
     from pplfast import _cpu
 
+    calls = []
     hidden, weight, b, targets = make_inputs(50, 123, 507, dtype, bias=True, ignore_every=6)
     out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, 3.0, 0.8,
-                                           launcher=_cpu.token_nll, budget_mb=9 * 507 * 2 / 2**20)
+                                           launcher=recording(_cpu.token_nll, calls),
+                                           budget_mb=9 * 507 * 2 / 2**20)
+    assert {dt for dt, _ in calls} == {dtype}
+    # 9 of 50 rows ignored; a bf16 buffer holds 9 rows, a float32 one 4
+    assert [n for _, n in calls] == ([9] * 4 + [5] if dtype == torch.bfloat16 else [4] * 10 + [1])
     if dtype == torch.float32:
         check_against_reference(out, hidden, weight, b, targets, softcap=3.0, temperature=0.8)
     else:
@@ -181,6 +229,89 @@ def test_chunked_gpu_fallback_path_on_cpu_tensors(dtype):
         logits = F.linear(hidden, weight, b).float()
         expected = reference.token_nll(logits, targets, softcap=3.0, temperature=0.8)
         assert_nll_close(out, expected, row_lse(logits, softcap=3.0, temperature=0.8))
+    assert bool((out[::6] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-scored", "some-ignored"])
+def test_chunked_gpu_path_fp32_logits(fp32_out_mm, dtype, ignore):
+    # with an fp32-output GEMM, fp16/bf16 inputs keep float32 logits (bias added in float32):
+    # the logits-path bound against float64 holds, as for float32 inputs
+    calls = []
+    N, D, V = 63, 123, 507
+    hidden, weight, b, targets = make_inputs(N, D, V, dtype, bias=True,
+                                             ignore_every=3 if ignore else 0)
+    out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, 20.0, 0.9,
+                                           launcher=recording(reference_launcher, calls),
+                                           budget_mb=10 * V * 4 / 2**20)  # 10 float32 rows
+    scored = N - (N + 2) // 3 if ignore else N
+    assert [dt for dt, _ in calls] == [torch.float32] * len(calls)
+    assert [n for _, n in calls] == [10] * (scored // 10) + [scored % 10]
+    check_against_reference(out, hidden, weight, b, targets, softcap=20.0, temperature=0.9)
+    if ignore:
+        assert bool((out[::3] == 0).all())
+
+
+def test_chunked_gpu_path_fp32_refused_after_first_chunk_raises(fp32_out_mm):
+    # only a refusal of the first fp32-output GEMM means "not available for these tensors"
+    fp32_out_mm["refuse"] = {1}
+    hidden, weight, _, targets = make_inputs(20, 16, 64, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="no fp32-output GEMM"):
+        _linear.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
+                                         launcher=reference_launcher,
+                                         budget_mb=8 * 64 * 4 / 2**20)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, None], ids=str)
+def test_chunked_gpu_path_logits_dtype(fp32_out_mm, monkeypatch, logits_dtype):
+    # an explicit logits_dtype is used as given; without one and without any fp32-output GEMM
+    # in this PyTorch, the input dtype is used at once (no refused call first)
+    if logits_dtype is None:
+        monkeypatch.setattr(_linear, "fp32_out_gemm_available", lambda: False)
+    calls = []
+    hidden, weight, b, targets = make_inputs(30, 32, 100, torch.bfloat16, bias=True)
+    out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, None, 1.0,
+                                           launcher=recording(reference_launcher, calls),
+                                           logits_dtype=logits_dtype)
+    want = logits_dtype or torch.bfloat16
+    assert [dt for dt, _ in calls] == [want]
+    assert fp32_out_mm["calls"] == (1 if want == torch.float32 else 0)
+    if want == torch.float32:
+        check_against_reference(out, hidden, weight, b, targets)
+    else:
+        logits = F.linear(hidden, weight, b).float()
+        expected = reference.token_nll(logits, targets)
+        assert_nll_close(out, expected, row_lse(logits))
+
+
+def test_chunked_gpu_path_forced_fp32_logits_without_support_raises():
+    hidden = torch.randn(4, 8).to(torch.bfloat16)
+    weight = torch.randn(16, 8).to(torch.bfloat16)
+    with pytest.raises(NotImplementedError):
+        _linear.chunked_linear_token_nll(hidden, weight, None, torch.zeros(4, dtype=torch.long),
+                                         -100, None, 1.0, launcher=reference_launcher,
+                                         logits_dtype=torch.float32)
+
+
+def test_chunked_gpu_path_all_ignored_and_empty():
+    calls = []
+    launcher = recording(reference_launcher, calls)
+    hidden, weight, _, _ = make_inputs(5, 8, 16, torch.float32)
+    targets = torch.full((5,), -100)
+    out = _linear.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
+                                           launcher=launcher)
+    assert out.dtype == torch.float32 and bool((out == 0).all()) and out.shape == (5,)
+    out = _linear.chunked_linear_token_nll(hidden[:0], weight, None, targets[:0], -100, None, 1.0,
+                                           launcher=launcher)
+    assert out.shape == (0,) and calls == []
+
+
+@pytest.mark.parametrize("V,element,budget_rows,rows",
+                         [(507, 4, 10, 10), (507, 4, 127, 127), (507, 4, 300, 256),
+                          (1000, 2, 1000, 896), (50, 4, 0, 1)])
+def test_gpu_chunk_rows_whole_gemm_tiles(V, element, budget_rows, rows):
+    # chunks of 128 rows or more are cut to whole 128-row GEMM tiles; at least one row
+    assert _linear.gpu_chunk_rows(V, element, budget_rows * V * element + V - 1) == rows
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="needs PyTorch >= 2.13")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pplfast
-from pplfast import reference
+from pplfast import _linear, reference
 from helpers import LSE_RTOL, assert_nll_close, nvidia_backend, row_lse, run_compile_script
 
 pytest.importorskip("triton")
@@ -147,10 +147,11 @@ def test_chunked_fallback_with_triton_logits_kernel(dtype, monkeypatch):
     hidden, weight, b, targets = make_inputs(30, 40, 257, dtype, bias=True, ignore_every=4)
     monkeypatch.setenv("PPLFAST_GPU_CHUNK_MB", str(7 * 257 * 2 / 2**20))  # 7 rows per chunk
     out = kernel.linear_token_nll_forward(hidden, weight, b, targets, -100, 4.0, 1.0)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or (DEVICE == "cuda" and _linear.fp32_out_gemm_available()):
+        # float32 logits: float32 inputs, or fp16 through CUDA's fp32-output GEMM
         check(out, hidden, weight, b, targets, softcap=4.0)
     else:
-        # logits in the input dtype, as the same-dtype PyTorch path has them
+        # the CPU refuses the fp32-output GEMM: logits in the input dtype, as F.linear gives them
         logits = torch.nn.functional.linear(hidden, weight, b).float()
         expected = reference.token_nll(logits, targets, softcap=4.0).cpu()
         assert_nll_close(out, expected, row_lse(logits.cpu(), softcap=4.0))
