@@ -26,7 +26,9 @@ BACKEND = "auto"  # PPLFAST_BACKEND, when set, is applied by the library itself
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # files named on the command line are collected by pytest itself, whatever their name
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
 
 
