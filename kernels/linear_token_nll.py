@@ -272,19 +272,16 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
         ignore_index=ignore_index)`` with ``z = F.linear(hidden2, weight, bias)`` soft-capped and
         divided by temperature.
     """
-    if not fused_supported(hidden2):
-        from pplfast._linear import chunked_linear_token_nll
+    from pplfast._linear import _scored_rows, chunked_linear_token_nll
 
+    if not fused_supported(hidden2):
         return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
                                         temperature)
     N, D = hidden2.shape
     V = weight.shape[0]
     device = hidden2.device
     out = torch.zeros(N, dtype=torch.float32, device=device)
-    scored = targets != ignore_index
-    rows = None
-    if not bool(scored.all()):
-        rows = scored.nonzero().squeeze(1)
+    rows = _scored_rows(targets, ignore_index)  # ignored rows get no tiles
     n = N if rows is None else rows.numel()
     if n == 0:
         return out

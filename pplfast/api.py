@@ -112,8 +112,7 @@ def linear_token_nll(
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
     """
-    _validate.float_tensor("hidden", hidden)
-    _validate.float_tensor("weight", weight)
+    _validate.float_tensor("weight", weight)  # before _prepare reads its device
     hidden, targets, backend = _prepare(
         "hidden", hidden, targets, ignore_index, shift, softcap, temperature, backend,
         "linear_token_nll", weight=weight, bias=bias,
