@@ -1,4 +1,4 @@
-"""Public API contract: shapes, dtypes, dispatch, and every bad input of DESIGN.md."""
+"""Public API contract: shapes, dtypes, dispatch, and every bad input of the README's "Bad input"."""
 import re
 
 import pytest
