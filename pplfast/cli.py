@@ -33,8 +33,16 @@ Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, ppl
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show every default, keep the hand-wrapped description and examples."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-wrapped description and examples; show each option's default unless its
+    help already states one, or it has none worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
