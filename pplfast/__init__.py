@@ -4,6 +4,7 @@ from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
 from .windows import Window, make_windows
+from . import reference  # the float64 oracle, pplfast.reference
 
 __version__ = "0.1.0"
 

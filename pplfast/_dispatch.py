@@ -38,6 +38,14 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     """Return the concrete backend name for ``op`` on ``device``, or raise why it cannot run."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "meta":
+        raise ValueError("the tensors are on the meta device and hold no data: pplfast scores "
+                         "real CPU or CUDA tensors (load the model's weights first)")
+    if backend == "auto" and device.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(
+            f"no pplfast kernel runs on {device.type} tensors: move them with .cpu() or .cuda(), "
+            'or pass backend="reference" (float64 PyTorch, slow)'
+        )
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
         if backend not in BACKENDS:

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public function (DESIGN.md, "Bad input").
+"""Argument checks shared by every public function (README, "Bad input").
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong value or shape)
 naming the argument and the offending value, before any kernel runs.
@@ -6,7 +6,7 @@ naming the argument and the offending value, before any kernel runs.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional
 
 import torch
@@ -22,6 +22,12 @@ def tensor(name: str, x) -> None:
 
 def float_tensor(name: str, x) -> None:
     tensor(name, x)
+    if x.dtype == torch.float64:
+        raise TypeError(
+            f"{name} is float64: the kernels read float32, float16 or bfloat16 (pass "
+            f"{name}.float(): the result is accurate to 2e-6 relative), or compute in float64 "
+            "with pplfast.reference"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1:
@@ -34,20 +40,50 @@ def target_tensor(x) -> None:
         raise TypeError(f"targets must be int64 or int32, got {x.dtype}")
 
 
-def options(ignore_index, shift, softcap, temperature) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+# softcap and temperature are applied in float32 as x * (1 / value): both the value and its
+# reciprocal must be normal float32 numbers, else every logit becomes 0, inf or NaN
+_F32_MIN_NORMAL = 1.1754943508222875e-38
+_SCALE_RANGE = (_F32_MIN_NORMAL, 1.0 / _F32_MIN_NORMAL)
+_INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def _scalar(name: str, value, kind):
+    """A Python number from ``value``: Python and numpy scalars and 0-d tensors are accepted."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar / 0-d
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an int" if kind is Integral else "a real number"
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return int(value) if kind is Integral else float(value)
+
+
+def _scale(name: str, value) -> float:
+    value = _scalar(name, value, Real)
+    lo, hi = _SCALE_RANGE
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo:.3g}, {hi:.3g}] (it and its reciprocal must be "
+                         f"normal float32 numbers), got {value!r}")
+    return value
+
+
+def options(ignore_index, shift, softcap, temperature):
+    """Check the keyword options; returns ``(ignore_index, softcap, temperature)`` as Python
+    numbers (numpy scalars and 0-d tensors are accepted)."""
+    ignore_index = _scalar("ignore_index", ignore_index, Integral)
+    if not _INT64_RANGE[0] <= ignore_index <= _INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if not isinstance(shift, bool):
         raise TypeError(f"shift must be a bool, got {shift!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a real number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    temperature = _scale("temperature", temperature)
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, Real):
-            raise TypeError(f"softcap must be None or a real number, got {softcap!r}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be finite and > 0, got {softcap!r}")
+        softcap = _scale("softcap", softcap)
+    return ignore_index, softcap, temperature
 
 
 def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:

@@ -29,13 +29,14 @@ def _rows3(x: torch.Tensor) -> torch.Tensor:
 def _prepare(name, x, targets, ignore_index, shift, softcap, temperature, backend, op, **others):
     _validate.float_tensor(name, x)
     _validate.target_tensor(targets)
-    _validate.options(ignore_index, shift, softcap, temperature)
+    ignore_index, softcap, temperature = _validate.options(ignore_index, shift, softcap,
+                                                           temperature)
     _validate.leading_shape(name, x, targets, shift)
     device = _validate.same_device(**{name: x, "targets": targets}, **others)
     resolved = _dispatch.resolve(backend, device, op)
     if shift:
         x, targets = x[..., :-1, :], targets[..., 1:]
-    return x, targets, resolved
+    return x, targets, resolved, (ignore_index, softcap, temperature)
 
 
 def token_nll(
@@ -67,7 +68,7 @@ def token_nll(
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
     """
-    logits, targets, backend = _prepare(
+    logits, targets, backend, (ignore_index, softcap, temperature) = _prepare(
         "logits", logits, targets, ignore_index, shift, softcap, temperature, backend, "token_nll"
     )
     lead = targets.shape
@@ -113,7 +114,7 @@ def linear_token_nll(
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
     """
     _validate.float_tensor("weight", weight)  # before _prepare reads its device
-    hidden, targets, backend = _prepare(
+    hidden, targets, backend, (ignore_index, softcap, temperature) = _prepare(
         "hidden", hidden, targets, ignore_index, shift, softcap, temperature, backend,
         "linear_token_nll", weight=weight, bias=bias,
     )
@@ -125,6 +126,14 @@ def linear_token_nll(
     if flat_targets.numel() == 0 or V == 0:
         return torch.zeros(lead, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
+        if D == 0:
+            # every row's logits are the bias (or zeros): score one row through a stride-0 view
+            row = bias if bias is not None else weight.new_zeros(V)
+            nll = _dispatch.module(backend).token_nll(
+                row.expand(1, flat_targets.numel(), V), flat_targets, ignore_index,
+                None if softcap is None else float(softcap), float(temperature),
+            )
+            return nll.reshape(lead)
         nll = _dispatch.module(backend).linear_token_nll(
             hidden.reshape(-1, D), weight, bias, flat_targets, ignore_index,
             None if softcap is None else float(softcap), float(temperature),

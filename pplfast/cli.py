@@ -1,26 +1,78 @@
-"""``pplfast`` console script: one sub-command per job, each defined in its own module."""
+"""``pplfast`` console script: one sub-command per job, each defined in its own module.
+
+Every sub-command module has ``add_arguments(parser)`` and ``run(args) -> int``. A user mistake is
+reported by the module as one line on stderr with exit code 1; Ctrl-C anywhere ends with one
+line and exit code 130, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-# sub-command name -> module with add_arguments(parser) and run(args) -> int
+# sub-command name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "bench": ("pplfast.bench", "time pplfast against PyTorch baselines on this machine"),
-    "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on a text or JSONL file"),
+    "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
+    "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
+
+DESCRIPTION = """\
+Per-token negative log-likelihood and perplexity of language models, computed by fused kernels
+that never build the vocabulary-sized probability tensor.
+
+Run `pplfast COMMAND --help` for the options of one command.
+"""
+
+EPILOG = """\
+examples:
+  pplfast score --model gpt2 --input wiki.test.jsonl --window 1024 --stride 512
+  pplfast bench --path logits --dtypes bf16
+
+Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model
+(see the README).
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-wrapped description and examples; show each option's default unless its
+    help already states one, or it has none worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="pplfast", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"pplfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text,
+                                            formatter_class=_Formatter))
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pplfast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return module.run(args)
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # an unknown flag belongs to the sub-command: show its usage, not the top-level one
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return module.run(args)
+    except KeyboardInterrupt:
+        print("\npplfast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

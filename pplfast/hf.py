@@ -74,6 +74,7 @@ class TextScores:
 
     documents: List[DocumentScore]
     corpus: PerplexityResult
+    num_windows: int = 0
 
 
 @dataclass
@@ -196,6 +197,31 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def vocab_size(model) -> Optional[int]:
+    """Rows of the model's output layer (else ``config.vocab_size``), or None if unknown."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0])
+    value = getattr(_text_config(model), "vocab_size", None)
+    return value if isinstance(value, int) else None
+
+
+def _check_ids(name: str, ids: torch.Tensor, model) -> None:
+    """Every id of ``ids`` lies in the model's vocabulary; else ValueError naming the first
+    offending position in ``ids``' own indexing."""
+    V = vocab_size(model)
+    if V is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= V)
+    if bool(bad.any()):
+        flat = int(bad.reshape(-1).nonzero()[0, 0])
+        index = [int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(ids.shape))]
+        raise ValueError(f"{name}{index} = {int(ids.reshape(-1)[flat])} is outside the model's "
+                         f"vocabulary [0, {V})")
+
+
 def _context_length(model) -> Optional[int]:
     config = _text_config(model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -207,6 +233,11 @@ def _context_length(model) -> Optional[int]:
 
 def _prefix_id(model, tokenizer, prefix_token_id) -> int:
     if prefix_token_id is not None:
+        V = vocab_size(model)
+        if isinstance(prefix_token_id, bool) or not isinstance(prefix_token_id, int) or (
+                prefix_token_id < 0 or (V is not None and prefix_token_id >= V)):
+            raise ValueError(f"prefix_token_id must be a token id in [0, {V}), "
+                             f"got {prefix_token_id!r}")
         return int(prefix_token_id)
     for source in (tokenizer, _text_config(model)):
         for name in ("bos_token_id", "eos_token_id"):
@@ -246,6 +277,15 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
             warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
             head = None
     bar = _progress_bar(len(jobs), progress)
+    try:
+        _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar)
+    finally:
+        if bar is not None:
+            bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
+    return list(zip(out, scored))
+
+
+def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b : b + batch_size]
         length = max(w.input_length for _, w in batch)
@@ -283,16 +323,17 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
             scored[doc][w.score_start : w.stop] = True
         if bar is not None:
             bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return list(zip(out, scored))
 
 
 def _schedules(lengths, window, stride, mode, model):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    context = _context_length(model)
     if window is None:
-        window = _context_length(model)
+        window = context
+    elif context is not None and isinstance(window, int) and window > context:
+        raise ValueError(f"window={window} is longer than the model's context length {context} "
+                         f"(positions past it were never trained): pass window <= {context}")
     return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
 
 
@@ -303,7 +344,8 @@ def _check_batch_size(batch_size):
 
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
                      tokenizer, batch_size, backend, progress):
-    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask."""
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask;
+    and the number of windows run."""
     _check_batch_size(batch_size)
     schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
     if mode == "rolling":
@@ -321,7 +363,8 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
         if was_training:
             model.train()
     offset = 1 if mode == "rolling" else 0
-    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
+    per_doc = [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
+    return per_doc, sum(len(schedule) for schedule in schedules)
 
 
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -355,6 +398,13 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         raise TypeError(f"input_ids must be an int64 or int32 tensor, got {what}")
     if input_ids.ndim not in (1, 2):
         raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:  # nothing to score: empty outputs, as every pplfast function
+        _check_batch_size(batch_size)
+        return ScoreResult(perplexity=math.nan, mean_nll=math.nan, num_tokens=0,
+                           perplexity_stderr=math.nan,
+                           token_nll=torch.zeros(input_ids.shape, dtype=torch.float32),
+                           scored=torch.zeros(input_ids.shape, dtype=torch.bool))
+    _check_ids("input_ids", input_ids, model)
     ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
     if attention_mask is None:
         mask2 = torch.ones_like(ids2, dtype=torch.bool)
@@ -374,7 +424,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
         docs.append(ids2[b, lo:hi])
         spans.append((lo, hi))
-    per_doc = _score_documents(
+    per_doc, _ = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -421,7 +471,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         of sums over documents (UTF-8 bytes; words split on whitespace).
 
     Raises:
-        ValueError: no token of any document could be scored.
+        ValueError: no token of any document could be scored ("nothing to score: ...").
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
@@ -433,7 +483,9 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             raise TypeError(f"texts must hold strings, got {type(text).__name__}")
         ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
-    per_doc = _score_documents(
+    for i, ids in enumerate(docs):
+        _check_ids(f"texts[{i}] token ids", ids, model)
+    per_doc, num_windows = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -449,4 +501,9 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             num_tokens=n, num_bytes=num_bytes, num_words=num_words, sum_nll=total, mean_nll=mean,
             perplexity=_exp(mean), token_ids=ids, token_nll=nll, scored=scored,
         ))
-    return TextScores(documents=documents, corpus=metric.compute())
+    if metric.num_tokens == 0:
+        raise ValueError(
+            "nothing to score: no document has a token with context before it (a document needs "
+            "at least 2 tokens, or mode='rolling', which predicts the first token from a prefix)"
+        )
+    return TextScores(documents=documents, corpus=metric.compute(), num_windows=num_windows)

@@ -85,6 +85,12 @@ class Perplexity:
         self._global: Optional[torch.Tensor] = None  # the all-reduced state after sync()
         return self
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens scored so far (local to this process; after ``sync``, over all ranks)."""
+        state = self._global if self._global is not None else self._state
+        return int(state[_TOKENS].item())
+
     def update(self, logits: torch.Tensor, targets: torch.Tensor, *, num_bytes=None,
                num_words=None, **options) -> torch.Tensor:
         """Score a batch of logits and add it.
@@ -114,8 +120,11 @@ class Perplexity:
                    num_bytes=None, num_words=None) -> None:
         """Add per-token NLL computed elsewhere; ``scored`` (bool, same shape) masks the tokens
         that count (default: all). Unscored entries are ignored whatever their value."""
-        if not isinstance(nll, torch.Tensor) or not nll.is_floating_point():
+        if not isinstance(nll, torch.Tensor):
             raise TypeError(f"nll must be a floating-point tensor, got {type(nll).__name__}")
+        if not nll.is_floating_point():
+            raise TypeError(f"nll must be a floating-point tensor (per-token NLL in nats), got a "
+                            f"{nll.dtype} tensor")
         if scored is None:
             scored = torch.ones(nll.shape, dtype=torch.bool, device=nll.device)
         elif scored.shape != nll.shape or scored.dtype != torch.bool:

@@ -1,17 +1,24 @@
-"""``pplfast score``: perplexity of a Hugging Face causal LM on a text file, logits never built.
+"""``pplfast score``: perplexity of a Hugging Face causal LM on text files, logits never built.
 
-Input: a ``.txt`` file (one document) or a ``.jsonl`` file (one document per line, text under
-``--text-field``). Output: a summary table, or ``--json``; optionally every token's NLL
-(``--per-token``) and a plot of NLL against position (``--plot``).
+Input: a text file (one document) or JSON lines (one document per line, text under
+``--text-field``), optionally gzip-compressed; the format follows the extension or ``--format``.
+Output: a summary table, or ``--json``; optionally every token's NLL (``--per-token``), every
+document's figures (``--per-document``) and a plot of NLL against position (``--plot``).
+
+Every user mistake is found before the model runs where it can be (inputs, options, output
+paths), and reported as one line; output files are written atomically, after the summary.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import importlib.util
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 from ._dispatch import BACKENDS, BackendUnavailableError
@@ -19,6 +26,9 @@ from ._optional import require
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("auto", "txt", "jsonl")
+_EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl",
+               ".ndjson": "jsonl"}
 
 
 class ScoreError(Exception):
@@ -29,101 +39,144 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="local model directory or hub id (a causal LM transformers can load)")
     parser.add_argument("--input", required=True,
-                        help=".txt (one document) or .jsonl (one JSON object per line)")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl")
+                        help="text file (one document) or JSON lines (one object per line); "
+                             ".txt, .jsonl, .json, each optionally .gz")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="input format; auto: from the file extension")
+    parser.add_argument("--text-field", default="text", help="field holding the text in JSON lines")
     parser.add_argument("--window", type=int, default=None,
                         help="most tokens per forward pass (default: the model's context length)")
     parser.add_argument("--stride", type=int, default=None,
-                        help="sliding mode: tokens between window starts (default window // 2)")
+                        help="sliding mode: tokens between window starts (default: window // 2)")
     parser.add_argument("--mode", choices=MODES, default="sliding",
-                        help="window schedule for long documents (default sliding)")
+                        help="window schedule for long documents")
     parser.add_argument("--prefix-token-id", type=int, default=None,
-                        help="rolling mode: token the first token is predicted from (default BOS, else EOS)")
+                        help="rolling mode: token the first token is predicted from "
+                             "(default: BOS, else EOS)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="model weights: auto = checkpoint dtype on GPU, float32 on CPU")
-    parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    parser.add_argument("--backend", default="auto", help="pplfast backend (default auto)")
-    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="pplfast backend")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help="print the figures as one JSON object (to FILE if given)")
+    parser.add_argument("--per-document", action="store_true",
+                        help="with --json: add every document's figures")
     parser.add_argument("--per-token", metavar="FILE.jsonl", default=None,
                         help="write document, position, token id, token text and NLL per token")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
-                        help="plot NLL against position (mean over documents, smoothed)")
+                        help="plot NLL against position (mean over documents, smoothed); "
+                             "any format matplotlib writes (.png, .pdf, .svg, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _read_documents(path: str, text_field: str):
+# ---- input -------------------------------------------------------------------------------------
+
+def input_format(path: str, requested: str = "auto") -> str:
+    """``"txt"`` or ``"jsonl"`` for ``path``: ``requested`` unless ``"auto"``, else its extension
+    (case-insensitive, ``.gz`` looked through)."""
+    if requested != "auto":
+        return requested
+    name = path.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    fmt = _EXTENSIONS.get(os.path.splitext(name)[1])
+    if fmt is None:
+        raise ScoreError(
+            f"cannot tell the format of input {path!r} from its extension: use .txt, .jsonl or "
+            ".json (optionally .gz), or pass --format txt|jsonl"
+        )
+    return fmt
+
+
+def _read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise ScoreError(f"input {path!r} does not exist or is not a file")
     try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ScoreError(f"cannot read input {path!r}: {exc}") from None
-    if path.endswith(".jsonl"):
-        docs = []
+
+
+def _json_documents(path: str, content: str, text_field: str):
+    stripped = content.lstrip()
+    if stripped.startswith("["):  # one JSON array of objects, as some .json files hold
+        try:
+            records = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise ScoreError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        numbered = [(i + 1, r) for i, r in enumerate(records)]
+        where = "record"
+    else:
+        numbered = []
         for lineno, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                numbered.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise ScoreError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ScoreError(f"{path}:{lineno}: no string field {text_field!r}")
-            docs.append(record[text_field])
-    else:
-        docs = [content]
+                raise ScoreError(f"{path}:{lineno}: not valid JSON ({exc.msg}); JSON-lines input "
+                                 "needs one object per line") from None
+        where = "line"
+    docs = []
+    for n, record in numbered:
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ScoreError(f"{path} {where} {n}: no string field {text_field!r} "
+                             "(choose the field with --text-field)")
+        docs.append(record[text_field])
+    return docs
+
+
+def read_documents(path: str, text_field: str = "text", fmt: str = "auto"):
+    """The documents of one input file, as a list of strings (see the module doc)."""
+    fmt = input_format(path, fmt)
+    content = _read_text(path)
+    docs = _json_documents(path, content, text_field) if fmt == "jsonl" else [content]
     if not any(d.strip() for d in docs):
         raise ScoreError(f"input {path!r} has no text to score")
     return docs
 
 
-def _load(args):
-    import torch
+# ---- output paths ------------------------------------------------------------------------------
 
-    try:
-        transformers = require("transformers", extra="hf", feature="pplfast score")
-    except ImportError as exc:
-        raise ScoreError(str(exc)) from None
-    transformers.logging.set_verbosity_error()
-    if args.no_progress:
-        transformers.logging.disable_progress_bar()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ScoreError(f"bad --device {args.device!r}: {exc}") from None
-    if args.dtype == "auto":
-        dtype = "auto" if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **{dtype_kw: dtype})
-    except Exception as exc:  # OSError, ValueError, ...: all mean "this model cannot be loaded"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ScoreError(f"cannot load model {args.model!r}: {first}") from None
-    try:
-        model = model.to(device).eval()
-    except Exception as exc:
-        raise ScoreError(f"cannot move the model to {device}: {exc}") from None
-    return model, tokenizer, device
+def _check_writable(option: str, path: str) -> None:
+    """Fail now, not after the scoring, when ``path`` cannot be created."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ScoreError(f"{option} {path!r} is a directory")
+    if not os.path.isdir(directory):
+        raise ScoreError(f"{option} {path!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ScoreError(f"{option} {path!r}: directory {directory!r} is not writable")
 
 
-def _write_per_token(path, tokenizer, documents):
-    with open(path, "w", encoding="utf-8") as f:
-        for d, doc in enumerate(documents):
-            ids = doc.token_ids.tolist()
-            nll = doc.token_nll.tolist()
-            scored = doc.scored.tolist()
-            for pos, (tid, value, ok) in enumerate(zip(ids, nll, scored)):
-                f.write(json.dumps({
-                    "document": d, "position": pos, "token_id": tid,
-                    "token": tokenizer.decode([tid]), "nll": value if ok else None,
-                }, ensure_ascii=False) + "\n")
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name in ``path``'s directory; rename it to ``path`` when the block
+    completes. An interrupted write leaves the previous file (or none), never a truncated one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".pplfast-", suffix=suffix + ".part", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str):
+    """A text file written atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
 
 
 def _pyplot():
@@ -136,80 +189,322 @@ def _pyplot():
     return plt
 
 
-def _plot(path, documents, title):
+def _check_plot_path(path: str) -> None:
+    plt = _pyplot()
+    fig = plt.figure()
+    try:
+        supported = fig.canvas.get_supported_filetypes()
+    finally:
+        plt.close(fig)
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in supported:
+        raise ScoreError(f"--plot {path!r}: matplotlib cannot write .{ext or '(no extension)'} "
+                         f"files; use one of .{', .'.join(sorted(supported))}")
+    _check_writable("--plot", path)
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+def _device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ScoreError(f"bad --device {name!r}: {str(exc).splitlines()[0]}") from None
+    if device.type == "meta":
+        raise ScoreError("--device meta holds no data and cannot run a model: use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ScoreError(f"--device {name!r}: this machine has no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ScoreError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if not (callable(available) and available()):
+            raise ScoreError(f"--device {name!r} is not available on this machine "
+                             "(use cpu or cuda)")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    # a hub id is "name" or "owner/name"; anything else is meant as a local directory
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _check_model_dir(name: str) -> None:
+    if not _looks_like_path(name):
+        return  # a hub id: transformers reports what is wrong with it
+    if not os.path.exists(name):
+        raise ScoreError(f"model directory {name!r} does not exist")
+    if not os.path.isdir(name):
+        raise ScoreError(f"--model {name!r} is a file: pass the directory of a saved model")
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise ScoreError(f"model directory {name!r} has no config.json: it is not a saved "
+                         "Hugging Face model (save one with model.save_pretrained(dir) and "
+                         "tokenizer.save_pretrained(dir))")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model(name: str, dtype_name: str, device, *, quiet_bars: bool = True):
+    """``(model, tokenizer)`` on ``device``, or :class:`ScoreError` saying what is wrong."""
+    import torch
+
+    try:
+        transformers = require("transformers", extra="hf", feature="pplfast score")
+    except ImportError as exc:
+        raise ScoreError(str(exc)) from None
+    _check_model_dir(name)
+    transformers.logging.set_verbosity_error()
+    if quiet_bars:
+        # transformers' own loading bars would interleave with ours; pplfast's bar stays
+        transformers.utils.logging.disable_progress_bar()
+    if dtype_name == "auto":
+        dtype = "auto" if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # OSError, ValueError, ...: all mean "no usable tokenizer here"
+        raise ScoreError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: dtype})
+    except Exception as exc:
+        raise ScoreError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    try:
+        model = model.to(device).eval()
+    except Exception as exc:
+        raise ScoreError(f"cannot move the model to {device}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.ndim == 2:
+        return int(weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _check_model_options(args, model) -> int:
+    """Options that need the model; returns the window."""
+    from .hf import _context_length
+
+    context = _context_length(model)
+    window = args.window or context
+    if window is None:
+        raise ScoreError("the model config states no context length: pass --window")
+    if context is not None and window > context:
+        raise ScoreError(f"--window {window} is longer than the model's context length "
+                         f"{context}: pass --window {context} or less")
+    if args.prefix_token_id is not None:
+        V = _vocab_size(model)
+        if not 0 <= args.prefix_token_id < V:
+            raise ScoreError(f"--prefix-token-id {args.prefix_token_id} is outside the model's "
+                             f"vocabulary [0, {V})")
+    return window
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def human(value, decimals: int = 4) -> str:
+    """A figure for people: fixed decimals in the usual range, ``1.22e9`` outside it."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and not 1e-3 <= abs(value) < 1e6:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.{decimals}f}"
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text, readable also when it is part of a multi-byte character: the valid UTF-8
+    is kept and the partial bytes are written as ``\\xNN`` escapes (byte-level BPE), else the
+    tokenizer's own token string (e.g. ``<0xE6>``)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    raw = _byte_level_bytes(piece) if isinstance(piece, str) else None
+    if raw is not None:
+        return raw.decode("utf-8", errors="backslashreplace")
+    return piece if isinstance(piece, str) else text
+
+
+def _byte_level_table():
+    # the reversible byte <-> printable character map of byte-level BPE (GPT-2 and successors)
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def _byte_level_bytes(piece: str):
+    if not piece or any(c not in _BYTE_LEVEL for c in piece):
+        return None
+    return bytes(_BYTE_LEVEL[c] for c in piece)
+
+
+def _write_per_token(path, tokenizer, documents):
+    with atomic_open(path) as f:
+        for d, doc in enumerate(documents):
+            ids = doc.token_ids.tolist()
+            nll = doc.token_nll.tolist()
+            scored = doc.scored.tolist()
+            for pos, (tid, value, ok) in enumerate(zip(ids, nll, scored)):
+                f.write(json.dumps({
+                    "document": d, "position": pos, "token_id": tid,
+                    "token": token_text(tokenizer, tid), "nll": value if ok else None,
+                }, ensure_ascii=False) + "\n")
+
+
+def _plot(path, documents, title, window):
     import torch
 
     plt = _pyplot()
-
     length = max(len(doc.token_ids) for doc in documents)
     total = torch.zeros(length, dtype=torch.float64)
     count = torch.zeros(length, dtype=torch.float64)
     for doc in documents:
         n = len(doc.token_ids)
-        total[:n] += torch.where(doc.scored, doc.token_nll.double(), torch.zeros(n, dtype=torch.float64))
+        total[:n] += torch.where(doc.scored, doc.token_nll.double(),
+                                 torch.zeros(n, dtype=torch.float64))
         count[:n] += doc.scored.double()
     keep = count > 0
     positions = torch.arange(length)[keep]
-    mean = (total[keep] / count[keep])
-    # moving average over ~1% of the positions: per-token NLL is too noisy to read raw
-    width = max(1, len(mean) // 100)
+    mean = total[keep] / count[keep]
+    # moving average over ~2% of the scored positions (at least 1, at most 512 tokens):
+    # per-token NLL is too noisy to read raw, and the width follows the length
+    width = int(min(512, max(1, len(mean) // 50)))
     kernel = torch.ones(width, dtype=torch.float64) / width
-    padded = torch.cat([mean[:1].repeat(width // 2), mean, mean[-1:].repeat(width - 1 - width // 2)])
+    padded = torch.cat([mean[:1].repeat(width // 2), mean,
+                        mean[-1:].repeat(width - 1 - width // 2)])
     smooth = torch.nn.functional.conv1d(padded.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     ax.plot(positions.numpy(), mean.numpy(), lw=0.5, alpha=0.3, label="mean over documents")
-    ax.plot(positions.numpy(), smooth.numpy(), lw=1.5, label=f"moving average ({width} tokens)")
+    ax.plot(positions.numpy(), smooth.numpy(), lw=1.5,
+            label=f"moving average ({width} token{'s' if width > 1 else ''})")
+    if window is not None and window < length:
+        ax.axvline(window, color="grey", ls="--", lw=1, label=f"window ({window} tokens)")
     ax.set_xlabel("token position in document")
     ax.set_ylabel("NLL (nats)")
-    ax.set_title(title)
-    ax.legend()
     ax.grid(alpha=0.3)
+    # how many documents reach each position: the tail averages few documents and is noisy
+    docs_ax = ax.twinx()
+    docs_ax.fill_between(positions.numpy(), count[keep].numpy(), step="mid", color="tab:green",
+                         alpha=0.12, label="documents at this position")
+    docs_ax.set_ylabel("documents at this position")
+    docs_ax.set_ylim(0, float(count.max()) * 1.05)
+    ax.set_zorder(docs_ax.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    handles = ax.get_legend_handles_labels()
+    extra = docs_ax.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right", fontsize="small")
+    ax.set_title(title)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower())
     except OSError as exc:
         raise ScoreError(f"cannot write plot {path!r}: {exc}") from None
     finally:
         plt.close(fig)
 
 
-def _fmt(value, spec=".4f"):
-    return "n/a" if value is None else format(value, spec)
-
-
 def _summary(figures) -> str:
     rows = [
         ("model", figures["model"]),
-        ("documents", str(figures["num_documents"])),
-        ("tokens scored", str(figures["num_tokens"])),
-        ("perplexity", f"{_fmt(figures['perplexity'])} ± {_fmt(figures['perplexity_stderr'])}"),
-        ("mean NLL", f"{_fmt(figures['mean_nll'])} nats ({_fmt(figures['bits_per_token'])} bits/token)"),
-        ("bits per byte", _fmt(figures["bits_per_byte"])),
-        ("word perplexity", _fmt(figures["word_perplexity"])),
-        ("tokens/s", _fmt(figures["tokens_per_second"], ".1f")),
+        ("documents", human(figures["num_documents"])),
+        ("tokens scored", human(figures["num_tokens"])),
+        ("perplexity", f"{human(figures['perplexity'])} ± {human(figures['perplexity_stderr'])}"),
+        ("mean NLL", f"{human(figures['mean_nll'])} nats "
+                     f"({human(figures['bits_per_token'])} bits/token)"),
+        ("bits per byte", human(figures["bits_per_byte"])),
+        ("word perplexity", human(figures["word_perplexity"])),
+        ("tokens/s", human(figures["tokens_per_second"], 1)),
         ("windows", f"{figures['mode']}, window {figures['window']}"
-                    + (f", stride {figures['stride']}" if figures["mode"] == "sliding" else "")),
+                    + (f", stride {figures['stride']}" if figures["mode"] == "sliding" else "")
+                    + f" ({human(figures['num_windows'])} windows)"),
+        ("ran on", f"backend {figures['backend']}, {figures['dtype']} on {figures['device']}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _score(args) -> int:
-    if args.window is not None and args.window < 1:
-        raise ScoreError(f"--window must be positive, got {args.window}")
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _resolved_backend(backend: str, model) -> str:
+    from . import _dispatch
+    from .hf import _model_device
+
+    try:
+        return _dispatch.resolve(backend, _model_device(model), "linear_token_nll")
+    except (ValueError, BackendUnavailableError) as exc:
+        raise ScoreError(_first_line(exc)) from None
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def _check_options(args) -> None:
+    if args.window is not None and args.window < 2:
+        raise ScoreError(f"--window must be at least 2 tokens, got {args.window}")
+    if args.stride is not None and args.stride < 1:
+        raise ScoreError(f"--stride must be positive, got {args.stride}")
     if args.batch_size < 1:
         raise ScoreError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.backend not in BACKENDS:
-        raise ScoreError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.per_document and args.json is None:
+        raise ScoreError("--per-document adds to the JSON output: pass --json too")
     if args.plot:
-        _pyplot()  # a missing extra fails now, not after the scoring
-    documents = _read_documents(args.input, args.text_field)
-    model, tokenizer, device = _load(args)
-    from .hf import _context_length, score_texts
+        _check_plot_path(args.plot)  # a missing extra or a bad path fails now, not after scoring
+    if args.per_token:
+        _check_writable("--per-token", args.per_token)
+    if args.json not in (None, "-"):
+        _check_writable("--json", args.json)
 
-    window = args.window or _context_length(model)
+
+def _score(args) -> int:
+    from . import __version__
+
+    _check_options(args)
+    documents = read_documents(args.input, args.text_field, args.format)
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, args.dtype, device)
+    window = _check_model_options(args, model)
+    backend = _resolved_backend(args.backend, model)
+    from .hf import score_texts
+
     stride = args.stride
-    if args.mode == "sliding" and window is not None and stride is None:
+    if args.mode == "sliding" and stride is None:
         stride = max(1, window // 2)
     # the bar is a convenience: without the progress extra, score quietly
     progress = not args.no_progress and importlib.util.find_spec("tqdm") is not None
@@ -220,33 +515,47 @@ def _score(args) -> int:
             prefix_token_id=args.prefix_token_id, batch_size=args.batch_size,
             backend=args.backend, progress=progress,
         )
-    except (ValueError, BackendUnavailableError) as exc:
-        # bad options or an unusable backend: one line, no traceback
-        raise ScoreError(str(exc).splitlines()[0]) from None
+    except (ValueError, TypeError, BackendUnavailableError) as exc:
+        # bad options, nothing to score or an unusable backend: one line, no traceback
+        raise ScoreError(_first_line(exc)) from None
     seconds = time.perf_counter() - start
     corpus = scores.corpus
     figures = {
-        "model": args.model, "num_documents": len(documents),
+        "pplfast_version": __version__, "model": args.model, "num_documents": len(documents),
         **corpus.as_dict(),
         "tokens_per_second": corpus.num_tokens / seconds if seconds > 0 else math.inf,
         "seconds": seconds, "mode": args.mode, "window": window,
-        "stride": stride if args.mode == "sliding" else None,
+        "stride": stride if args.mode == "sliding" else None, "num_windows": scores.num_windows,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(device), "backend": args.backend,
+        "device": str(device), "backend": backend,
     }
+    if args.per_document:
+        figures["documents"] = [
+            {"document": i, "num_tokens": d.num_tokens, "num_bytes": d.num_bytes,
+             "num_words": d.num_words, "sum_nll": d.sum_nll, "mean_nll": d.mean_nll,
+             "perplexity": d.perplexity}
+            for i, d in enumerate(scores.documents)
+        ]
+    # the summary first: a failed write of the large files below loses nothing else
+    if args.json is None:
+        print(_summary(figures), flush=True)
+    else:
+        text = json.dumps(_finite(figures), indent=2)
+        if args.json == "-":
+            print(text, flush=True)
+        else:
+            try:
+                with atomic_open(args.json) as f:
+                    f.write(text + "\n")
+            except OSError as exc:
+                raise ScoreError(f"cannot write --json {args.json!r}: {exc}") from None
     if args.per_token:
         try:
             _write_per_token(args.per_token, tokenizer, scores.documents)
         except OSError as exc:
-            raise ScoreError(f"cannot write {args.per_token!r}: {exc}") from None
+            raise ScoreError(f"cannot write --per-token {args.per_token!r}: {exc}") from None
     if args.plot:
-        _plot(args.plot, scores.documents, f"{args.model}: per-token NLL")
-    if args.json:
-        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                  for k, v in figures.items()}
-        print(json.dumps(finite, indent=2))
-    else:
-        print(_summary(figures))
+        _plot(args.plot, scores.documents, f"{args.model}: per-token NLL", window)
     return 0
 
 

@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _empty, _empty_like = torch.empty, torch.empty_like
+GPU_SKIP = "needs a CUDA GPU"
 
 
 def _nan_empty(*args, **kwargs):
@@ -42,7 +43,22 @@ def seeded():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason=GPU_SKIP)
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """GPU-only skips in one line; any other skip with its reason (those deserve a look)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    on_gpu = [GPU_SKIP in str(r.longrepr) or "cuda" in getattr(r, "keywords", {})
+              for r in skipped]
+    gpu = [r for r, g in zip(skipped, on_gpu) if g]
+    others = [r for r, g in zip(skipped, on_gpu) if not g]
+    if gpu:
+        terminalreporter.write_line(
+            f"{len(gpu)} GPU-only tests skipped: no CUDA device here (they run where there is one)")
+    for report in others:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-# DESIGN.md numerics: per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
+# README "Accuracy": per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
 LSE_RTOL = 2e-6
 
 

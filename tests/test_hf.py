@@ -296,7 +296,7 @@ def test_score_texts_documents_and_corpus(models, tokenizer, mode):
     assert corpus_res.mean_nll == pytest.approx(total_nll / total_tokens, rel=1e-9)
     assert corpus_res.bits_per_byte == pytest.approx(total_nll / num_bytes / math.log(2), rel=1e-9)
     assert corpus_res.word_perplexity == pytest.approx(math.exp(total_nll / num_words), rel=1e-9)
-    with pytest.raises(ValueError, match="no scored tokens"):
+    with pytest.raises(ValueError, match="nothing to score"):
         score_texts(model, tokenizer, [""])
 
 
