@@ -10,7 +10,7 @@
 // pairs, so no fp32 sum runs sequentially over more than a few dozen terms.
 //   - a warp per row for small V (8 rows per block);
 //   - a block per row for large V; when rows are too few to fill the GPU each row is cut into
-//     segments, each block writes a partial (m*c, sum) pair and a merge kernel finishes the row.
+//     segments, each block writes a partial (m, sum) pair and a merge kernel finishes the row.
 // Contiguous rows (sV == 1) are read with 16-byte streaming loads after a scalar head that
 // reaches 16-byte alignment (row starts need not be aligned); other strides use scalar loads.
 // The target logit is loaded once, by one thread, through the same transform as the streamed
