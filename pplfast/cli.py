@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "bench": ("pplfast.bench", "time pplfast against PyTorch baselines on this machine"),
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on a text or JSONL file"),
+    "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
+    "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
 }
 
 
