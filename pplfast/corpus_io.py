@@ -177,33 +177,43 @@ def id_digest(doc_id: str) -> bytes:
 
 
 class IdIndex:
-    """A set of document ids in 16 bytes each (128-bit hashes in sorted numpy runs)."""
+    """A set of document ids in about 16 bytes each: 128-bit hashes, the recent ones in a Python
+    set, the rest in sorted numpy runs merged like a binary counter (amortised O(log n) work per
+    id, at most ~log2(n) runs to search)."""
 
-    _MERGE = 1 << 16
+    _RUN = 4096
 
     def __init__(self) -> None:
-        self._sorted = np.zeros(0, dtype="S16")
+        self._runs: List[np.ndarray] = []
         self._recent: set = set()
 
     def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
+        return sum(len(r) for r in self._runs) + len(self._recent)
 
-    def __contains__(self, doc_id: str) -> bool:
-        key = id_digest(doc_id)
+    def _has(self, key: bytes) -> bool:
         if key in self._recent:
             return True
-        i = int(np.searchsorted(self._sorted, key))
-        return i < len(self._sorted) and self._sorted[i] == key
+        for run in self._runs:
+            i = int(np.searchsorted(run, key))
+            if i < len(run) and run[i] == key:
+                return True
+        return False
+
+    def __contains__(self, doc_id: str) -> bool:
+        return self._has(id_digest(doc_id))
 
     def add(self, doc_id: str) -> bool:
         """Add ``doc_id``; False if it was already there."""
-        if doc_id in self:
+        key = id_digest(doc_id)
+        if self._has(key):
             return False
-        self._recent.add(id_digest(doc_id))
-        if len(self._recent) >= self._MERGE:
-            merged = np.concatenate([self._sorted, np.array(sorted(self._recent), dtype="S16")])
-            merged.sort()
-            self._sorted, self._recent = merged, set()
+        self._recent.add(key)
+        if len(self._recent) >= self._RUN:
+            self._runs.append(np.sort(np.array(list(self._recent), dtype="S16")))
+            self._recent = set()
+            while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+                last = self._runs.pop()
+                self._runs[-1] = np.sort(np.concatenate([self._runs[-1], last]), kind="mergesort")
         return True
 
 

@@ -91,7 +91,7 @@ def run_compile_script(script: str) -> str:
     return proc.stdout
 
 
-def save_trained_llama(root, *, context=64, steps=40, seed=0):
+def save_trained_llama(root, *, context=64, steps=25, seed=0):
     """A tiny Llama and its tokenizer (from ``tests/test_hf.py``), trained ``steps`` Adam steps
     on that file's word corpus so that text off that corpus scores far worse; saved to ``root``.
 

@@ -207,13 +207,13 @@ def test_documents_ids_and_errors(tmp_path):
 
 
 def test_id_index_merges_runs(monkeypatch):
-    monkeypatch.setattr(IdIndex, "_MERGE", 7)
+    monkeypatch.setattr(IdIndex, "_RUN", 3)
     index = IdIndex()
     ids = [f"doc-{i}" for i in range(50)]
     assert all(index.add(i) for i in ids)
-    assert len(index) == 50 and len(index._recent) < 7
+    assert len(index) == 50 and len(index._recent) < 3 and 1 < len(index._runs) <= 6
     assert all(i in index for i in ids) and "doc-50" not in index
-    assert not index.add("doc-3") and len(index) == 50
+    assert not any(index.add(i) for i in ids[::7]) and len(index) == 50
 
 
 def test_appender_keeps_whole_lines_and_torn_tail_is_cut(tmp_path):
