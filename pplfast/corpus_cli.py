@@ -350,7 +350,8 @@ def _score_corpus_ray(args, files):
     for batch in scored.iter_batches(batch_format="numpy",
                                      batch_size=65536):
         stats.add_arrays(batch["num_tokens"], batch["sum_nll"], batch["num_bytes"])
-    final = add_outlier_flags(scored, stats, args.outlier_z)
+    final = add_outlier_flags(scored, stats, args.outlier_z).select_columns(
+        ["id"] + columns + ["outlier"]).materialize()
     extreme, count = [], 0
     for batch in final.iter_batches(batch_format="numpy", batch_size=65536):
         z = np.abs(stats.z_scores(batch["num_tokens"], batch["sum_nll"]))
@@ -358,7 +359,6 @@ def _score_corpus_ray(args, files):
             count += 1
             item = (float(z[i]), str(batch["id"][i]))
             (heapq.heappush if len(extreme) < NUM_EXTREME else heapq.heappushpop)(extreme, item)
-    final = final.select_columns(["id"] + columns + ["outlier"])
     if args.output.lower().endswith(".parquet"):
         final.write_parquet(args.output)
     else:

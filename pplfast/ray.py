@@ -73,7 +73,7 @@ def read_corpus(files: Sequence[str], *, text_field: str, id_field: str):
     if json_files:
         parts.append(ray.data.read_json(json_files, lines=True).select_columns([text_field, id_field]))
     if parquet_files:
-        parts.append(ray.data.read_parquet(parquet_files, columns=[text_field, id_field]))
+        parts.append(ray.data.read_parquet(parquet_files).select_columns([text_field, id_field]))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.map_batches(_ids_as_strings, fn_kwargs={"id_field": id_field}, batch_format="numpy")
 
