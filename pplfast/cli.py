@@ -13,6 +13,8 @@ import sys
 # sub-command name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
+    "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
+    "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
 

@@ -259,35 +259,75 @@ def _progress_bar(total: int, enabled):
     return tqdm(total=total, unit="window", desc="scoring", leave=False)
 
 
+_PROBE = object()  # _score_streams' default head: find the model's output layer and probe it
+
+
+def _model_head(model, probe_ids: torch.Tensor) -> Optional[_Head]:
+    """The body and output layer to score ``model`` with, checked on ``probe_ids`` (a few token
+    ids); None (with a warning) when the model must be scored from its logits."""
+    head = _find_head(model)
+    if head is not None:
+        why = _probe(model, head, probe_ids[:_PROBE_TOKENS].unsqueeze(0).to(_model_device(model)))
+        if why is not None:
+            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
+            head = None
+    return head
+
+
+def _pack_jobs(jobs, batch_size: Optional[int], batch_tokens: Optional[int]):
+    """Group (stream, window) jobs into forward passes.
+
+    ``batch_tokens`` None: ``batch_size`` windows at a time, in order. Otherwise the windows are
+    sorted by length (longest first) and packed so that a pass feeds at most ``batch_tokens``
+    tokens, padding included (and at most ``batch_size`` windows when given); a window longer
+    than ``batch_tokens`` runs alone.
+    """
+    if batch_tokens is None:
+        return [jobs[b : b + batch_size] for b in range(0, len(jobs), batch_size)]
+    batches, current = [], []
+    for job in sorted(jobs, key=lambda j: -j[1].input_length):
+        # sorted longest first: the first window of a pass sets its padded length
+        full = current and ((len(current) + 1) * current[0][1].input_length > batch_tokens
+                            or (batch_size is not None and len(current) == batch_size))
+        if full:
+            batches.append(current)
+            current = []
+        current.append(job)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
-                   batch_size: int, backend: str, progress) -> List[torch.Tensor]:
-    """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask."""
+                   batch_size: Optional[int], backend: str, progress, *,
+                   batch_tokens: Optional[int] = None, head=_PROBE) -> List[torch.Tensor]:
+    """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask.
+
+    Windows are grouped by :func:`_pack_jobs`. ``head``: the :func:`_model_head` of ``model``
+    when the caller already has it (None: score from the logits).
+    """
     device = _model_device(model)
     out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
     scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
     jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
     if not jobs:
         return list(zip(out, scored))
-    head = _find_head(model)
-    if head is not None:
+    if head is _PROBE:
         first_doc, first = jobs[0]
-        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
-        why = _probe(model, head, probe.unsqueeze(0).to(device))
-        if why is not None:
-            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
-            head = None
+        head = _model_head(model, streams[first_doc][first.start : first.start + first.input_length])
     bar = _progress_bar(len(jobs), progress)
     try:
-        _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar)
+        _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                     scored, bar)
     finally:
         if bar is not None:
             bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
     return list(zip(out, scored))
 
 
-def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
-    for b in range(0, len(jobs), batch_size):
-        batch = jobs[b : b + batch_size]
+def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                 scored, bar):
+    for batch in _pack_jobs(jobs, batch_size, batch_tokens):
         length = max(w.input_length for _, w in batch)
         ids = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.zeros(len(batch), length, dtype=torch.long)
@@ -337,16 +377,26 @@ def _schedules(lengths, window, stride, mode, model):
     return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
 
 
+def count_windows(docs, *, window, stride, mode, model) -> int:
+    """Forward-pass windows :func:`_score_documents` runs for these documents."""
+    extra = 1 if mode == "rolling" else 0  # the prefix token
+    return sum(len(s) for s in _schedules([len(d) + extra for d in docs], window, stride, mode,
+                                           model))
+
+
 def _check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
-                     tokenizer, batch_size, backend, progress):
-    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask;
-    and the number of windows run."""
-    _check_batch_size(batch_size)
+                     tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE):
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
+
+    ``batch_tokens`` and ``head``: see :func:`_score_streams` (``batch_size`` may then be None).
+    """
+    if batch_tokens is None or batch_size is not None:
+        _check_batch_size(batch_size)
     schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
     if mode == "rolling":
         prefix = torch.tensor([_prefix_id(model, tokenizer, prefix_token_id)], dtype=torch.long)
@@ -358,13 +408,13 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
         model.eval()  # dropout would make scores random
     try:
         with torch.inference_mode():
-            stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress)
+            stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress,
+                                        batch_tokens=batch_tokens, head=head)
     finally:
         if was_training:
             model.train()
     offset = 1 if mode == "rolling" else 0
-    per_doc = [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
-    return per_doc, sum(len(schedule) for schedule in schedules)
+    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
 
 
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -424,7 +474,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
         docs.append(ids2[b, lo:hi])
         spans.append((lo, hi))
-    per_doc, _ = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -485,7 +535,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
-    per_doc, num_windows = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -506,4 +556,6 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             "nothing to score: no document has a token with context before it (a document needs "
             "at least 2 tokens, or mode='rolling', which predicts the first token from a prefix)"
         )
-    return TextScores(documents=documents, corpus=metric.compute(), num_windows=num_windows)
+    return TextScores(documents=documents, corpus=metric.compute(),
+                      num_windows=count_windows(docs, window=window, stride=stride, mode=mode,
+                                                model=model))

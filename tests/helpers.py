@@ -89,3 +89,31 @@ def run_compile_script(script: str) -> str:
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def save_trained_llama(root, *, context=64, steps=25, seed=0):
+    """A tiny Llama and its tokenizer (from ``tests/test_hf.py``), trained ``steps`` Adam steps
+    on that file's word corpus so that text off that corpus scores far worse; saved to ``root``.
+
+    Returns ``(model, tokenizer)``, the model in eval mode.
+    """
+    import torch
+    from test_hf import build_model, corpus, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=context, seed=seed)
+    ids = torch.tensor(tokenizer(" ".join(corpus(400, seed=seed + 1)))["input_ids"])
+    rows = ids[: len(ids) // context * context].view(-1, context)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(0, len(rows), (16,), generator=gen)]
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return model, tokenizer
