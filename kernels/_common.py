@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 

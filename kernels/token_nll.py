@@ -15,13 +15,16 @@ With fewer rows the vocabulary is also split into ``n_split`` chunks, one progra
 each writes a partial (max, sum) pair, and ``_merge_kernel`` combines the pairs of a row with the
 same rescaling rule, gathers the target logit and writes the NLL.
 
-Non-finite input. The reference point of the exponentials is ``m`` clamped to the finite range, so
--inf entries add exactly 0, a row of -inf gives ``m = -inf`` and NaN (as the float64 reference),
-and +inf entries give ``s = +inf`` and NLL +inf without inf - inf. NaN enters ``s`` through exp
-and reaches the NLL of its row only.
+Loads. With a contiguous, 16-byte aligned tensor the entries before the first 16-byte boundary
+of a row or chunk (rows of an odd V start anywhere) and those after its last one, fewer than
+ALIGN = 16 / element size each, are loaded apart, so that everything between, the last partial
+block included, compiles to 16-byte vector loads. Split chunks are whole numbers of blocks.
 
-Soft-capping uses a tanh built from exp (no libdevice, which the interpreter lacks): a fitted odd
-polynomial for |y| < 0.625, where ``1 - 2 / (exp(2y) + 1)`` would cancel, and that form beyond.
+The launcher takes the SM count and the autotuning switch as arguments: nothing here reads the
+environment or imports the rest of the package.
+
+Special values, the online update and merge, soft-capping (tanh from exp) and the clamp that
+keeps the NLL >= 0 are the shared rules of ``_common``.
 """
 from __future__ import annotations
 

@@ -366,8 +366,14 @@ def test_kernels_compile_for_each_gpu_target():
     block2, block4, warps = CONFIG
     specs = []
     for arch in GPU_ARCHS:
+        # every variant for sm_90; elsewhere fp16 (as bf16) and the unaligned rows are left out
+        full = arch == 90
         for dtype, nbytes, block in (("bf16", 2, block2), ("fp16", 2, block2), ("fp32", 4, block4)):
+            if dtype == "fp16" and not full:
+                continue
             for contig, align in ((True, 16 // nbytes), (True, 1), (False, 1)):
+                if contig and align == 1 and not full:
+                    continue
                 for split in (False, True):
                     for cap in (False, True):
                         sig = dict(logits_ptr="*" + dtype, targets_ptr="*i64", out_ptr="*fp32",
@@ -394,7 +400,7 @@ def test_kernels_compile_for_each_gpu_target():
                               arch=arch, signature=sig, div16=_PTRS, num_warps=1,
                               constexprs=dict(HAS_SOFTCAP=cap, BLOCK_S=8, stride_v=1),
                               tag=f"sm{arch} merge softcap={cap}"))
-    assert len(specs) == 4 * (3 * 3 * 2 * 2 + 2)
+    assert len(specs) == (3 * 3 * 2 * 2 + 2) + 3 * (2 * 2 * 2 * 2 + 2)
     for spec, got in zip(specs, compile_triton(specs)):
         tag = spec["tag"]
         assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (tag, got)
