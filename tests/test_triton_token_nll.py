@@ -347,6 +347,30 @@ def test_gpu_more_than_2_pow_31_logits():
     assert_nll_close(got, reference.token_nll(view, targets[N - 3 :: 2]), row_lse(view))
 
 
+def test_kernels_import_nothing_from_the_package_and_read_no_environment():
+    # pplfast.kernels sits below every pplfast module: its launchers take the switches and the
+    # SM count as arguments (pplfast._triton reads them), so no import of pplfast or os here
+    import ast
+    import pathlib
+
+    import pplfast.kernels
+
+    files = sorted(pathlib.Path(pplfast.kernels.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"_common.py", "token_nll.py", "linear_token_nll.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("pplfast", "os", "..")), (path.name, name)
+                assert name in ("._common", "__future__", "contextlib", "functools", "typing",
+                                "torch", "triton", "triton.language"), (path.name, name)
+
+
 # ---- compiled code for the real targets (no GPU needed) --------------------------------------
 
 # sm_80 (A100), sm_86 (A10, RTX 30), sm_89 (L4, L40, RTX 40), sm_90 (H100, H200)
