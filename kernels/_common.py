@@ -12,8 +12,9 @@ Special values. The reference point of the exponentials is ``m`` clamped to the 
 ``m = -inf``, ``s = 0`` and gives NaN, as the float64 reference; a +inf entry makes ``s = +inf``
 (``exp2((inf - FLT_MAX) * c)``) and the NLL +inf without forming inf - inf, or NaN when the target
 itself is +inf. A rescale factor is exactly 1 when the maximum did not change, also at +-inf,
-where ``exp2(m_old - m_new)`` would be NaN. NaN never enters a maximum (``tl.maximum`` keeps the
-number), so it reaches only the sum, and through it the NLL, of its own row.
+where ``exp2(m_old - m_new)`` would be NaN. NaN reaches the sum of its own row through exp2
+(whether a maximum keeps it, as numpy does under the interpreter, or drops it, as the GPU's max
+does), and through it that row's NLL only.
 
 Never negative. The true NLL is >= 0; rounding of the two large terms can leave a tiny negative
 value for a confident token, which :func:`nll_from_lse` clamps to 0 (NaN and +inf pass).
