@@ -300,11 +300,13 @@ def _pack_jobs(jobs, batch_size: Optional[int], batch_tokens: Optional[int]):
 
 def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
                    batch_size: Optional[int], backend: str, progress, *,
-                   batch_tokens: Optional[int] = None, head=_PROBE) -> List[torch.Tensor]:
+                   batch_tokens: Optional[int] = None, head=_PROBE,
+                   first_token: Optional[int] = None) -> List[torch.Tensor]:
     """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask.
 
     Windows are grouped by :func:`_pack_jobs`. ``head``: the :func:`_model_head` of ``model``
-    when the caller already has it (None: score from the logits).
+    when the caller already has it (None: score from the logits). ``first_token``: replaces the
+    first input token of every window (llama.cpp puts BOS there); None keeps the stream's.
     """
     device = _model_device(model)
     out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
@@ -318,7 +320,7 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     bar = _progress_bar(len(jobs), progress)
     try:
         _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
-                     scored, bar)
+                     scored, bar, first_token)
     finally:
         if bar is not None:
             bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
@@ -326,7 +328,7 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
 
 
 def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
-                 scored, bar):
+                 scored, bar, first_token=None):
     for batch in _pack_jobs(jobs, batch_size, batch_tokens):
         length = max(w.input_length for _, w in batch)
         ids = torch.zeros(len(batch), length, dtype=torch.long)
@@ -335,6 +337,8 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
         for row, (doc, w) in enumerate(batch):
             n = w.input_length
             ids[row, :n] = streams[doc][w.start : w.stop - 1]
+            if first_token is not None:
+                ids[row, 0] = first_token
             mask[row, :n] = 1
             skip = w.score_start - w.start - 1  # outputs that only feed context
             targets[row, skip:n] = streams[doc][w.score_start : w.stop]
@@ -389,6 +393,19 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
+def _llamacpp_bos(model, tokenizer, prefix_token_id) -> Optional[int]:
+    """The token llama.cpp puts first in every chunk: BOS when the tokenizer adds one (checked by
+    tokenizing a word), ``prefix_token_id`` when given (the way for :func:`score_model`, which has
+    no tokenizer), else None (chunks keep their own first token)."""
+    if prefix_token_id is not None:
+        return _prefix_id(model, tokenizer, prefix_token_id)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or not isinstance(bos, int):
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if len(ids) and ids[0] == bos else None
+
+
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
                      tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE):
     """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
@@ -398,18 +415,22 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
     if batch_tokens is None or batch_size is not None:
         _check_batch_size(batch_size)
     schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
+    first_token = None
     if mode == "rolling":
         prefix = torch.tensor([_prefix_id(model, tokenizer, prefix_token_id)], dtype=torch.long)
         streams = [torch.cat([prefix, d]) for d in docs]
     else:
         streams = list(docs)
+        if mode == "llamacpp":
+            first_token = _llamacpp_bos(model, tokenizer, prefix_token_id)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout would make scores random
     try:
         with torch.inference_mode():
             stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress,
-                                        batch_tokens=batch_tokens, head=head)
+                                        batch_tokens=batch_tokens, head=head,
+                                        first_token=first_token)
     finally:
         if was_training:
             model.train()
@@ -434,7 +455,9 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         window: most tokens fed to the model at once; default the model's context length.
         stride: tokens between window starts for ``mode="sliding"``; default ``window // 2``.
         mode: ``"sliding"`` (first token unscored), ``"rolling"`` (every token scored, the first
-            from ``prefix_token_id``, default the model's BOS or EOS id) or ``"chunks"``.
+            from ``prefix_token_id``, default the model's BOS or EOS id), ``"chunks"`` or
+            ``"llamacpp"`` (llama.cpp's perplexity schedule; each chunk's first input token is
+            replaced by ``prefix_token_id`` when given, as llama.cpp puts BOS there).
         batch_size: windows per forward pass.
         backend: passed to :func:`pplfast.linear_token_nll` / :func:`pplfast.token_nll`.
         progress: show a progress bar over windows (needs tqdm).
