@@ -149,11 +149,9 @@ def scored_targets(targets: torch.Tensor, V: int, ignore_index: int, *, check: b
     if not check:
         return mask, int(mask.sum()) if count else None
     bad = mask & ((targets < 0) | (targets >= V))
-    if count:
-        n_bad, n_scored = torch.stack([bad.sum(), mask.sum()]).tolist()
-    else:
-        n_bad, n_scored = int(bad.any()), None
-    if n_bad:
+    # one scalar read: the scored count, or -1 when some target is out of range
+    n_scored = int(torch.where(bad.any(), -1, mask.sum() if count else 0))
+    if n_scored < 0:
         flat = bad.reshape(-1).nonzero()[0, 0].item()
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(targets.shape)))
         value = int(targets.reshape(-1)[flat])
@@ -161,4 +159,4 @@ def scored_targets(targets: torch.Tensor, V: int, ignore_index: int, *, check: b
             f"targets{list(index)} = {value} is outside [0, {V}) and is not "
             f"ignore_index={ignore_index}"
         )
-    return mask, n_scored
+    return mask, n_scored if count else None

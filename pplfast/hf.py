@@ -166,8 +166,10 @@ def _find_head(model) -> Optional[_Head]:
 
 
 def _head_logits(head: _Head, hidden: torch.Tensor) -> torch.Tensor:
-    z = F.linear(hidden.float(), head.weight.float(),
-                 None if head.bias is None else head.bias.float())
+    # the GEMM runs in the weight's own dtype, as the model's does: a float32 copy of the whole
+    # output layer would cost 2 GB for Llama-3-8B; only the few probe rows' logits are upcast
+    z = F.linear(hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
+                 head.bias).float()
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
     return z / head.temperature
@@ -286,6 +288,9 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
 
 
 def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
+    # the ids were checked against the vocabulary up front (_check_ids, _prefix_id); the calls
+    # below skip the target-range check, and its host sync, where that vocabulary is theirs
+    checked_vocab = vocab_size(model)
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b : b + batch_size]
         length = max(w.input_length for _, w in batch)
@@ -304,19 +309,19 @@ def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, s
         attn = mask.to(device) if padded else None
         if head is not None:
             hidden = _last_hidden(_call(head.body, ids, attn))
-            keep = targets != IGNORE
-            # with the model split over devices, the output layer may sit apart from the body
-            rows = hidden[keep].to(device=head.weight.device, dtype=head.weight.dtype)
-            nll_rows = linear_token_nll(
-                rows, head.weight, targets[keep].to(head.weight.device), bias=head.bias,
-                softcap=head.softcap, temperature=head.temperature, backend=backend,
-            )
-            nll = torch.zeros(targets.shape, dtype=torch.float32)
-            nll[keep.cpu()] = nll_rows.cpu()
+            # with the model split over devices, the output layer may sit apart from the body;
+            # context-only and padding positions are ignored rows, which cost no GEMM
+            nll = linear_token_nll(
+                hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
+                targets.to(head.weight.device), bias=head.bias, softcap=head.softcap,
+                temperature=head.temperature, backend=backend,
+                check_targets=checked_vocab != head.weight.shape[0],
+            ).cpu()
         else:
             logits = _logits(_call(model, ids, attn))
             nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
-                            backend=backend).cpu()
+                            backend=backend,
+                            check_targets=checked_vocab != logits.shape[-1]).cpu()
         for row, (doc, w) in enumerate(batch):
             skip = w.score_start - w.start - 1
             out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]
