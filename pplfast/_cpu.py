@@ -143,6 +143,10 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
                                   budget=budget)
 
     logits_buf = torch.empty(n_max * c_max, dtype=torch.float32)
+    if rows is not None:
+        # gathered rows go to one reused buffer: a fresh tensor per tile lets the allocator's
+        # heap grow past the budget
+        gather_buf = torch.empty(n_max * D, dtype=hidden2.dtype)
     if upcast:
         # fp16/bf16 products are exact in float32; a float32 GEMM then leaves only the
         # accumulation error, well below that of rounding the logits to fp16/bf16
@@ -162,7 +166,8 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
             if rows is None:
                 h_tile = hidden2[r0 : r0 + n]
             else:
-                h_tile = hidden2.index_select(0, rows[r0 : r0 + n])
+                h_tile = torch.index_select(hidden2, 0, rows[r0 : r0 + n],
+                                            out=gather_buf[: n * D].view(n, D))
             if upcast:
                 h_tile = hidden_buf[: n * D].view(n, D).copy_(h_tile)
             logits = logits_buf[: n * c].view(n, c)
@@ -174,7 +179,6 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
                     logits.add_(b_tile)
             lse_update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
                        row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
-            del h_tile
 
     nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index)
     return _scatter_scored(out, rows, nll)
