@@ -52,8 +52,10 @@ def _select_scored(targets: torch.Tensor, ignore_index: int, *,
         count = int(mask.sum())
     if count == targets.numel():
         return None, targets
-    # nonzero_static knows its size, so it needs no second sync
-    rows = torch.nonzero_static(mask, size=count).squeeze(1)
+    try:  # nonzero_static knows its size, so it needs no second sync
+        rows = torch.nonzero_static(mask, size=count).squeeze(1)
+    except NotImplementedError:  # older PyTorch builds have it on the CPU only
+        rows = mask.nonzero().squeeze(1)
     return rows, targets.index_select(0, rows)
 
 
