@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _validate
 from ._optional import require
 from .api import linear_token_nll, token_nll
 from .metric import Perplexity, PerplexityResult, _exp
@@ -288,9 +289,6 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
 
 
 def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
-    # the ids were checked against the vocabulary up front (_check_ids, _prefix_id); the calls
-    # below skip the target-range check, and its host sync, where that vocabulary is theirs
-    checked_vocab = vocab_size(model)
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b : b + batch_size]
         length = max(w.input_length for _, w in batch)
@@ -304,24 +302,29 @@ def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, s
             skip = w.score_start - w.start - 1  # outputs that only feed context
             targets[row, skip:n] = streams[doc][w.score_start : w.stop]
         padded = bool((mask == 0).any())
+        cpu_targets = targets
         ids, targets = ids.to(device), targets.to(device)
         # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
         attn = mask.to(device) if padded else None
+        # the targets are range-checked here, on the CPU where they were built, so the calls
+        # below skip the check and its device sync (check_targets=False)
         if head is not None:
+            _validate.scored_targets(cpu_targets, head.weight.shape[0], IGNORE, check=True,
+                                     count=False)
             hidden = _last_hidden(_call(head.body, ids, attn))
             # with the model split over devices, the output layer may sit apart from the body;
             # context-only and padding positions are ignored rows, which cost no GEMM
             nll = linear_token_nll(
                 hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
                 targets.to(head.weight.device), bias=head.bias, softcap=head.softcap,
-                temperature=head.temperature, backend=backend,
-                check_targets=checked_vocab != head.weight.shape[0],
+                temperature=head.temperature, backend=backend, check_targets=False,
             ).cpu()
         else:
             logits = _logits(_call(model, ids, attn))
+            _validate.scored_targets(cpu_targets, logits.shape[-1], IGNORE, check=True,
+                                     count=False)
             nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
-                            backend=backend,
-                            check_targets=checked_vocab != logits.shape[-1]).cpu()
+                            backend=backend, check_targets=False).cpu()
         for row, (doc, w) in enumerate(batch):
             skip = w.score_start - w.start - 1
             out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]

@@ -381,7 +381,7 @@ def test_probe_makes_no_float32_copy_of_the_output_layer():
     assert control["extra"] > bound, f"control stayed within the bound: {control}"
 
 
-def test_score_model_checks_ids_once_then_skips_the_range_check(models, tokenizer, monkeypatch):
+def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, monkeypatch):
     from pplfast import hf
 
     calls = []
@@ -397,10 +397,18 @@ def test_score_model_checks_ids_once_then_skips_the_range_check(models, tokenize
     score_model(models["llama"], torch.stack([ids, ids]), window=16, stride=8, batch_size=2)
     assert calls and all(call == ("linear_token_nll", False) for call in calls), calls
     calls.clear()
-    # a model whose vocabulary is unknown up front: the ids are checked in the call
     score_model(LogitsOnly(models["llama"]), ids, window=16, stride=8)
-    assert calls and all(call == ("token_nll", True) for call in calls), calls
+    assert calls and all(call == ("token_nll", False) for call in calls), calls
     bad = ids.clone()
     bad[5] = len(tokenizer)
     with pytest.raises(ValueError, match=re.escape(f"input_ids[5] = {len(tokenizer)} is outside")):
+        score_model(models["llama"], bad)  # the up-front check, in input_ids' own indexing
+    # past the up-front check (a model whose vocabulary is unknown, or a caller that skips it),
+    # a token that is only ever a target is still caught, on the CPU, before any kernel
+    monkeypatch.setattr(hf, "_check_ids", lambda *args: None)
+    bad = ids.clone()
+    bad[-1] = len(tokenizer)
+    with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
         score_model(models["llama"], bad)
+    with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
+        score_model(LogitsOnly(models["llama"]), bad)
