@@ -3,37 +3,20 @@
 The compiled module takes raw pointers, sizes, element strides and a stream handle; this file is
 the torch side: output and workspace allocation, ``data_ptr()`` and the current stream.
 
-Hidden-states path: ``pplfast._linear.chunked_linear_token_nll`` with the logits kernel of this
-module as its launcher. The scored tokens are cut into chunks; each chunk's logits come from one
-cuBLAS GEMM (through PyTorch) into a single reused buffer and are reduced at once by the logits
-kernel, so the extra memory is one chunk (``PPLFAST_GPU_CHUNK_MB``, default 256 MiB) plus O(N),
-never N x V. The buffer is float32:
-
-- float32 inputs: an fp32 GEMM (IEEE products unless the caller enabled TF32 through
-  ``torch.backends.cuda.matmul.allow_tf32``);
-- float16 / bfloat16 inputs: ``torch.mm(h, w.T, out_dtype=torch.float32)``, cuBLAS with fp32
-  accumulation *and* fp32 output. The same-dtype PyTorch path (``F.linear``) accumulates in fp32
-  too but then rounds every logit to 8 (bf16) or 11 (fp16) bits; skipping that rounding makes
-  this path strictly more accurate, for twice the buffer bytes per logit. A bias is added in
-  float32. Where PyTorch has no ``out_dtype`` GEMM for these tensors, the buffer falls back to
-  the input dtype: then the logits are exactly those of ``F.linear``.
+Hidden-states path: :func:`pplfast._chunked.chunked_linear_token_nll` with the logits kernel of
+this module as its launcher (chunked cuBLAS GEMMs into one reused float32 buffer; the
+fp32-output GEMM is explained in that module's docstring).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from . import _cuda_C
-from ._linear import chunked_linear_token_nll
+from . import _cuda_C, _env
+from ._chunked import Scored, chunked_linear_token_nll
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def plan(rows: int, V: int, device: torch.device, *, threads: int = 0, splits: int = 0):
@@ -42,7 +25,7 @@ def plan(rows: int, V: int, device: torch.device, *, threads: int = 0, splits: i
     ``threads == 32`` is a warp per row; ``splits > 1`` cuts each row into segments of
     ``segment`` elements merged by a second kernel. ``threads`` / ``splits`` > 0 override.
     """
-    return _cuda_C.plan(rows, V, _sm_count(device.index), threads, splits)
+    return _cuda_C.plan(rows, V, _env.sm_count(device), threads, splits)
 
 
 def _launch(out: torch.Tensor, logits3: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -60,7 +43,7 @@ def _launch(out: torch.Tensor, logits3: torch.Tensor, targets: torch.Tensor, ign
     if B * T == 0:
         return
     targets = targets.to(device=device, dtype=torch.int64).contiguous()
-    sm_count = _sm_count(device.index)
+    sm_count = _env.sm_count(device)
     _, _, _, workspace_floats = _cuda_C.plan(B * T, V, sm_count, threads, splits)
     workspace = (torch.empty(workspace_floats, dtype=torch.float32, device=device)
                  if workspace_floats else None)
@@ -99,10 +82,11 @@ def token_nll(logits3, targets, ignore_index, softcap, temperature, *, threads: 
 
 def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
                      budget_mb: Optional[float] = None,
-                     logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     logits_dtype: Optional[torch.dtype] = None,
+                     scored: Optional[Scored] = None) -> torch.Tensor:
     """Per-token NLL of ``hidden2 @ weight.T + bias``, chunked, as float32 (N,).
 
-    :func:`pplfast._linear.chunked_linear_token_nll` with :func:`token_nll` reducing each chunk.
+    :func:`pplfast._chunked.chunked_linear_token_nll` with :func:`token_nll` reducing each chunk.
 
     Args:
         hidden2: ``(N, D)`` float32/float16/bfloat16 CUDA tensor, any strides.
@@ -110,8 +94,9 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
         targets: ``(N,)`` int64, each in ``[0, V)`` or equal to ``ignore_index``.
         ignore_index, softcap, temperature: as in :func:`token_nll`.
         budget_mb: MiB for one chunk of logits (default ``PPLFAST_GPU_CHUNK_MB`` or 256).
-        logits_dtype: dtype of the logits buffer; default float32 (see the module docstring),
+        logits_dtype: dtype of the logits buffer; default float32 (see ``pplfast._chunked``),
             the input dtype where no fp32-output GEMM exists.
+        scored: ``pplfast._chunked._select_scored`` of ``targets``, when the caller has it.
 
     Returns:
         ``(N,)`` float32, equal to ``token_nll(F.linear(hidden2, weight, bias), targets, ...)``
@@ -119,4 +104,4 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     """
     return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, launcher=token_nll, budget_mb=budget_mb,
-                                    logits_dtype=logits_dtype)
+                                    logits_dtype=logits_dtype, scored=scored)

@@ -5,27 +5,29 @@ Every backend module exposes the same two launchers, called with validated, norm
     token_nll(logits3, targets, ignore_index, softcap, temperature) -> float32 (B*T,)
         logits3: (B, T, V) view of the caller's logits, any strides, dtype kept
         targets: (B*T,) int64, contiguous, each in [0, V) or == ignore_index
-    linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature)
-        -> float32 (N,)
+    linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
+                     scored=None) -> float32 (N,)
         hidden2: (N, D), weight: (V, D), bias: (V,) or None, targets as above
+        scored: (rows, targets of those rows) from pplfast._chunked._select_scored, counted by
+            the caller in the same host sync as the target-range check; rows is None when every
+            row is scored. None: the launcher selects them itself.
+
+Resolution happens once per public call, in Python, before the custom op runs (pplfast._ops);
+the op's body calls :func:`module`.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
+from . import _env
+
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-ENV_BACKEND = "PPLFAST_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine or on these tensors."""
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _auto(device: torch.device, op: str) -> str:
@@ -47,9 +49,9 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             'or pass backend="reference" (float64 PyTorch, slow)'
         )
     if backend == "auto":
-        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+        backend = _env.backend_override()
         if backend not in BACKENDS:
-            raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"{_env.BACKEND} must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
             backend = _auto(device, op)
     if backend == "cpu" and device.type != "cpu":
@@ -57,7 +59,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             f'backend="cpu" needs CPU tensors, got tensors on {device}; '
             'use backend="auto" or move the tensors with .cpu()'
         )
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not _env.interpreting():
         raise BackendUnavailableError(
             f'backend="triton" needs CUDA tensors, got tensors on {device} '
             "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors "

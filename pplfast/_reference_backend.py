@@ -15,7 +15,10 @@ def token_nll(logits3, targets, ignore_index, softcap, temperature) -> torch.Ten
     return nll.float()
 
 
-def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature):
+def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
+                     scored=None):
+    # the oracle scores every row itself, ignored ones included; ``scored`` is not needed
+    del scored
     nll = reference.linear_token_nll(
         hidden2, weight, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
         temperature=temperature,

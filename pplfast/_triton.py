@@ -28,7 +28,7 @@ import functools
 import torch
 
 from . import _env
-from ._linear import chunked_linear_token_nll
+from ._chunked import _select_scored, chunked_linear_token_nll
 from .kernels.linear_token_nll import linear_token_nll_forward
 from .kernels.token_nll import token_nll_forward
 
@@ -51,13 +51,19 @@ def fused_supported(hidden2: torch.Tensor, allow_tf32: bool) -> bool:
     return _env.interpreting()
 
 
-def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature):
+def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
+                     scored=None):
+    """``scored``: ``(rows, scored_targets)`` from :func:`pplfast._chunked._select_scored` when
+    the caller has them (rows None: every row is scored); found here otherwise."""
     allow_tf32 = _env.allow_tf32()
+    if scored is None:
+        scored = _select_scored(targets, ignore_index)
     if not fused_supported(hidden2, allow_tf32):
         launcher = functools.partial(token_nll_forward, sm_count=_sm_count(hidden2),
                                      autotune=_env.autotune())
         return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
-                                        temperature, launcher=launcher)
+                                        temperature, launcher=launcher, scored=scored)
     return linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, sm_count=_sm_count(hidden2),
-                                    allow_tf32=allow_tf32, autotune=_env.autotune())
+                                    allow_tf32=allow_tf32, autotune=_env.autotune(),
+                                    rows=scored[0])

@@ -134,12 +134,24 @@ def linear_shapes(hidden, weight, bias) -> None:
             )
 
 
-def target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every target must be ``ignore_index`` or lie in ``[0, V)``; one reduction, one sync."""
+def scored_targets(targets: torch.Tensor, V: int, ignore_index: int, *, check: bool,
+                   count: bool) -> tuple[torch.Tensor, Optional[int]]:
+    """``(mask, n_scored)``: the mask ``targets != ignore_index`` and, with ``count``, its number of
+    True elements (else None).
+
+    With ``check``, every target must be ``ignore_index`` or lie in ``[0, V)``; the first one that
+    is not raises ValueError naming its index and value. Checking and counting share one host
+    sync; with neither there is none.
+    """
+    mask = targets != ignore_index
     if targets.numel() == 0:
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
+        return mask, 0
+    if not check:
+        return mask, int(mask.sum()) if count else None
+    bad = mask & ((targets < 0) | (targets >= V))
+    # one scalar read: the scored count, or -1 when some target is out of range
+    n_scored = int(torch.where(bad.any(), -1, mask.sum() if count else 0))
+    if n_scored < 0:
         flat = bad.reshape(-1).nonzero()[0, 0].item()
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(targets.shape)))
         value = int(targets.reshape(-1)[flat])
@@ -147,3 +159,4 @@ def target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
             f"targets{list(index)} = {value} is outside [0, {V}) and is not "
             f"ignore_index={ignore_index}"
         )
+    return mask, n_scored if count else None

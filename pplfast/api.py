@@ -1,11 +1,36 @@
-"""Public functions: validate, normalise layouts, dispatch. No numerics live here."""
+"""Public functions: validate, normalise layouts, resolve the backend, call the op. No numerics
+live here.
+
+The layouts handed to the ops never copy the caller's tensors where strides allow: logits go as a
+``(B, T, V)`` view (``shift=True`` slices ``logits[..., :-1, :]`` keep a (batch, time) stride
+pair), hidden states as an ``(N, D)`` view. ``shift=True`` on ``(B, T, D)`` hidden states with
+B > 1 cannot be one ``(N, D)`` view of ``hidden[:, :-1]``: the whole ``hidden`` goes as
+``(B * T, D)`` with the last position of each sequence given ``ignore_index``, so that position
+costs no GEMM (ignored rows are dropped by row index) and nothing is copied.
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate
+from . import _dispatch, _ops, _validate
+
+
+def _merge_free(x: torch.Tensor, dims: int) -> bool:
+    """Whether the first ``dims`` dimensions of ``x`` merge into one by a view (no copy)."""
+    sizes, strides = x.shape[:dims], x.stride()[:dims]
+    if any(size == 0 for size in sizes):
+        return True
+    expected = None
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return False
+        expected = stride * size
+    return True
 
 
 def _rows3(x: torch.Tensor) -> torch.Tensor:
@@ -20,23 +45,38 @@ def _rows3(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, 1, W)
     if len(lead) == 1:
         return x.unsqueeze(0)
-    try:
-        return x.view(-1, lead[-1], W)
-    except RuntimeError:
-        return x.reshape(-1, lead[-1], W)
+    shape = (math.prod(lead[:-1]), lead[-1], W)  # no -1: it is ambiguous for empty tensors
+    return x.view(shape) if _merge_free(x, len(lead) - 1) else x.reshape(shape)
 
 
-def _prepare(name, x, targets, ignore_index, shift, softcap, temperature, backend, op, **others):
+def _rows2(hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, shift: bool):
+    """``(hidden2, targets, crop)``: hidden as ``(N, D)`` and the targets of its rows; ``crop``
+    when the last position of every sequence is a padding row to drop from the output."""
+    def rows(x):
+        return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # a view where strides allow
+
+    if not shift:
+        return rows(hidden), targets, False
+    sliced, shifted = hidden[..., :-1, :], targets[..., 1:]
+    if _merge_free(sliced, sliced.ndim - 1) or not _merge_free(hidden, hidden.ndim - 1):
+        return rows(sliced), shifted, False  # a view in the first case
+    shifted = shifted.to(torch.int64)
+    padding = shifted.new_full((*shifted.shape[:-1], 1), ignore_index)
+    return rows(hidden), torch.cat([shifted, padding], dim=-1), True
+
+
+def _prepare(name, x, targets, ignore_index, shift, softcap, temperature, check_targets, backend,
+             op, **others):
     _validate.float_tensor(name, x)
     _validate.target_tensor(targets)
     ignore_index, softcap, temperature = _validate.options(ignore_index, shift, softcap,
                                                            temperature)
+    if not isinstance(check_targets, bool):
+        raise TypeError(f"check_targets must be a bool, got {check_targets!r}")
     _validate.leading_shape(name, x, targets, shift)
     device = _validate.same_device(**{name: x, "targets": targets}, **others)
     resolved = _dispatch.resolve(backend, device, op)
-    if shift:
-        x, targets = x[..., :-1, :], targets[..., 1:]
-    return x, targets, resolved, (ignore_index, softcap, temperature)
+    return resolved, (ignore_index, softcap, temperature)
 
 
 def token_nll(
@@ -48,6 +88,7 @@ def token_nll(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Per-token negative log-likelihood, in one pass over the logits.
 
@@ -64,26 +105,27 @@ def token_nll(
         softcap: cap applied as ``softcap * tanh(z / softcap)`` (Gemma 2 style), or None.
         temperature: divide the (capped) logits by this, > 0.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        check_targets: check that every target is ``ignore_index`` or in ``[0, V)`` (one host
+            sync per call); pass False only for targets already validated, since an
+            out-of-range target is then an out-of-bounds read.
 
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
+
+    The work runs in the custom op ``torch.ops.pplfast.token_nll``. Under ``torch.compile``
+    (``fullgraph=True`` works) validation and backend choice run at trace time and the op is one
+    node of the graph; the target-range check runs inside the op at run time, as in eager mode.
     """
-    logits, targets, backend, (ignore_index, softcap, temperature) = _prepare(
-        "logits", logits, targets, ignore_index, shift, softcap, temperature, backend, "token_nll"
+    backend, (ignore_index, softcap, temperature) = _prepare(
+        "logits", logits, targets, ignore_index, shift, softcap, temperature, check_targets,
+        backend, "token_nll",
     )
-    lead = targets.shape
-    V = logits.shape[-1]
-    _validate.target_range(targets, V, ignore_index)
-    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    if flat_targets.numel() == 0 or V == 0:
-        # no rows, or every target is ignore_index (the range check allows nothing else at V=0)
-        return torch.zeros(lead, dtype=torch.float32, device=logits.device)
+    if shift:
+        logits, targets = logits[..., :-1, :], targets[..., 1:]
     with torch.no_grad():  # scoring is forward-only; also accepts parameters with requires_grad
-        nll = _dispatch.module(backend).token_nll(
-            _rows3(logits), flat_targets, ignore_index,
-            None if softcap is None else float(softcap), float(temperature),
-        )
-    return nll.reshape(lead)
+        nll = _ops.token_nll(_rows3(logits), targets, ignore_index, softcap, temperature, backend,
+                             check_targets)
+    return nll.view(targets.shape)
 
 
 def linear_token_nll(
@@ -97,6 +139,7 @@ def linear_token_nll(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Per-token NLL of the output layer applied to hidden states, never building the logits.
 
@@ -108,37 +151,24 @@ def linear_token_nll(
             dtype as ``hidden``.
         targets: ``(...)`` int64 or int32, each in ``[0, V)`` or equal to ``ignore_index``.
         bias: optional ``(V,)`` output-layer bias.
-        ignore_index, shift, softcap, temperature, backend: as in :func:`token_nll`.
+        ignore_index, shift, softcap, temperature, backend, check_targets: as in
+            :func:`token_nll`; the op is ``torch.ops.pplfast.linear_token_nll``.
 
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
     """
     _validate.float_tensor("weight", weight)  # before _prepare reads its device
-    hidden, targets, backend, (ignore_index, softcap, temperature) = _prepare(
-        "hidden", hidden, targets, ignore_index, shift, softcap, temperature, backend,
-        "linear_token_nll", weight=weight, bias=bias,
+    backend, (ignore_index, softcap, temperature) = _prepare(
+        "hidden", hidden, targets, ignore_index, shift, softcap, temperature, check_targets,
+        backend, "linear_token_nll", weight=weight, bias=bias,
     )
     _validate.linear_shapes(hidden, weight, bias)
-    lead = targets.shape
-    V, D = weight.shape
-    _validate.target_range(targets, V, ignore_index)
-    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    if flat_targets.numel() == 0 or V == 0:
-        return torch.zeros(lead, dtype=torch.float32, device=hidden.device)
+    hidden2, targets, crop = _rows2(hidden, targets, ignore_index, shift)
     with torch.no_grad():
-        if D == 0:
-            # every row's logits are the bias (or zeros): score one row through a stride-0 view
-            row = bias if bias is not None else weight.new_zeros(V)
-            nll = _dispatch.module(backend).token_nll(
-                row.expand(1, flat_targets.numel(), V), flat_targets, ignore_index,
-                None if softcap is None else float(softcap), float(temperature),
-            )
-            return nll.reshape(lead)
-        nll = _dispatch.module(backend).linear_token_nll(
-            hidden.reshape(-1, D), weight, bias, flat_targets, ignore_index,
-            None if softcap is None else float(softcap), float(temperature),
-        )
-    return nll.reshape(lead)
+        nll = _ops.linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
+                                    temperature, backend, check_targets)
+    nll = nll.view(targets.shape)
+    return nll[..., :-1].contiguous() if crop else nll
 
 
 def _perplexity(nll: torch.Tensor, targets: torch.Tensor, ignore_index: int, shift: bool):
@@ -151,7 +181,8 @@ def _perplexity(nll: torch.Tensor, targets: torch.Tensor, ignore_index: int, shi
 def perplexity(logits: torch.Tensor, targets: torch.Tensor, **options) -> torch.Tensor:
     """``exp(sum(nll) / count(scored))`` of :func:`token_nll`; 0-dim float32, NaN if nothing is scored.
 
-    Takes the same keyword options as :func:`token_nll`; the sum is taken in float64.
+    Takes the same keyword options as :func:`token_nll` (``check_targets`` included); the sum is
+    taken in float64.
     """
     nll = token_nll(logits, targets, **options)
     return _perplexity(nll, targets, options.get("ignore_index", -100), options.get("shift", False))

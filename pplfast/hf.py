@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _validate
 from ._optional import require
 from .api import linear_token_nll, token_nll
 from .metric import Perplexity, PerplexityResult, _exp
@@ -166,8 +167,10 @@ def _find_head(model) -> Optional[_Head]:
 
 
 def _head_logits(head: _Head, hidden: torch.Tensor) -> torch.Tensor:
-    z = F.linear(hidden.float(), head.weight.float(),
-                 None if head.bias is None else head.bias.float())
+    # the GEMM runs in the weight's own dtype, as the model's does: a float32 copy of the whole
+    # output layer would cost 2 GB for Llama-3-8B; only the few probe rows' logits are upcast
+    z = F.linear(hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
+                 head.bias).float()
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
     return z / head.temperature
@@ -343,24 +346,29 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
             skip = w.score_start - w.start - 1  # outputs that only feed context
             targets[row, skip:n] = streams[doc][w.score_start : w.stop]
         padded = bool((mask == 0).any())
+        cpu_targets = targets
         ids, targets = ids.to(device), targets.to(device)
         # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
         attn = mask.to(device) if padded else None
+        # the targets are range-checked here, on the CPU where they were built, so the calls
+        # below skip the check and its device sync (check_targets=False)
         if head is not None:
+            _validate.scored_targets(cpu_targets, head.weight.shape[0], IGNORE, check=True,
+                                     count=False)
             hidden = _last_hidden(_call(head.body, ids, attn))
-            keep = targets != IGNORE
-            # with the model split over devices, the output layer may sit apart from the body
-            rows = hidden[keep].to(device=head.weight.device, dtype=head.weight.dtype)
-            nll_rows = linear_token_nll(
-                rows, head.weight, targets[keep].to(head.weight.device), bias=head.bias,
-                softcap=head.softcap, temperature=head.temperature, backend=backend,
-            )
-            nll = torch.zeros(targets.shape, dtype=torch.float32)
-            nll[keep.cpu()] = nll_rows.cpu()
+            # with the model split over devices, the output layer may sit apart from the body;
+            # context-only and padding positions are ignored rows, which cost no GEMM
+            nll = linear_token_nll(
+                hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
+                targets.to(head.weight.device), bias=head.bias, softcap=head.softcap,
+                temperature=head.temperature, backend=backend, check_targets=False,
+            ).cpu()
         else:
             logits = _logits(_call(model, ids, attn))
+            _validate.scored_targets(cpu_targets, logits.shape[-1], IGNORE, check=True,
+                                     count=False)
             nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
-                            backend=backend).cpu()
+                            backend=backend, check_targets=False).cpu()
         for row, (doc, w) in enumerate(batch):
             skip = w.score_start - w.start - 1
             out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]

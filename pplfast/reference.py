@@ -2,7 +2,9 @@
 
 Each function equals ``F.cross_entropy(z.double(), targets, reduction="none", ignore_index=...)``
 with ``z`` the (soft-capped, temperature-scaled) logits, and returns float64. Rows are processed in
-chunks so that the float64 copies stay within a few tens of MiB whatever the input size.
+chunks, so the float64 copies of the logits stay within a few tens of MiB whatever the number of
+rows; ``linear_token_nll`` also holds a float64 copy of the whole weight (V x D x 8 bytes: 4 GiB
+for a 128k x 4096 output layer), since the oracle favours plainness over memory.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pplfast
-from pplfast import _linear, reference
+from pplfast import _chunked, reference
 
 from helpers import LSE_RTOL, assert_nll_close, row_lse
 
@@ -361,7 +361,7 @@ def test_linear_public_api_and_shift(cuda_backend):
 
 def test_linear_fp32_out_gemm_beats_same_dtype_logits(cuda_backend):
     """With an fp32 logits buffer, bf16 inputs lose only the GEMM's accumulation error."""
-    if not _linear.fp32_out_gemm_available():
+    if not _chunked.fp32_out_gemm_available():
         pytest.skip("this PyTorch has no out_dtype GEMM")
     N, D, V = 512, 256, 8192
     hidden = randn((N, D), torch.bfloat16, scale=1.0)

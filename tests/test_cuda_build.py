@@ -1,6 +1,6 @@
 """The CUDA backend where no GPU is needed: nvcc compiles csrc/cuda (warnings are errors), the
 built module imports and plans launches, the backend explains itself when the module is missing,
-and the hidden-states path of pplfast/_cuda.py runs the shared chunked loop of pplfast/_linear.py
+and the hidden-states path of pplfast/_cuda.py runs the shared chunked loop of pplfast/_chunked.py
 with its own logits launcher (the kernel swapped for the reference; the loop itself is tested in
 test_linear_token_nll.py). Compile tests skip where there is no nvcc.
 """

@@ -4,7 +4,9 @@ Every figure is checked against the model's own logits: its loss for one window,
 loops over the Hugging Face guide's sliding windows and lm-evaluation-harness rolling windows.
 """
 import math
+import os
 import random
+import re
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import score_model, score_texts
-from helpers import assert_nll_close
+from helpers import assert_nll_close, run_json_child
 from test_windows import hf_guide_sliding, lm_eval_rolling
 
 pytest.importorskip("transformers")
@@ -319,3 +321,94 @@ def test_bfloat16_model_no_worse_than_its_own_loss(models, tokenizer):
     own_err = (own - truth).abs()
     assert own_err.max() > 1e-3  # control: bf16 logits really are rounded
     assert ours_err.max() <= own_err.max() + 1e-5 and ours_err.mean() <= own_err.mean()
+
+
+PROBE_CHILD = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from pplfast import hf
+from pplfast._memprobe import reset_peak, status_bytes
+
+V, D = 32768, 1024  # a bf16 output layer of 64 MiB; its float32 copy would be 128 MiB
+
+
+class Body(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, D, dtype=torch.bfloat16)
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class LM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Body()
+        self.lm_head = torch.nn.Linear(D, V, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, input_ids):
+        return self.lm_head(self.body(input_ids))
+
+
+torch.manual_seed(0)
+model = LM().eval()
+head = hf._Head(model.body, model.lm_head.weight, None, None, 1.0)
+ids = torch.randint(0, 64, (1, 16))
+run = {
+    "probe": lambda: hf._probe(model, head, ids),
+    "control": lambda: F.linear(model.body(ids).float(), head.weight.float()),  # the old probe
+}[sys.argv[1]]
+with torch.inference_mode():
+    hf._probe(model, head, ids[:, :2])  # load and warm up
+    reset_peak()
+    before = status_bytes("VmHWM")
+    result = run()
+    after = status_bytes("VmHWM")
+print(json.dumps({"extra": after - before, "weight_bytes": V * D * 2,
+                  "why": result if isinstance(result, str) else None}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_probe_makes_no_float32_copy_of_the_output_layer():
+    ours = run_json_child(["-c", PROBE_CHILD, "probe"])
+    assert ours["why"] is None  # body + head agree with the model
+    bound = ours["weight_bytes"] // 2
+    assert ours["extra"] <= bound, f"probe grew peak memory by {ours['extra'] / 2**20:.0f} MiB"
+    control = run_json_child(["-c", PROBE_CHILD, "control"])
+    assert control["extra"] > bound, f"control stayed within the bound: {control}"
+
+
+def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, monkeypatch):
+    from pplfast import hf
+
+    calls = []
+    for name in ("linear_token_nll", "token_nll"):
+        original = getattr(hf, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("check_targets", True)))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(hf, name, spy)
+    ids = encode(tokenizer, seed=13)[:40]
+    score_model(models["llama"], torch.stack([ids, ids]), window=16, stride=8, batch_size=2)
+    assert calls and all(call == ("linear_token_nll", False) for call in calls), calls
+    calls.clear()
+    score_model(LogitsOnly(models["llama"]), ids, window=16, stride=8)
+    assert calls and all(call == ("token_nll", False) for call in calls), calls
+    bad = ids.clone()
+    bad[5] = len(tokenizer)
+    with pytest.raises(ValueError, match=re.escape(f"input_ids[5] = {len(tokenizer)} is outside")):
+        score_model(models["llama"], bad)  # the up-front check, in input_ids' own indexing
+    # past the up-front check (a model whose vocabulary is unknown, or a caller that skips it),
+    # a token that is only ever a target is still caught, on the CPU, before any kernel
+    monkeypatch.setattr(hf, "_check_ids", lambda *args: None)
+    bad = ids.clone()
+    bad[-1] = len(tokenizer)
+    with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
+        score_model(models["llama"], bad)
+    with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
+        score_model(LogitsOnly(models["llama"]), bad)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pplfast
-from pplfast import _linear, reference
+from pplfast import _chunked, _cpu, _env, reference
 from helpers import LSE_RTOL, assert_nll_close, row_lse
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -134,11 +134,11 @@ def test_cpu_large_magnitudes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("budget_kib", [6, 40, 300])
 def test_cpu_tiny_budgets_tile_tokens_and_vocabulary(dtype, budget_kib, monkeypatch):
-    monkeypatch.setenv(_linear.ENV_CPU_CHUNK_MB, str(budget_kib / 1024))
+    monkeypatch.setenv(_env.CPU_CHUNK_MB, str(budget_kib / 1024))
     hidden, weight, b, targets = make_inputs(70, 40, 2053, dtype, bias=True, ignore_every=4)
-    rows, cols = _linear.cpu_tile_sizes(70, 2053, 40, upcast=dtype != torch.float32,
-                                        gather_bytes=hidden.element_size(),
-                                        budget=budget_kib << 10)
+    rows, cols = _cpu.cpu_tile_sizes(70, 2053, 40, upcast=dtype != torch.float32,
+                                     gather_bytes=hidden.element_size(),
+                                     budget=budget_kib << 10)
     assert rows < 70 or cols < 2053
     out = pplfast.linear_token_nll(hidden, weight, targets, bias=b, softcap=5.0, backend="cpu")
     check_against_reference(out, hidden, weight, b, targets, softcap=5.0)
@@ -148,25 +148,25 @@ def test_cpu_tiny_budgets_tile_tokens_and_vocabulary(dtype, budget_kib, monkeypa
 @pytest.mark.parametrize("N,V,D", [(4096, 128256, 1024), (7, 507, 123), (100000, 256000, 8192)])
 def test_cpu_tile_sizes_fit_budget(N, V, D, upcast):
     for budget in (1 << 20, 32 << 20, 256 << 20):
-        rows, cols = _linear.cpu_tile_sizes(N, V, D, upcast=upcast, gather_bytes=2, budget=budget)
+        rows, cols = _cpu.cpu_tile_sizes(N, V, D, upcast=upcast, gather_bytes=2, budget=budget)
         assert 1 <= rows <= N and 1 <= cols <= V
         cost = 4 * rows * cols + (4 * (rows + cols) * D if upcast else 0) + 2 * rows * D
         assert cost <= budget, (rows, cols, cost, budget)
 
 
 def test_bad_budget_env(monkeypatch):
-    monkeypatch.setenv(_linear.ENV_CPU_CHUNK_MB, "lots")
+    monkeypatch.setenv(_env.CPU_CHUNK_MB, "lots")
     hidden, weight, _, targets = make_inputs(4, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="PPLFAST_CPU_CHUNK_MB"):
         pplfast.linear_token_nll(hidden, weight, targets, backend="cpu")
-    monkeypatch.setenv(_linear.ENV_CPU_CHUNK_MB, "-1")
+    monkeypatch.setenv(_env.CPU_CHUNK_MB, "-1")
     with pytest.raises(ValueError, match="PPLFAST_CPU_CHUNK_MB must be > 0 MiB, got -1.0"):
         pplfast.linear_token_nll(hidden, weight, targets, backend="cpu")
     with pytest.raises(ValueError, match="budget_mb must be > 0 MiB, got 0"):
-        _linear.cpu_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0, budget_mb=0)
+        _cpu.linear_token_nll(hidden, weight, None, targets, -100, None, 1.0, budget_mb=0)
 
 
-# ---- the chunked GPU path (_linear.chunked_linear_token_nll), on CPU tensors ----------------
+# ---- the chunked GPU path (_chunked.chunked_linear_token_nll), on CPU tensors ----------------
 # It is device-agnostic: here the logits launcher is the native CPU one or the float64
 # reference. The CPU refuses torch.mm(..., out_dtype=torch.float32), so fp16/bf16 take the
 # input-dtype fallback unless a test stands in an fp32-output GEMM.
@@ -212,13 +212,11 @@ def fp32_out_mm(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_chunked_gpu_fallback_path_on_cpu_tensors(dtype):
     # a bf16 fp32-output GEMM is refused on the first chunk: the buffer falls back to bf16
-    from pplfast import _cpu
-
     calls = []
     hidden, weight, b, targets = make_inputs(50, 123, 507, dtype, bias=True, ignore_every=6)
-    out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, 3.0, 0.8,
-                                           launcher=recording(_cpu.token_nll, calls),
-                                           budget_mb=9 * 507 * 2 / 2**20)
+    out = _chunked.chunked_linear_token_nll(hidden, weight, b, targets, -100, 3.0, 0.8,
+                                            launcher=recording(_cpu.token_nll, calls),
+                                            budget_mb=9 * 507 * 2 / 2**20)
     assert {dt for dt, _ in calls} == {dtype}
     # 9 of 50 rows ignored; a bf16 buffer holds 9 rows, a float32 one 4
     assert [n for _, n in calls] == ([9] * 4 + [5] if dtype == torch.bfloat16 else [4] * 10 + [1])
@@ -241,9 +239,9 @@ def test_chunked_gpu_path_fp32_logits(fp32_out_mm, dtype, ignore):
     N, D, V = 63, 123, 507
     hidden, weight, b, targets = make_inputs(N, D, V, dtype, bias=True,
                                              ignore_every=3 if ignore else 0)
-    out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, 20.0, 0.9,
-                                           launcher=recording(reference_launcher, calls),
-                                           budget_mb=10 * V * 4 / 2**20)  # 10 float32 rows
+    out = _chunked.chunked_linear_token_nll(hidden, weight, b, targets, -100, 20.0, 0.9,
+                                            launcher=recording(reference_launcher, calls),
+                                            budget_mb=10 * V * 4 / 2**20)  # 10 float32 rows
     scored = N - (N + 2) // 3 if ignore else N
     assert [dt for dt, _ in calls] == [torch.float32] * len(calls)
     assert [n for _, n in calls] == [10] * (scored // 10) + [scored % 10]
@@ -257,9 +255,9 @@ def test_chunked_gpu_path_fp32_refused_after_first_chunk_raises(fp32_out_mm):
     fp32_out_mm["refuse"] = {1}
     hidden, weight, _, targets = make_inputs(20, 16, 64, torch.bfloat16)
     with pytest.raises(NotImplementedError, match="no fp32-output GEMM"):
-        _linear.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
-                                         launcher=reference_launcher,
-                                         budget_mb=8 * 64 * 4 / 2**20)
+        _chunked.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
+                                          launcher=reference_launcher,
+                                          budget_mb=8 * 64 * 4 / 2**20)
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, None], ids=str)
@@ -267,12 +265,12 @@ def test_chunked_gpu_path_logits_dtype(fp32_out_mm, monkeypatch, logits_dtype):
     # an explicit logits_dtype is used as given; without one and without any fp32-output GEMM
     # in this PyTorch, the input dtype is used at once (no refused call first)
     if logits_dtype is None:
-        monkeypatch.setattr(_linear, "fp32_out_gemm_available", lambda: False)
+        monkeypatch.setattr(_chunked, "fp32_out_gemm_available", lambda: False)
     calls = []
     hidden, weight, b, targets = make_inputs(30, 32, 100, torch.bfloat16, bias=True)
-    out = _linear.chunked_linear_token_nll(hidden, weight, b, targets, -100, None, 1.0,
-                                           launcher=recording(reference_launcher, calls),
-                                           logits_dtype=logits_dtype)
+    out = _chunked.chunked_linear_token_nll(hidden, weight, b, targets, -100, None, 1.0,
+                                            launcher=recording(reference_launcher, calls),
+                                            logits_dtype=logits_dtype)
     want = logits_dtype or torch.bfloat16
     assert [dt for dt, _ in calls] == [want]
     assert fp32_out_mm["calls"] == (1 if want == torch.float32 else 0)
@@ -288,9 +286,9 @@ def test_chunked_gpu_path_forced_fp32_logits_without_support_raises():
     hidden = torch.randn(4, 8).to(torch.bfloat16)
     weight = torch.randn(16, 8).to(torch.bfloat16)
     with pytest.raises(NotImplementedError):
-        _linear.chunked_linear_token_nll(hidden, weight, None, torch.zeros(4, dtype=torch.long),
-                                         -100, None, 1.0, launcher=reference_launcher,
-                                         logits_dtype=torch.float32)
+        _chunked.chunked_linear_token_nll(hidden, weight, None, torch.zeros(4, dtype=torch.long),
+                                          -100, None, 1.0, launcher=reference_launcher,
+                                          logits_dtype=torch.float32)
 
 
 def test_chunked_gpu_path_all_ignored_and_empty():
@@ -298,11 +296,11 @@ def test_chunked_gpu_path_all_ignored_and_empty():
     launcher = recording(reference_launcher, calls)
     hidden, weight, _, _ = make_inputs(5, 8, 16, torch.float32)
     targets = torch.full((5,), -100)
-    out = _linear.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
-                                           launcher=launcher)
+    out = _chunked.chunked_linear_token_nll(hidden, weight, None, targets, -100, None, 1.0,
+                                            launcher=launcher)
     assert out.dtype == torch.float32 and bool((out == 0).all()) and out.shape == (5,)
-    out = _linear.chunked_linear_token_nll(hidden[:0], weight, None, targets[:0], -100, None, 1.0,
-                                           launcher=launcher)
+    out = _chunked.chunked_linear_token_nll(hidden[:0], weight, None, targets[:0], -100, None, 1.0,
+                                            launcher=launcher)
     assert out.shape == (0,) and calls == []
 
 
@@ -311,7 +309,7 @@ def test_chunked_gpu_path_all_ignored_and_empty():
                           (1000, 2, 1000, 896), (50, 4, 0, 1)])
 def test_gpu_chunk_rows_whole_gemm_tiles(V, element, budget_rows, rows):
     # chunks of 128 rows or more are cut to whole 128-row GEMM tiles; at least one row
-    assert _linear.gpu_chunk_rows(V, element, budget_rows * V * element + V - 1) == rows
+    assert _chunked.gpu_chunk_rows(V, element, budget_rows * V * element + V - 1) == rows
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="needs PyTorch >= 2.13")

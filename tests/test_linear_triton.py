@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pplfast
-from pplfast import _linear, reference
+from pplfast import _chunked, reference
 from helpers import LSE_RTOL, assert_nll_close, compile_triton, nvidia_backend, row_lse
 
 pytest.importorskip("triton")
@@ -252,7 +252,7 @@ def test_chunked_fallback_with_triton_logits_kernel(dtype, monkeypatch):
     hidden, weight, b, targets = make_inputs(30, 40, 257, dtype, bias=True, ignore_every=4)
     monkeypatch.setenv("PPLFAST_GPU_CHUNK_MB", str(7 * 257 * 2 / 2**20))  # 7 rows per chunk
     out = _triton.linear_token_nll(hidden, weight, b, targets, -100, 4.0, 1.0)
-    if dtype == torch.float32 or (DEVICE == "cuda" and _linear.fp32_out_gemm_available()):
+    if dtype == torch.float32 or (DEVICE == "cuda" and _chunked.fp32_out_gemm_available()):
         # float32 logits: float32 inputs, or fp16 through CUDA's fp32-output GEMM
         check(out, hidden, weight, b, targets, softcap=4.0)
     else:

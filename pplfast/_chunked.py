@@ -1,0 +1,167 @@
+"""The chunked GEMM hidden-states path shared by the GPU backends, and the scored-row helpers.
+
+Per-token NLL of ``hidden @ weight.T + bias`` within a memory budget: the scored tokens are cut
+into chunks; each chunk's logits come from one GEMM into a single reused buffer and are reduced
+at once by a logits launcher (the ``token_nll`` launcher of the calling backend), so the extra
+memory is one chunk (``PPLFAST_GPU_CHUNK_MB``, default 256 MiB) plus O(N), never N x V. It is the
+hidden-states path of ``backend="cuda"`` and the fallback of ``backend="triton"`` on GPUs the
+fused kernel does not cover.
+
+The fp32-output GEMM (the one place this is explained; the backends point here). The logits
+buffer is float32 by default:
+
+- float32 inputs: an fp32 GEMM (IEEE products unless the caller enabled TF32 through
+  ``torch.backends.cuda.matmul.allow_tf32``);
+- float16 / bfloat16 inputs: ``torch.mm(h, w.T, out_dtype=torch.float32)``, cuBLAS with fp32
+  accumulation *and* fp32 output. The same-dtype PyTorch path (``F.linear``) accumulates in fp32
+  too but then rounds every logit to 8 (bf16) or 11 (fp16) bits; skipping that rounding makes
+  this path strictly more accurate, for twice the buffer bytes per logit. A bias is added in
+  float32. Where PyTorch refuses that GEMM for these tensors (no ``out_dtype`` overload, or a
+  device without it, such as the CPU), the first chunk's refusal switches the buffer to the
+  input dtype: then the logits are exactly those of ``F.linear``.
+
+Scored rows. Rows whose target is ``ignore_index`` cost no GEMM: the caller (``pplfast._ops``)
+counts the scored rows once per call, in the same host sync as the target-range check, and
+hands the launchers ``scored = (rows, targets of those rows)`` from :func:`_select_scored`;
+``rows`` is None when every row is scored. Launchers called directly compute it themselves.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _env
+
+Scored = Tuple[Optional[torch.Tensor], torch.Tensor]
+
+
+def _select_scored(targets: torch.Tensor, ignore_index: int, *,
+                   mask: Optional[torch.Tensor] = None, count: Optional[int] = None) -> Scored:
+    """``(rows, scored_targets)``: indices of the rows to score (None when every row is scored)
+    and the targets of those rows.
+
+    ``mask`` (``targets != ignore_index``) and ``count`` (its number of True elements) are reused
+    when the caller has them; without ``count`` this makes one host sync (the count sizes the
+    gather). Ignored rows cost no GEMM: the caller returns zeros when ``scored_targets`` is empty
+    and scatters the NLL of the scored rows back with :func:`_scatter_scored`.
+    """
+    if mask is None:
+        mask = targets != ignore_index
+    if count is None:
+        count = int(mask.sum())
+    if count == targets.numel():
+        return None, targets
+    try:  # nonzero_static knows its size, so it needs no second sync
+        rows = torch.nonzero_static(mask, size=count).squeeze(1)
+    except NotImplementedError:  # older PyTorch builds have it on the CPU only
+        rows = mask.nonzero().squeeze(1)
+    return rows, targets.index_select(0, rows)
+
+
+def _scatter_scored(out: torch.Tensor, rows: Optional[torch.Tensor],
+                    nll: torch.Tensor) -> torch.Tensor:
+    if rows is None:
+        return nll
+    return out.index_copy_(0, rows, nll)
+
+
+def fp32_out_gemm_available() -> bool:
+    """Whether this PyTorch has ``torch.mm(..., out_dtype=...)`` at all (on CUDA, in practice:
+    other devices refuse it at run time, which the chunk loop handles)."""
+    return hasattr(torch.ops.aten.mm, "dtype_out")
+
+
+def gpu_chunk_rows(V: int, element_size: int, budget: int) -> int:
+    """Token rows per chunk of ``V``-wide logits of ``element_size`` bytes within ``budget``."""
+    step = max(1, budget // max(1, V * element_size))
+    if step >= 128:
+        step -= step % 128  # whole GEMM tiles
+    return step
+
+
+class _Fp32OutGemmRefused(Exception):
+    """The first fp16/bf16 -> float32 GEMM was refused for these tensors."""
+
+
+def chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
+                             *, launcher: Callable, budget_mb: Optional[float] = None,
+                             logits_dtype: Optional[torch.dtype] = None,
+                             scored: Optional[Scored] = None) -> torch.Tensor:
+    """Chunked GEMM + fused logits reduction, for any device and dtype (the GPU hidden path).
+
+    The scored rows are cut into chunks (whole multiples of 128 rows where the budget allows);
+    each chunk's logits come from one GEMM into a single reused buffer (float32 by default, see
+    the module docstring) and its NLL from ``launcher``. Extra memory is the chunk buffer plus
+    O(N), never N x V.
+
+    Args:
+        hidden2: ``(N, D)`` float32/float16/bfloat16, any row stride.
+        weight: ``(V, D)``, same dtype; bias: ``(V,)`` or None.
+        targets: ``(N,)`` int64 contiguous, in ``[0, V)`` or ``== ignore_index``.
+        ignore_index, softcap (None or > 0), temperature (> 0): as in ``token_nll``.
+        launcher: ``launcher(logits3, targets, ignore_index, softcap, temperature) -> (B*T,)``
+            float32 NLL, the ``token_nll`` launcher interface of ``pplfast._dispatch``.
+        budget_mb: MiB for one chunk of logits (default ``PPLFAST_GPU_CHUNK_MB`` or 256).
+        logits_dtype: dtype of the logits buffer, overriding the default; a float32 buffer for
+            fp16/bf16 inputs then raises where PyTorch refuses the fp32-output GEMM.
+        scored: :func:`_select_scored` of ``targets``, when the caller has it.
+
+    Returns:
+        ``(N,)`` float32, equal to ``token_nll(F.linear(hidden2, weight, bias), targets, ...)``
+        computed in float64 (up to the GEMM's rounding); 0 where the target is ignored.
+    """
+    budget = _env.budget_bytes(_env.GPU_CHUNK_MB, _env.DEFAULT_GPU_CHUNK_MB, budget_mb)
+    N = hidden2.shape[0]
+    out = torch.zeros(N, dtype=torch.float32, device=hidden2.device)
+    rows, targets = scored if scored is not None else _select_scored(targets, ignore_index)
+    if targets.numel() == 0:
+        return out
+    args = (hidden2, weight, bias, targets, rows, ignore_index, softcap, temperature, launcher,
+            budget)
+    if logits_dtype is not None:
+        nll = _chunk_loop(*args, logits_dtype)
+    elif hidden2.dtype == torch.float32 or not fp32_out_gemm_available():
+        nll = _chunk_loop(*args, hidden2.dtype)
+    else:
+        try:
+            nll = _chunk_loop(*args, torch.float32, refusable=True)
+        except _Fp32OutGemmRefused:
+            nll = _chunk_loop(*args, hidden2.dtype)
+    return _scatter_scored(out, rows, nll)
+
+
+def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, temperature,
+                launcher, budget: int, logits_dtype: torch.dtype, *,
+                refusable: bool = False) -> torch.Tensor:
+    """NLL of the scored rows (``rows``, None for all; ``targets`` already gathered)."""
+    V = weight.shape[0]
+    device = hidden2.device
+    n_scored = targets.shape[0]
+    element = torch.empty((), dtype=logits_dtype).element_size()
+    step = gpu_chunk_rows(V, element, budget)
+    mixed = logits_dtype != hidden2.dtype
+    buf = torch.empty(min(step, n_scored) * V, dtype=logits_dtype, device=device)
+    b = None if bias is None else bias.to(logits_dtype)
+    wt = weight.t()
+    nll = torch.empty(n_scored, dtype=torch.float32, device=device)
+    for r0 in range(0, n_scored, step):
+        n = min(step, n_scored - r0)
+        h = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(0, rows[r0 : r0 + n])
+        z = buf[: n * V].view(n, V)
+        if mixed:
+            try:
+                torch.mm(h, wt, out_dtype=logits_dtype, out=z)
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                if refusable and r0 == 0:
+                    raise _Fp32OutGemmRefused() from exc
+                raise
+            if b is not None:
+                z.add_(b)
+        elif b is None:
+            torch.mm(h, wt, out=z)
+        else:
+            torch.addmm(b, h, wt, out=z)
+        nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
+                                    temperature)
+    return nll
