@@ -16,6 +16,7 @@ COMMANDS = {
     "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
     "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
     "eval": ("pplfast.eval_cli", "lm-evaluation-harness with the pplfast model (all lm-eval options)"),
+    "doctor": ("pplfast.doctor", "check every backend on this machine against the float64 reference"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
 
