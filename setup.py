@@ -24,7 +24,8 @@ cpu_arch = os.environ.get("PPLFAST_CPU_ARCH", "native")
 ext_modules = [
     Pybind11Extension(
         "pplfast._C",
-        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp", "csrc/cpu/token_stats.cpp"],
+        depends=["csrc/cpu/common.h", "csrc/cpu/token_nll.h", "csrc/cpu/token_stats.h"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3", f"-march={cpu_arch}", "-fopenmp", "-fno-math-errno"],
