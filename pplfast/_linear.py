@@ -286,3 +286,46 @@ def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, tem
         nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
                                     temperature)
     return nll
+
+
+def cpu_logit_tiles(hidden2, weight, bias, rows: Optional[torch.Tensor], n_scored: int,
+                    budget: int):
+    """The tile loop of :func:`chunked_cpu` as a generator of ``(logits, v0, r0, n)``.
+
+    ``logits`` is the ``(n, c)`` float32 block of vocabulary columns ``v0 ...`` for scored rows
+    ``r0 ... r0 + n`` (``rows``: their indices in ``hidden2``, None for all), in one reused buffer
+    that the caller must fold before asking for the next tile. Tiles run vocabulary outside, so
+    each row sees its columns in increasing order.
+    """
+    D = hidden2.shape[1]
+    V = weight.shape[0]
+    upcast = hidden2.dtype != torch.float32
+    gather_bytes = 0 if rows is None else hidden2.element_size()
+    n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
+                                  budget=budget)
+    logits_buf = torch.empty(n_max * c_max, dtype=torch.float32)
+    if upcast:
+        weight_buf = torch.empty(c_max * D, dtype=torch.float32)
+        hidden_buf = torch.empty(n_max * D, dtype=torch.float32)
+    fused_bias = bias is not None and bias.dtype == torch.float32
+    for v0 in range(0, V, c_max):
+        c = min(c_max, V - v0)
+        w_tile = weight[v0 : v0 + c]
+        if upcast:
+            w_tile = weight_buf[: c * D].view(c, D).copy_(w_tile)
+        b_tile = None if bias is None else bias[v0 : v0 + c]
+        for r0 in range(0, n_scored, n_max):
+            n = min(n_max, n_scored - r0)
+            h_tile = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(
+                0, rows[r0 : r0 + n])
+            if upcast:
+                h_tile = hidden_buf[: n * D].view(n, D).copy_(h_tile)
+            logits = logits_buf[: n * c].view(n, c)
+            if fused_bias:
+                torch.addmm(b_tile, h_tile, w_tile.T, out=logits)
+            else:
+                torch.matmul(h_tile, w_tile.T, out=logits)
+                if b_tile is not None:
+                    logits.add_(b_tile)
+            yield logits, v0, r0, n
+            del h_tile
