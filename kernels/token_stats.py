@@ -101,7 +101,7 @@ def _token_stats_kernel(
         z = _capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
         above += (z > target_z).to(tl.int32)
         block_max = tl.max(z, axis=0)
-        first = tl.min(tl.where(z == block_max, idx.to(tl.int64), _NO_INDEX), axis=0)
+        first = tl.min(tl.where((z == block_max) & mask, idx.to(tl.int64), _NO_INDEX), axis=0)
         take = (first != _NO_INDEX) & ((amax_idx == _NO_INDEX) | (block_max > amax))
         amax = tl.where(take, block_max, amax)
         amax_idx = tl.where(take, first, amax_idx)
