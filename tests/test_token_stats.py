@@ -374,3 +374,78 @@ def test_kernels_compile_for_sm80_sm90():
         pytest.skip("triton has no NVIDIA backend here")
     stdout = run_compile_script(_COMPILE_SCRIPT)
     assert stdout.count("ok ") == 2 * (3 * 2 * 2 + 1), stdout
+
+
+def test_metric_stats_fields_merge():
+    logits = torch.randn(2, 9, 50)
+    ids = torch.randint(0, 50, (2, 9))
+    ids[0, 3] = IGNORE
+    whole = pplfast.Perplexity()
+    out = whole.update(logits, ids, shift=True, stats=True)
+    assert isinstance(out, pplfast.TokenStats)
+    result = whole.compute()
+    z = logits[:, :-1].double()
+    t = ids[:, 1:]
+    scored = t != IGNORE
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert result.mean_entropy == pytest.approx(entropy[scored].mean().item(), rel=1e-6)
+    top1 = (z.argmax(-1) == t)[scored].double().mean().item()
+    assert result.top1_accuracy == pytest.approx(top1, abs=1e-12)
+    # two halves merged give the same figures; the linear update adds the same way
+    a, b = pplfast.Perplexity(), pplfast.Perplexity()
+    a.update(logits[:1], ids[:1], shift=True, stats=True)
+    b.update_linear(logits[1:], torch.eye(50), ids[1:], shift=True, stats=True)
+    merged = a.merge(b).compute()
+    assert merged.mean_entropy == pytest.approx(result.mean_entropy, rel=1e-6)
+    assert merged.top1_accuracy == pytest.approx(result.top1_accuracy, abs=1e-12)
+    plain = pplfast.Perplexity()
+    plain.update(logits, ids, shift=True)
+    assert plain.compute().mean_entropy is None and plain.compute().top1_accuracy is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
+def test_score_model_and_texts_stats(kind):
+    pytest.importorskip("transformers")
+    from test_hf import build_model, encode, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    model = build_model(kind, len(tokenizer))
+    ids = encode(tokenizer, seed=3, lines=3)[:60]
+    res = pplfast.score_model(model, ids, stats=True, top_k=3)
+    plain = pplfast.score_model(model, ids)
+    assert torch.equal(res.token_nll, plain.token_nll)
+    st = res.stats
+    assert st.entropy.shape == ids.shape and st.top_k_ids.shape == (*ids.shape, 3)
+    with torch.no_grad():
+        logits = model(ids.unsqueeze(0)).logits[0]
+    expected = reference.token_stats(logits[:-1], ids[1:], top_k=3)
+    lse = torch.logsumexp(logits[:-1].double(), -1)
+    assert_nll_close(st.entropy[1:], expected.entropy.float(), lse, rtol=1e-5, what="entropy")
+    assert_nll_close(st.max_logprob[1:], expected.max_logprob.float(), lse, rtol=1e-5)
+    assert torch.equal(st.argmax[1:], expected.argmax) and torch.equal(st.rank[1:], expected.rank)
+    assert torch.equal(st.top_k_ids[1:], expected.top_k_ids)
+    assert int(st.argmax[0]) == -1 and float(st.entropy[0]) == 0.0  # the unscored first token
+    scored = res.scored
+    assert res.mean_entropy == pytest.approx(expected.entropy.mean().item(), rel=1e-5)
+    top1 = (expected.argmax == ids[1:]).double().mean().item()
+    assert res.top1_accuracy == pytest.approx(top1, abs=1e-12)
+    assert bool(scored[1:].all())
+
+    texts = ["the quick brown fox jumps", "river stone light über café"]
+    out = pplfast.score_texts(model, tokenizer, texts, stats=True, top_k=2)
+    entropies, hits, n = [], 0, 0
+    for doc in out.documents:
+        assert doc.stats.nll is doc.token_nll or torch.equal(doc.stats.nll, doc.token_nll)
+        assert doc.stats.top_k_ids.shape == (len(doc.token_ids), 2)
+        entropies.append(doc.stats.entropy[doc.scored])
+        hits += int((doc.stats.argmax == doc.token_ids)[doc.scored].sum())
+        n += int(doc.scored.sum())
+    assert out.corpus.mean_entropy == pytest.approx(torch.cat(entropies).double().mean().item(),
+                                                    rel=1e-6)
+    assert out.corpus.top1_accuracy == pytest.approx(hits / n, abs=1e-12)
+    assert pplfast.score_texts(model, tokenizer, texts).corpus.mean_entropy is None
+    with pytest.raises(ValueError, match="top_k"):
+        pplfast.score_model(model, ids, top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        pplfast.score_model(model, ids, stats=True, top_k=65)
