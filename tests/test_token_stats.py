@@ -449,3 +449,52 @@ def test_score_model_and_texts_stats(kind):
         pplfast.score_model(model, ids, top_k=2)
     with pytest.raises(ValueError, match="top_k"):
         pplfast.score_model(model, ids, stats=True, top_k=65)
+
+
+def test_cli_score_stats(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from pplfast.cli import main
+    from test_hf import build_model, corpus, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=48)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    texts = [" ".join(corpus(3, seed=41)), "naïve café ✓ 東京"]
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    per_token = tmp_path / "tokens.jsonl"
+    argv = ["score", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "docs.jsonl"),
+            "--window", "32", "--no-progress"]
+    assert main([*argv, "--json", "--stats", "--top-k", "3", "--per-token", str(per_token)]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    expected = pplfast.score_texts(model, tokenizer, texts, window=32, stride=16, stats=True,
+                                   top_k=3)
+    assert figures["mean_entropy"] == pytest.approx(expected.corpus.mean_entropy, rel=1e-6)
+    assert figures["top1_accuracy"] == pytest.approx(expected.corpus.top1_accuracy, abs=1e-12)
+    rows = [json.loads(line) for line in per_token.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == sum(len(d.token_ids) for d in expected.documents)
+    for row in rows:
+        doc = expected.documents[row["document"]]
+        p = row["position"]
+        if not doc.scored[p]:
+            assert row["entropy"] is None and row["top_k"] is None
+            continue
+        assert row["entropy"] == pytest.approx(float(doc.stats.entropy[p]), rel=1e-6)
+        assert row["max_logprob"] == pytest.approx(float(doc.stats.max_logprob[p]), rel=1e-6)
+        assert row["argmax"] == int(doc.stats.argmax[p]) and row["rank"] == int(doc.stats.rank[p])
+        assert [t["id"] for t in row["top_k"]] == doc.stats.top_k_ids[p].tolist()
+        assert row["top_k"][0]["token"] == tokenizer.decode([row["top_k"][0]["id"]]) or \
+            "\\x" in row["top_k"][0]["token"]
+        assert row["top_k"][0]["logprob"] == pytest.approx(row["max_logprob"], abs=1e-5)
+    # the table gains two lines; without --stats the JSON carries nulls
+    assert main([*argv, "--stats"]) == 0
+    table = capsys.readouterr().out
+    assert "mean entropy" in table and "top-1 accuracy" in table
+    assert main([*argv, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["mean_entropy"] is None and plain["top1_accuracy"] is None
+    assert main([*argv, "--top-k", "65"]) == 1
+    assert "--top-k" in capsys.readouterr().err
