@@ -120,3 +120,20 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, launcher=token_nll, budget_mb=budget_mb,
                                     logits_dtype=logits_dtype)
+
+
+# token_stats on CUDA tensors runs the Triton statistics kernel (pplfast.kernels.token_stats):
+# there is no CUDA C++ statistics kernel yet, and no GPU measurement has said that one would be
+# faster. The hidden path is the chunked GEMM loop of the NLL with that kernel as its launcher.
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    from .kernels.token_stats import token_stats_forward
+
+    return token_stats_forward(logits3, targets, ignore_index, softcap, temperature, top_k)
+
+
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+    from ._linear import chunked_linear_token_stats
+    from .kernels.token_stats import token_stats_forward
+
+    return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
+                                      temperature, top_k, launcher=token_stats_forward)

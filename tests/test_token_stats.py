@@ -498,3 +498,45 @@ def test_cli_score_stats(tmp_path, capsys):
     assert plain["mean_entropy"] is None and plain["top1_accuracy"] is None
     assert main([*argv, "--top-k", "65"]) == 1
     assert "--top-k" in capsys.readouterr().err
+
+
+_MEMORY_CHILD = r"""
+import json, sys, torch
+import pplfast
+from pplfast._memprobe import reset_peak, status_bytes
+
+N, V, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
+logits = torch.randn(N, V).to(dtype)
+targets = torch.randint(0, V, (N,))
+
+def control():  # what a user writes today
+    logp = logits.float().log_softmax(-1)
+    return (-(logp.exp() * logp).sum(-1), logp.max(-1), logp.topk(5, -1))
+
+run = {
+    "stats": lambda: pplfast.token_stats(logits, targets, top_k=5, backend="cpu").entropy,
+    "stats64": lambda: pplfast.token_stats(logits, targets, top_k=64, backend="cpu").entropy,
+    "control": lambda: control()[0],
+}[which]
+pplfast.token_stats(logits[:2], targets[:2], top_k=5, backend="cpu")  # load the extension first
+reset_peak()
+before = status_bytes("VmHWM")
+out = run()
+after = status_bytes("VmHWM")
+print(json.dumps({"extra": after - before, "logits_bytes": logits.numel() * logits.element_size(),
+                  "finite": bool(torch.isfinite(out).all())}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_token_stats_has_no_vocabulary_sized_temporary(dtype):
+    from helpers import run_json_child
+
+    N, V = 512, 128256
+    for which in ("stats", "stats64"):
+        ours = run_json_child(["-c", _MEMORY_CHILD, N, V, dtype, which])
+        bound = 0.01 * ours["logits_bytes"]
+        assert ours["finite"]
+        assert ours["extra"] <= bound, f"{which}: extra peak {ours['extra']} B > 1% ({bound:.0f} B)"
+    control = run_json_child(["-c", _MEMORY_CHILD, N, V, dtype, "control"])
+    assert control["extra"] > bound, f"control stayed within the bound: {control}"
