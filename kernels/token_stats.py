@@ -184,21 +184,18 @@ def _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse, bud
     rows = B * T
     ids = torch.empty((rows, top_k), dtype=torch.int64, device=logits3.device)
     logprobs = torch.empty((rows, top_k), dtype=torch.float32, device=logits3.device)
-    flat = logits3.reshape(rows, V) if logits3.is_contiguous() else None
     step = budget_rows or max(1, (64 << 20) // max(1, V * 4))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if flat is not None:
-            block = flat[r0:r1]
-        else:
-            block = torch.stack([logits3[r // T, r % T] for r in range(r0, r1)])
-        values, top = torch.topk(block, top_k, dim=-1)
-        z = values.double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        ids[r0:r1] = top
-        logprobs[r0:r1] = (z - lse[r0:r1].double().unsqueeze(-1)).float()
+    for b in range(B):
+        for t0 in range(0, T, step):
+            block = logits3[b, t0 : t0 + step]  # (n, V) strided view: topk reads it in place
+            r0, r1 = b * T + t0, b * T + t0 + block.shape[0]
+            values, top = torch.topk(block, top_k, dim=-1)
+            z = values.double()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            z = z / temperature
+            ids[r0:r1] = top
+            logprobs[r0:r1] = (z - lse[r0:r1].double().unsqueeze(-1)).float()
     ignored = targets == ignore_index
     ids[ignored] = -1
     logprobs[ignored] = 0.0
