@@ -12,6 +12,11 @@ as a ratio to a baseline from the same run, with the machine, versions, command 
   ``F.cross_entropy``, ``F.linear_cross_entropy`` with chunking options (PyTorch >= 2.13) and, on
   GPU, Cut Cross-Entropy and Liger's fused linear cross entropy (forward only). TFLOP/s =
   2*N*D*V / time, next to the rate of a plain ``hidden @ weight.T`` of the same shape.
+- Statistics path (``--path stats``): ``pplfast.token_stats`` with ``top_k`` 0 and 5, next to
+  ``pplfast.token_nll``, vs the PyTorch expression a user writes today: ``log_softmax`` in
+  float32, then entropy ``-(p * logp).sum(-1)``, ``max``/``argmax``, the target's rank
+  ``(logp > logp[target]).sum(-1)`` and (for the top-k row) ``topk(5)``. Columns as the logits
+  path; the speed-up is taken over ``token_stats(top_k=0)``.
 - Timing: CPU, ``time.perf_counter`` around each call; GPU, CUDA events. Median of the reps,
   after warm-up calls.
 - Peak extra memory: GPU, ``torch.cuda.max_memory_allocated`` minus the allocation before the
@@ -52,7 +57,7 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PATHS = ("logits", "linear", "all")
+PATHS = ("logits", "linear", "all", "stats")
 DEVICES = ("cpu", "cuda")
 
 DEFAULT_LOGITS_SHAPES = ((4096, 32000), (4096, 50257), (4096, 128256))
@@ -87,9 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes, or --reps 1 --warmup 0, for a quick look."
     )
     parser.add_argument(
-        "--path", default="logits", metavar="{logits,linear,all}",
+        "--path", default="logits", metavar="{logits,linear,all,stats}",
         help="logits: token_nll on materialised logits (default); linear: linear_token_nll on "
-        "hidden states and the output layer; all: both",
+        "hidden states and the output layer; all: both; stats: token_stats (top_k 0 and 5) "
+        "against the PyTorch log_softmax expression, on NxV shapes",
     )
     parser.add_argument(
         "--shapes", default=None, metavar="NxV,...",
@@ -199,20 +205,22 @@ def make_plan(args) -> Plan:
     paths = ("logits", "linear") if args.path == "all" else (args.path,)
     shapes = parse_shapes(args.shapes) if args.shapes is not None else None
     if shapes is not None:
-        if args.path == "logits" and any(len(s) != 2 for s in shapes):
-            raise BenchError("--path logits takes NxV shapes; NxDxV shapes need --path linear or all")
+        if args.path in ("logits", "stats") and any(len(s) != 2 for s in shapes):
+            raise BenchError(f"--path {args.path} takes NxV shapes; NxDxV shapes need --path "
+                             "linear or all")
         if args.path == "linear" and any(len(s) != 3 for s in shapes):
             raise BenchError("--path linear takes NxDxV shapes (rows x hidden width x vocabulary)")
     dtypes = parse_dtypes(args.dtypes) if args.dtypes is not None else None
     cases = []
     for path in paths:
-        rank = 2 if path == "logits" else 3
+        logits_like = path in ("logits", "stats")
+        rank = 2 if logits_like else 3
         if shapes is None:
-            path_shapes = DEFAULT_LOGITS_SHAPES if path == "logits" else DEFAULT_LINEAR_SHAPES[kind]
+            path_shapes = DEFAULT_LOGITS_SHAPES if logits_like else DEFAULT_LINEAR_SHAPES[kind]
         else:
             path_shapes = [s for s in shapes if len(s) == rank]
         if dtypes is None:
-            path_dtypes = DEFAULT_LOGITS_DTYPES if path == "logits" else DEFAULT_LINEAR_DTYPES[kind]
+            path_dtypes = DEFAULT_LOGITS_DTYPES if logits_like else DEFAULT_LINEAR_DTYPES[kind]
         else:
             path_dtypes = dtypes
         for shape in path_shapes:
@@ -267,7 +275,7 @@ def make_inputs(path: str, shape: Sequence[int], dtype: str, device: torch.devic
     """Inputs of one case: ``(logits, targets)`` or ``(hidden, weight, targets)``."""
     gen = torch.Generator().manual_seed(seed)
     torch_dtype = DTYPES[dtype]
-    if path == "logits":
+    if path in ("logits", "stats"):
         N, V = shape
         targets = torch.randint(0, V, (N,), generator=gen).to(device)
         return _random((N, V), torch_dtype, device, gen, scale=2.0), targets
@@ -317,10 +325,13 @@ def implementations(path: str, device: torch.device, backend: str):
     try:
         from pplfast import _dispatch
 
-        resolved = _dispatch.resolve(backend, device, "token_nll" if path == "logits" else "linear_token_nll")
+        op = {"logits": "token_nll", "stats": "token_stats"}.get(path, "linear_token_nll")
+        resolved = _dispatch.resolve(backend, device, op)
     except Exception:  # the preflight call reports the real error
         resolved = backend
     label = f"pplfast[{resolved}]"
+    if path == "stats":
+        return _stats_implementations(label, backend), skipped
     if path == "logits":
         impls.append(Impl("pplfast", label, "pplfast",
                           lambda x, t: pplfast.token_nll(x, t, backend=backend)))
@@ -373,6 +384,32 @@ def implementations(path: str, device: torch.device, backend: str):
         skipped.append(("liger_fused_linear_cross_entropy", "GPU only"))
     impls.append(Impl("matmul", "matmul hidden@weight.T", "floor", lambda h, w, t: h @ w.T))
     return impls, skipped
+
+
+def _torch_stats(x, t, top_k=0):
+    """The statistics as a user computes them today: the whole (N, V) log-softmax in float32."""
+    logp = F.log_softmax(x.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    max_logprob, argmax = logp.max(-1)
+    rank = (logp > logp.gather(-1, t[:, None])).sum(-1)
+    top = logp.topk(top_k, dim=-1) if top_k else None
+    return entropy, max_logprob, argmax, rank, top
+
+
+def _stats_implementations(label: str, backend: str) -> List[Impl]:
+    import pplfast
+
+    return [
+        Impl("pplfast_stats", f"{label} token_stats", "pplfast",
+             lambda x, t: pplfast.token_stats(x, t, backend=backend).entropy),
+        Impl("pplfast_stats_top5", f"{label} token_stats top_k=5", "pplfast",
+             lambda x, t: pplfast.token_stats(x, t, top_k=5, backend=backend).entropy),
+        Impl("pplfast_token_nll", f"{label} token_nll", "baseline",
+             lambda x, t: pplfast.token_nll(x, t, backend=backend)),
+        Impl("torch_stats", "log_softmax+stats", "baseline", lambda x, t: _torch_stats(x, t)[0]),
+        Impl("torch_stats_top5", "log_softmax+stats+topk(5)", "baseline",
+             lambda x, t: _torch_stats(x, t, 5)[0]),
+    ]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -684,10 +721,12 @@ def _preflight(plan: Plan) -> None:
 
     for path in dict.fromkeys(p for p, _, _ in plan.cases):
         for dtype in dict.fromkeys(d for p, _, d in plan.cases if p == path):
-            shape = (4, 64) if path == "logits" else (4, 16, 64)
+            shape = (4, 64) if path in ("logits", "stats") else (4, 16, 64)
             inputs = make_inputs(path, shape, dtype, plan.device, seed=1)
             try:
-                if path == "logits":
+                if path == "stats":
+                    pplfast.token_stats(*inputs, top_k=5, backend=plan.backend)
+                elif path == "logits":
                     pplfast.token_nll(*inputs, backend=plan.backend)
                 else:
                     pplfast.linear_token_nll(*inputs, backend=plan.backend)
@@ -795,7 +834,7 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
         if not ms:
             continue
         r["pplfast_speedup"] = ms / ref["ms"] if ref else None
-        if path == "logits":
+        if path in ("logits", "stats"):
             r["gbps"] = nbytes / (ms * 1e-3) / 1e9
             r["read_bw_fraction"] = r["gbps"] / read_gbps
             r["floor_ms"] = nbytes / (read_gbps * 1e9) * 1e3
@@ -830,13 +869,15 @@ def render(record: Dict[str, object]) -> str:
     lines.append(f"{what} bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})")
     if s["memory"]:
         lines.append(f"peak memory: {s['memory_method']}")
-    for path in ("logits", "linear"):
+    for path in ("logits", "linear", "stats"):
         rows = [r for r in record["results"] if r["path"] == path]
         if not rows:
             continue
         lines.append("")
-        if path == "logits":
-            lines.append("logits path: token_nll(logits (N, V), targets (N,))")
+        if path in ("logits", "stats"):
+            lines.append("logits path: token_nll(logits (N, V), targets (N,))" if path == "logits"
+                         else "statistics path: token_stats(logits (N, V), targets (N,)); "
+                         "speed-up over token_stats(top_k=0)")
             head = ["shape NxV", "dtype", "implementation", "ms", "GB/s", "%read-BW",
                     "pplfast speed-up", "peak extra MiB"]
         else:
@@ -854,7 +895,7 @@ def render(record: Dict[str, object]) -> str:
                             "error" if r.get("memory_error") else "-")
             if r.get("memory_note"):
                 mem_text += "*"
-            if path == "logits":
+            if path in ("logits", "stats"):
                 rate = [_fmt(r.get("gbps"), ".1f"), _fmt(100 * r["read_bw_fraction"], ".0f") + "%"]
             else:
                 frac = r.get("matmul_fraction")

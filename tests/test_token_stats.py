@@ -540,3 +540,22 @@ def test_cpu_token_stats_has_no_vocabulary_sized_temporary(dtype):
         assert ours["extra"] <= bound, f"{which}: extra peak {ours['extra']} B > 1% ({bound:.0f} B)"
     control = run_json_child(["-c", _MEMORY_CHILD, N, V, dtype, "control"])
     assert control["extra"] > bound, f"control stayed within the bound: {control}"
+
+
+def test_bench_stats_path(capsys):
+    import json
+
+    from pplfast.cli import main
+
+    rc = main(["bench", "--path", "stats", "--shapes", "8x300", "--dtypes", "fp32,bf16",
+               "--reps", "1", "--warmup", "0", "--no-progress", "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    rows = record["results"]
+    names = {r["impl"] for r in rows}
+    assert names == {"pplfast_stats", "pplfast_stats_top5", "pplfast_token_nll", "torch_stats",
+                     "torch_stats_top5"}
+    assert all(r["error"] is None and r["ms"] > 0 and r["path"] == "stats" for r in rows)
+    assert "statistics path: token_stats" in captured.err
+    assert main(["bench", "--path", "stats", "--shapes", "8x16x300"]) == 2
