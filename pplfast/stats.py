@@ -5,6 +5,7 @@ Validation and layouts as in :mod:`pplfast.api`; the numerics live in each backe
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Optional
@@ -67,15 +68,16 @@ def _result(fields, lead, top_k: int) -> TokenStats:
 
 def _nothing_scored(lead, top_k: int, device) -> TokenStats:
     """Every position ignored (or none at all): floats 0, integers -1."""
-    n = 1
-    for d in lead:
-        n *= d
-    floats = [torch.zeros(n, dtype=torch.float32, device=device) for _ in range(2)]
-    fields = (torch.zeros(n, dtype=torch.float32, device=device), *floats,
-              torch.full((n,), -1, dtype=torch.int64, device=device),
-              torch.full((n,), -1, dtype=torch.int64, device=device),
-              torch.full((n, top_k), -1, dtype=torch.int64, device=device),
-              torch.zeros(n, top_k, dtype=torch.float32, device=device))
+    n = math.prod(lead)
+
+    def zeros(*shape):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def minus_one(*shape):
+        return torch.full(shape, -1, dtype=torch.int64, device=device)
+
+    fields = (zeros(n), zeros(n), zeros(n), minus_one(n), minus_one(n), minus_one(n, top_k),
+              zeros(n, top_k))
     return _result(fields, lead, top_k)
 
 

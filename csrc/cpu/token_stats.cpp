@@ -127,8 +127,10 @@ inline float transform_one(float raw, const Transform& tf) {
 #endif
 }
 
-// Fold one transformed block (padded with -inf to a multiple of 8) into the sums.
-inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max) {
+// Fold one transformed block (padded with -inf to a multiple of 8) into the sums, prefetching
+// the next block's cache lines (`next`, `next_bytes`) meanwhile, as token_nll's fold_block does.
+inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max, const char* next,
+                      int64_t next_bytes) {
   if (block_max == kNegInf) return;
   const float m = std::max(acc.max, block_max);
   if (m == kPosInf) {
@@ -142,7 +144,10 @@ inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max) 
   // exponentials, hence the NLL, comes out bit for bit the same
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
   int64_t i = 0;
+  int64_t prefetched = 0;
   for (; i + 32 <= len; i += 32) {
+    for (int k = 0; k < 2 && prefetched < next_bytes; ++k, prefetched += 64)
+      _mm_prefetch(next + prefetched, _MM_HINT_T0);
     const __m256 d0 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i), vm), floor);
     const __m256 d1 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i + 8), vm), floor);
     const __m256 d2 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i + 16), vm), floor);
@@ -167,6 +172,8 @@ inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max) 
   block_sum = hsum8_double(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   block_ent = hsum8_double(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)));
 #else
+  (void)next;
+  (void)next_bytes;
   float ls[8] = {0, 0, 0, 0, 0, 0, 0, 0}, lt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < len; ++i) {
     const float d = std::max(z[i] - m, kExpFloor);
@@ -214,7 +221,9 @@ inline void topk_block(TopK& top, const float* z, int64_t n, int64_t id0) {
 
 // One pass over `len` elements (element stride `stride`) whose first is vocabulary column
 // `col0`; `threshold` is the transformed target logit and `target_col` its column.
-template <int DT, bool SOFTCAP, bool TEMPERATURE>
+// With TOPK, the load loop also flags elements above the k-th value held when the block starts;
+// the block is searched for top-k entries only when one is flagged (rare after the first blocks).
+template <int DT, bool SOFTCAP, bool TEMPERATURE, bool TOPK>
 void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, const Transform& tf,
                  float threshold, int64_t target_col, Stats& acc, TopK* top) {
   alignas(32) float z[BLOCK];
@@ -222,13 +231,16 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
     const int64_t n = std::min(BLOCK, len - start);
     float block_max = kNegInf;
     bool nan = false;
+    bool candidates = false;
+    const float kth = TOPK && top->full() ? top->vals[top->k - 1] : kNegInf;
     int64_t count = 0;
     int64_t padded = (n + 7) / 8 * 8;
 #ifdef PPLFAST_AVX2
     {
       __m256 vmax = _mm256_set1_ps(kNegInf), vnan = _mm256_setzero_ps();
       __m256i vcount = _mm256_setzero_si256();
-      const __m256 vthr = _mm256_set1_ps(threshold);
+      __m256 vcand = _mm256_setzero_ps();
+      const __m256 vthr = _mm256_set1_ps(threshold), vkth = _mm256_set1_ps(kth);
       const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
       for (int64_t i = 0; i < n; i += 8) {
         __m256 x;
@@ -248,12 +260,14 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
           x = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, live);
         }
         vmax = _mm256_max_ps(x, vmax);
+        if constexpr (TOPK) vcand = _mm256_or_ps(vcand, _mm256_cmp_ps(x, vkth, _CMP_GT_OQ));
         vcount = _mm256_sub_epi32(vcount,
                                   _mm256_castps_si256(_mm256_cmp_ps(x, vthr, _CMP_GT_OQ)));
         _mm256_store_ps(z + i, x);
       }
       block_max = hmax8(vmax);
       nan = _mm256_movemask_ps(vnan) != 0;
+      candidates = _mm256_movemask_ps(vcand) != 0;
       alignas(32) int32_t counts[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(counts), vcount);
       for (int j = 0; j < 8; ++j) count += counts[j];
@@ -265,6 +279,7 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
       const float x = tf.apply(raw);
       block_max = x > block_max ? x : block_max;
       count += x > threshold;
+      candidates = candidates || x > kth;
       z[i] = x;
     }
     for (int64_t i = n; i < padded; ++i) z[i] = kNegInf;
@@ -283,8 +298,13 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
         }
       }
     }
-    fold_sums(acc, z, padded, block_max);
-    if (top != nullptr) topk_block(*top, z, n, first);
+    constexpr int64_t kBytes = DT == kFloat32 ? 4 : 2;
+    const int64_t next_n = stride == 1 ? std::min(BLOCK, len - start - n) : 0;
+    fold_sums(acc, z, padded, block_max, static_cast<const char*>(base) + (start + n) * kBytes,
+              next_n * kBytes);
+    if constexpr (TOPK) {
+      if (candidates || !top->full()) topk_block(*top, z, n, first);
+    }
   }
 }
 
@@ -296,8 +316,12 @@ struct RowArgs {
 template <int DT, bool SOFTCAP, bool TEMPERATURE>
 struct Kernel {
   static void row(const void* base, const RowArgs& a, const Transform& tf, Stats& acc, TopK* top) {
-    row_stats_t<DT, SOFTCAP, TEMPERATURE>(base, a.len, a.stride, a.col0, tf, a.threshold,
-                                          a.target_col, acc, top);
+    if (top != nullptr)
+      row_stats_t<DT, SOFTCAP, TEMPERATURE, true>(base, a.len, a.stride, a.col0, tf, a.threshold,
+                                                  a.target_col, acc, top);
+    else
+      row_stats_t<DT, SOFTCAP, TEMPERATURE, false>(base, a.len, a.stride, a.col0, tf,
+                                                   a.threshold, a.target_col, acc, top);
   }
   static float transform(float raw, const Transform& tf) {
     return transform_one<SOFTCAP, TEMPERATURE>(raw, tf);
