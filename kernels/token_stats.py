@@ -31,17 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_nll import _capped, _finite, _launch_config, _cdiv
+from ._common import capped, device_guard, finite_ref
+from .token_nll import _INTERPRETER_SM_COUNT, plan
 
-_LOG2E = 1.4426950408889634
-_SPLIT_PROGRAMS_PER_SM = 4
 _NO_INDEX = tl.constexpr(2**62)  # "no argmax yet": larger than any vocabulary index
 
 
 @triton.jit
 def _rescale(s, e, m_old, m_new):
     # (s, e) relative to m_old -> relative to m_new >= m_old; identity when unchanged
-    delta = tl.where(m_old == m_new, 0.0, m_old - _finite(m_new))
+    delta = tl.where(m_old == m_new, 0.0, m_old - finite_ref(m_new))
     a = tl.where(m_old == m_new, 1.0, tl.exp2(delta * 1.4426950408889634))
     e = tl.where(a > 0, a * (e + delta * s), 0.0)
     return a * s, e
@@ -82,7 +81,7 @@ def _token_stats_kernel(
     end = tl.where(scored, end, start)  # an ignored row loads nothing
 
     tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
-    target_z = _capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
 
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
@@ -98,7 +97,7 @@ def _token_stats_kernel(
         x = tl.load(row_ptr + idx.to(tl.int64) * stride_v, mask=mask, other=-float("inf"))
         x = x.to(tl.float32)
         nan = nan | (x != x).to(tl.int32)
-        z = _capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+        z = capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
         above += (z > target_z).to(tl.int32)
         block_max = tl.max(z, axis=0)
         first = tl.min(tl.where((z == block_max) & mask, idx.to(tl.int64), _NO_INDEX), axis=0)
@@ -107,7 +106,7 @@ def _token_stats_kernel(
         amax_idx = tl.where(take, first, amax_idx)
         new_m = tl.maximum(m, block_max)
         s, e = _rescale(s, e, m, new_m)
-        d = z - _finite(new_m)
+        d = z - finite_ref(new_m)
         p = tl.exp2(d * 1.4426950408889634)
         s += p
         e += tl.where(p > 0, p * d, 0.0)
@@ -148,7 +147,7 @@ def _stats_merge_kernel(
     t = row - b * T
     row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
     tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
-    target_z = _capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
 
     splits = tl.arange(0, BLOCK_S)
     live = splits < n_split
@@ -210,14 +209,17 @@ def token_stats_forward(
     temperature: float,
     top_k: int = 0,
     *,
+    sm_count: Optional[int] = None,
     num_splits: Optional[int] = None,
     block_v: Optional[int] = None,
 ):
     """Statistics of ``(B, T, V)`` logits: ``(nll, entropy, max_logprob, argmax, rank, top_ids,
     top_logprobs)``, shapes ``(B*T,)`` and ``(B*T, top_k)`` (None when ``top_k == 0``).
 
-    Definitions as ``pplfast.token_stats``; ``num_splits`` / ``block_v`` force the split path and
-    the block size, as in ``token_nll_forward`` (for tests and tuning).
+    Definitions as ``pplfast.token_stats``; the launch plan (one pass per row, or vocabulary
+    chunks merged when rows < 2 x ``sm_count``) is ``token_nll_forward``'s, and ``sm_count``,
+    ``num_splits``, ``block_v`` mean what they mean there. The caller makes the tensors' device
+    current (``kernels._common.device_guard``).
     """
     if logits3.ndim != 3:
         raise ValueError(f"logits3 must be (B, T, V), got shape {tuple(logits3.shape)}")
@@ -231,21 +233,16 @@ def token_stats_forward(
     nll, entropy, max_logprob, lse = (torch.empty(rows, **f32) for _ in range(4))
     argmax = torch.empty(rows, dtype=torch.int64, device=device)
     rank = torch.empty(rows, dtype=torch.int64, device=device)
+    on_gpu = logits3.is_cuda
+    if sm_count is None:
+        if on_gpu and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
+        sm_count = _INTERPRETER_SM_COUNT
     if rows and V:
-        config_block, num_warps, sms, min_chunk, align = _launch_config(device, logits3.dtype)
-        if num_splits is None:
-            n_split = 1
-            if rows < 2 * sms:
-                n_split = max(1, min(_cdiv(V, min_chunk),
-                                     _cdiv(_SPLIT_PROGRAMS_PER_SM * sms, rows)))
-        else:
-            n_split = num_splits
-        chunk = V
-        if n_split > 1:
-            chunk = _cdiv(_cdiv(V, n_split), align) * align
-            n_split = _cdiv(V, chunk)
+        n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
+                                                sm_count=sm_count, num_splits=num_splits,
+                                                block_v=block_v)
         split = n_split > 1
-        block = block_v or min(config_block, triton.next_power_of_2(chunk))
         has_softcap = softcap is not None
         cap = dict(softcap=float(softcap) if has_softcap else 1.0,
                    inv_softcap=1.0 / float(softcap) if has_softcap else 1.0,
@@ -255,17 +252,18 @@ def token_stats_forward(
                              device=device)
         stride_b, stride_t, stride_v = logits3.stride()
         outs = (nll, entropy, max_logprob, argmax, rank, lse, part_f, part_i)
-        _token_stats_kernel[(rows, n_split)](
-            logits3, targets, *outs, T, V, stride_b, stride_t, stride_v, chunk, n_split,
-            ignore_index, **cap, HAS_SOFTCAP=has_softcap, SPLIT=split, BLOCK_V=block,
-            num_warps=max(1, min(num_warps, block // 256)) if logits3.is_cuda else num_warps,
-        )
-        if split:
-            _stats_merge_kernel[(rows,)](
-                logits3, targets, *outs, T, stride_b, stride_t, stride_v, n_split, ignore_index,
-                **cap, HAS_SOFTCAP=has_softcap,
-                BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+        with device_guard(logits3):
+            _token_stats_kernel[(rows, n_split)](
+                logits3, targets, *outs, T, V, stride_b, stride_t, stride_v, chunk, n_split,
+                ignore_index, **cap, HAS_SOFTCAP=has_softcap, SPLIT=split, BLOCK_V=block,
+                num_warps=num_warps,
             )
+            if split:
+                _stats_merge_kernel[(rows,)](
+                    logits3, targets, *outs, T, stride_b, stride_t, stride_v, n_split,
+                    ignore_index, **cap, HAS_SOFTCAP=has_softcap,
+                    BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+                )
     if not top_k:
         return nll, entropy, max_logprob, argmax, rank, None, None
     ids, logprobs = _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse)

@@ -1,5 +1,6 @@
 """pplfast: fused per-token NLL and perplexity that never build the vocabulary-sized tensor."""
 from ._dispatch import BACKENDS, BackendUnavailableError
+from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "CorpusScorer",
     "DocumentScore",
     "Perplexity",
     "PerplexityResult",

@@ -125,15 +125,21 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
 # token_stats on CUDA tensors runs the Triton statistics kernel (pplfast.kernels.token_stats):
 # there is no CUDA C++ statistics kernel yet, and no GPU measurement has said that one would be
 # faster. The hidden path is the chunked GEMM loop of the NLL with that kernel as its launcher.
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
     from .kernels.token_stats import token_stats_forward
 
-    return token_stats_forward(logits3, targets, ignore_index, softcap, temperature, top_k)
+    return token_stats_forward(logits3, targets, ignore_index, softcap, temperature, top_k,
+                               sm_count=_sm_count(_index(logits3.device)))
 
 
 def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
     from ._linear import chunked_linear_token_stats
     from .kernels.token_stats import token_stats_forward
 
+    launcher = functools.partial(token_stats_forward, sm_count=_sm_count(_index(hidden2.device)))
     return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
-                                      temperature, top_k, launcher=token_stats_forward)
+                                      temperature, top_k, launcher=launcher)

@@ -13,6 +13,9 @@ import sys
 # sub-command name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
+    "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
+    "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
+    "eval": ("pplfast.eval_cli", "lm-evaluation-harness with the pplfast model (all lm-eval options)"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
 
@@ -61,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["eval"] and argv[1:2] not in (["-h"], ["--help"]):
+            # every later argument belongs to lm-eval, options included
+            from . import eval_cli
+
+            return eval_cli.run(argparse.Namespace(command="eval", lm_eval_args=argv[1:]))
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:

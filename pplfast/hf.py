@@ -264,6 +264,45 @@ def _progress_bar(total: int, enabled):
     return tqdm(total=total, unit="window", desc="scoring", leave=False)
 
 
+_PROBE = object()  # _score_streams' default head: find the model's output layer and probe it
+
+
+def _model_head(model, probe_ids: torch.Tensor) -> Optional[_Head]:
+    """The body and output layer to score ``model`` with, checked on ``probe_ids`` (a few token
+    ids); None (with a warning) when the model must be scored from its logits."""
+    head = _find_head(model)
+    if head is not None:
+        why = _probe(model, head, probe_ids[:_PROBE_TOKENS].unsqueeze(0).to(_model_device(model)))
+        if why is not None:
+            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
+            head = None
+    return head
+
+
+def _pack_jobs(jobs, batch_size: Optional[int], batch_tokens: Optional[int]):
+    """Group (stream, window) jobs into forward passes.
+
+    ``batch_tokens`` None: ``batch_size`` windows at a time, in order. Otherwise the windows are
+    sorted by length (longest first) and packed so that a pass feeds at most ``batch_tokens``
+    tokens, padding included (and at most ``batch_size`` windows when given); a window longer
+    than ``batch_tokens`` runs alone.
+    """
+    if batch_tokens is None:
+        return [jobs[b : b + batch_size] for b in range(0, len(jobs), batch_size)]
+    batches, current = [], []
+    for job in sorted(jobs, key=lambda j: -j[1].input_length):
+        # sorted longest first: the first window of a pass sets its padded length
+        full = current and ((len(current) + 1) * current[0][1].input_length > batch_tokens
+                            or (batch_size is not None and len(current) == batch_size))
+        if full:
+            batches.append(current)
+            current = []
+        current.append(job)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _empty_stats(n: int, top_k: int) -> TokenStats:
     """Per-token statistics of ``n`` unscored positions (floats 0, integers -1)."""
     lead, k = (n,), (n, top_k)
@@ -277,10 +316,17 @@ _STAT_FIELDS = ("entropy", "max_logprob", "argmax", "rank", "top_k_ids", "top_k_
 
 
 def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
-                   batch_size: int, backend: str, progress, stats=None,
+                   batch_size: Optional[int], backend: str, progress, *,
+                   batch_tokens: Optional[int] = None, head=_PROBE,
+                   first_token: Optional[int] = None, stats=None,
                    top_k: int = 0) -> List[torch.Tensor]:
     """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask.
-    With ``stats`` (a list), one :class:`TokenStats` per stream is appended to it."""
+
+    Windows are grouped by :func:`_pack_jobs`. ``head``: the :func:`_model_head` of ``model``
+    when the caller already has it (None: score from the logits). ``first_token``: replaces the
+    first input token of every window (llama.cpp puts BOS there); None keeps the stream's.
+    With ``stats`` (a list), one :class:`TokenStats` per stream is appended to it.
+    """
     device = _model_device(model)
     out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
     scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
@@ -289,28 +335,22 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
     if not jobs:
         return list(zip(out, scored))
-    head = _find_head(model)
-    if head is not None:
+    if head is _PROBE:
         first_doc, first = jobs[0]
-        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
-        why = _probe(model, head, probe.unsqueeze(0).to(device))
-        if why is not None:
-            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
-            head = None
+        head = _model_head(model, streams[first_doc][first.start : first.start + first.input_length])
     bar = _progress_bar(len(jobs), progress)
     try:
-        _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar,
-                     stats, top_k)
+        _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                     scored, bar, first_token, stats, top_k)
     finally:
         if bar is not None:
             bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
     return list(zip(out, scored))
 
 
-def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar,
-                 stats=None, top_k=0):
-    for b in range(0, len(jobs), batch_size):
-        batch = jobs[b : b + batch_size]
+def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                 scored, bar, first_token=None, stats=None, top_k=0):
+    for batch in _pack_jobs(jobs, batch_size, batch_tokens):
         length = max(w.input_length for _, w in batch)
         ids = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.zeros(len(batch), length, dtype=torch.long)
@@ -318,6 +358,8 @@ def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, s
         for row, (doc, w) in enumerate(batch):
             n = w.input_length
             ids[row, :n] = streams[doc][w.start : w.stop - 1]
+            if first_token is not None:
+                ids[row, 0] = first_token
             mask[row, :n] = 1
             skip = w.score_start - w.start - 1  # outputs that only feed context
             targets[row, skip:n] = streams[doc][w.score_start : w.stop]
@@ -381,23 +423,51 @@ def _schedules(lengths, window, stride, mode, model):
     return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
 
 
+def count_windows(docs, *, window, stride, mode, model) -> int:
+    """Forward-pass windows :func:`_score_documents` runs for these documents."""
+    extra = 1 if mode == "rolling" else 0  # the prefix token
+    return sum(len(s) for s in _schedules([len(d) + extra for d in docs], window, stride, mode,
+                                           model))
+
+
 def _check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
+def _llamacpp_bos(model, tokenizer, prefix_token_id) -> Optional[int]:
+    """The token llama.cpp puts first in every chunk: BOS when the tokenizer adds one (checked by
+    tokenizing a word), ``prefix_token_id`` when given (the way for :func:`score_model`, which has
+    no tokenizer), else None (chunks keep their own first token)."""
+    if prefix_token_id is not None:
+        return _prefix_id(model, tokenizer, prefix_token_id)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or not isinstance(bos, int):
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if len(ids) and ids[0] == bos else None
+
+
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
-                     tokenizer, batch_size, backend, progress, stats=None, top_k=0):
-    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask;
-    and the number of windows run. With ``stats`` (a list), each document's
-    :class:`TokenStats`, aligned the same way, is appended to it."""
-    _check_batch_size(batch_size)
+                     tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE,
+                     stats=None, top_k=0):
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
+
+    ``batch_tokens`` and ``head``: see :func:`_score_streams` (``batch_size`` may then be None).
+    With ``stats`` (a list), each document's :class:`TokenStats`, aligned the same way, is
+    appended to it.
+    """
+    if batch_tokens is None or batch_size is not None:
+        _check_batch_size(batch_size)
     schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
+    first_token = None
     if mode == "rolling":
         prefix = torch.tensor([_prefix_id(model, tokenizer, prefix_token_id)], dtype=torch.long)
         streams = [torch.cat([prefix, d]) for d in docs]
     else:
         streams = list(docs)
+        if mode == "llamacpp":
+            first_token = _llamacpp_bos(model, tokenizer, prefix_token_id)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout would make scores random
@@ -405,16 +475,16 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
         with torch.inference_mode():
             stream_stats = None if stats is None else []
             stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress,
-                                        stream_stats, top_k)
+                                        batch_tokens=batch_tokens, head=head,
+                                        first_token=first_token, stats=stream_stats, top_k=top_k)
     finally:
         if was_training:
             model.train()
     offset = 1 if mode == "rolling" else 0
-    per_doc = [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
     for st in stream_stats or ():
         stats.append(TokenStats(*(None if v is None else v[offset:] for v in
                                   (getattr(st, f) for f in ("nll",) + _STAT_FIELDS))))
-    return per_doc, sum(len(schedule) for schedule in schedules)
+    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
 
 
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -434,7 +504,9 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         window: most tokens fed to the model at once; default the model's context length.
         stride: tokens between window starts for ``mode="sliding"``; default ``window // 2``.
         mode: ``"sliding"`` (first token unscored), ``"rolling"`` (every token scored, the first
-            from ``prefix_token_id``, default the model's BOS or EOS id) or ``"chunks"``.
+            from ``prefix_token_id``, default the model's BOS or EOS id), ``"chunks"`` or
+            ``"llamacpp"`` (llama.cpp's perplexity schedule; each chunk's first input token is
+            replaced by ``prefix_token_id`` when given, as llama.cpp puts BOS there).
         batch_size: windows per forward pass.
         backend: passed to :func:`pplfast.linear_token_nll` / :func:`pplfast.token_nll`.
         progress: show a progress bar over windows (needs tqdm).
@@ -480,7 +552,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         docs.append(ids2[b, lo:hi])
         spans.append((lo, hi))
     doc_stats = [] if stats else None
-    per_doc, _ = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
         stats=doc_stats, top_k=top_k,
@@ -574,7 +646,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
     doc_stats = [] if stats else None
-    per_doc, num_windows = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
         stats=doc_stats, top_k=top_k,
@@ -600,4 +672,6 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             "nothing to score: no document has a token with context before it (a document needs "
             "at least 2 tokens, or mode='rolling', which predicts the first token from a prefix)"
         )
-    return TextScores(documents=documents, corpus=metric.compute(), num_windows=num_windows)
+    return TextScores(documents=documents, corpus=metric.compute(),
+                      num_windows=count_windows(docs, window=window, stride=stride, mode=mode,
+                                                model=model))

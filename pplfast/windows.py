@@ -14,13 +14,18 @@ Every schedule scores each of its targets exactly once.
   last window is slid back to a full ``window`` of context.
 - ``"chunks"``: disjoint chunks of ``window`` tokens, each scored on its own; the first token of
   every chunk is not scored.
+- ``"llamacpp"`` (llama.cpp's ``llama-perplexity``): ``num_tokens // window`` disjoint chunks of
+  ``window`` tokens (the tail dropped); in each, only the predictions of tokens
+  ``window // 2 + 1 .. window - 1`` are scored, so every scored token has at least half a window
+  of context. Fewer than ``2 * window`` tokens is an error, as there. (llama.cpp also replaces
+  each chunk's first input token by BOS; that is the scorer's job, :mod:`pplfast.hf`.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional
 
-MODES = ("sliding", "rolling", "chunks")
+MODES = ("sliding", "rolling", "chunks", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,21 @@ def chunk_windows(num_tokens: int, window: int) -> List[Window]:
     ]
 
 
+def llamacpp_windows(num_tokens: int, window: int) -> List[Window]:
+    """llama.cpp's perplexity schedule (``tools/perplexity/perplexity.cpp``, ``perplexity()``):
+    chunk ``k`` covers tokens ``[k * window, (k + 1) * window)`` and scores the tokens from
+    ``k * window + window // 2 + 1`` to the chunk's end."""
+    _check_int("num_tokens", num_tokens, 0)
+    _check_int("window", window, 4)
+    if num_tokens < 2 * window:
+        raise ValueError(
+            f"mode='llamacpp' needs at least 2 * window = {2 * window} tokens, got {num_tokens} "
+            "(as llama-perplexity: use a smaller window or more text)"
+        )
+    return [Window(k * window, (k + 1) * window, k * window + window // 2 + 1)
+            for k in range(num_tokens // window)]
+
+
 def make_windows(num_tokens: int, *, window: Optional[int] = None, stride: Optional[int] = None,
                  mode: str = "sliding") -> List[Window]:
     """The schedule for one document of ``num_tokens`` tokens.
@@ -122,7 +142,7 @@ def make_windows(num_tokens: int, *, window: Optional[int] = None, stride: Optio
             window (for ``"rolling"`` that is ``num_tokens``, for the others ``num_tokens``
             tokens covered).
         stride: ``"sliding"`` only: tokens between window starts; default ``window // 2``.
-        mode: ``"sliding"``, ``"rolling"`` or ``"chunks"``.
+        mode: ``"sliding"``, ``"rolling"``, ``"chunks"`` or ``"llamacpp"`` (needs a window).
 
     Returns:
         A list of :class:`Window`. For ``"rolling"`` positions index ``[prefix] + tokens``; for
@@ -134,6 +154,8 @@ def make_windows(num_tokens: int, *, window: Optional[int] = None, stride: Optio
     if stride is not None and mode != "sliding":
         raise ValueError(f"stride applies to mode='sliding' only, got stride={stride} with mode={mode!r}")
     if window is None:
+        if mode == "llamacpp":
+            raise ValueError("mode='llamacpp' needs a window (llama.cpp's context size, -c)")
         if stride is not None:
             raise ValueError(f"stride needs a window: got stride={stride} with window=None "
                              "(the whole document in one window)")
@@ -148,4 +170,6 @@ def make_windows(num_tokens: int, *, window: Optional[int] = None, stride: Optio
         return sliding_windows(num_tokens, window, window // 2 if stride is None else stride)
     if mode == "rolling":
         return rolling_windows(num_tokens, window)
+    if mode == "llamacpp":
+        return llamacpp_windows(num_tokens, window)
     return chunk_windows(num_tokens, window)

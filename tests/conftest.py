@@ -59,6 +59,10 @@ def pytest_terminal_summary(terminalreporter):
     if gpu:
         terminalreporter.write_line(
             f"{len(gpu)} GPU-only tests skipped: no CUDA device here (they run where there is one)")
+    reasons = {}
     for report in others:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}")
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons.setdefault(reason, []).append(report.nodeid)
+    for reason, nodes in reasons.items():
+        where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} tests, e.g. {nodes[0]}"
+        terminalreporter.write_line(f"skipped ({where}): {reason}")

@@ -362,12 +362,14 @@ inline void write_ignored(int64_t r, int64_t k, float* nll, float* entropy, floa
 }
 
 // Final values of one scored row; `top_lp` holds the raw top logits on entry.
-inline void finish_row(int64_t r, const Stats& s, double target_logit, int64_t k, float* nll,
+// The NLL is token_nll's finish_nll of the same (max, sum, target): the same bits.
+inline void finish_row(int64_t r, const Stats& s, float target_logit, int64_t k, float* nll,
                        float* entropy, float* max_logprob, int64_t* argmax, int64_t* rank,
                        float* top_lp) {
-  const double lse = finish_lse(s.max, s.sum, s.nan);
-  const double loss = lse - target_logit;
-  nll[r] = static_cast<float>(loss < 0 ? 0.0 : loss);  // NaN stays NaN
+  double lse = static_cast<double>(s.max);  // +-inf stays
+  if (s.nan || std::isnan(s.max)) lse = kNaN;
+  else if (std::isfinite(s.max)) lse += std::log(s.sum);
+  nll[r] = finish_nll(s.max, s.sum, s.nan, target_logit);
   if (s.nan || !std::isfinite(s.max)) {
     entropy[r] = static_cast<float>(kNaN);
     max_logprob[r] = static_cast<float>(kNaN);
@@ -398,9 +400,8 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
     auto threshold = [&](int64_t r) {
       return K::transform(load_scalar(logits, dtype, row_offset(r) + targets[r] * col_stride), tf);
     };
-    auto target64 = [&](int64_t r) {
-      return transform_target(load_scalar(logits, dtype, row_offset(r) + targets[r] * col_stride),
-                              softcap, temperature);
+    auto target32 = [&](int64_t r) {  // as token_nll forms its target
+      return tf.apply(load_scalar(logits, dtype, row_offset(r) + targets[r] * col_stride));
     };
     if (splits == 1) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -414,7 +415,7 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
         if (k > 0) top.reset();
         const RowArgs a{cols, col_stride, 0, targets[r], threshold(r)};
         K::row(element_ptr(logits, dtype, row_offset(r)), a, tf, acc, k > 0 ? &top : nullptr);
-        finish_row(r, acc, target64(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
+        finish_row(r, acc, target32(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
       }
       return;
     }
@@ -448,7 +449,7 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
         for (int64_t j = 0; j < k && part_ids[task * k + j] >= 0; ++j)
           top.insert(part_vals[task * k + j], part_ids[task * k + j]);
       }
-      finish_row(r, acc, target64(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
+      finish_row(r, acc, target32(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
     }
   });
 }
@@ -486,8 +487,8 @@ void stats_update(const void* logits, int dtype, int64_t rows, int64_t cols, int
       amax_idx[r] = acc.amax_idx;
       rank[r] = acc.rank;
       if (t >= v_offset && t < v_offset + cols) {
-        const double x = load_scalar(logits, dtype, r * row_stride + (t - v_offset) * col_stride);
-        target_logit[r] = transform_target(x, softcap, temperature);
+        target_logit[r] =
+            tf.apply(load_scalar(logits, dtype, r * row_stride + (t - v_offset) * col_stride));
       }
     }
   });
@@ -510,7 +511,7 @@ void stats_finish(const float* row_max, const double* row_sum, const double* row
     s.ent = row_ent[r];
     s.amax_idx = amax_idx[r];
     s.rank = rank[r];
-    finish_row(r, s, target_logit[r], top_k, nll, entropy, max_logprob, argmax, rank_out,
+    finish_row(r, s, static_cast<float>(target_logit[r]), top_k, nll, entropy, max_logprob, argmax, rank_out,
                top_vals);
   }
 }

@@ -1,0 +1,93 @@
+"""Peak memory of ``loglikelihood_rolling`` at a 128k vocabulary: lm-eval's ``hf`` model builds the
+``(batch, T, V)`` logits and their float32 log-softmax; the ``pplfast`` model has no such term.
+
+Each model is measured in a fresh process (VmHWM before and after the call, after a warm-up
+request). Run as a script for the benchmark figures (time and peak growth of both models):
+
+    python tests/test_lm_eval_memory.py --model pplfast --batch-size 8 --kib 200
+    python tests/test_lm_eval_memory.py --model hf --batch-size 8 --kib 200
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import pytest
+from helpers import run_json_child
+
+VOCAB = 128256
+CONTEXT = 256
+
+
+def measure(name: str, batch_size: int, kib: float, vocab: int = VOCAB) -> dict:
+    import tempfile
+
+    import torch
+    import transformers as tf
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pplfast.lm_eval
+    from pplfast._memprobe import reset_peak, status_bytes
+    from test_hf import corpus, train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer()
+    config = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            max_position_embeddings=CONTEXT, tie_word_embeddings=False,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    root = tempfile.mkdtemp()
+    tf.LlamaForCausalLM(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    cls = pplfast.lm_eval.PplfastLM if name == "pplfast" else HFLM
+    lm = cls(pretrained=root, device="cpu", dtype="float32", batch_size=batch_size)
+    text, seed = "", 0
+    while len(text) < kib * 1024:
+        text += " ".join(corpus(50, seed=seed)) + "\n"
+        seed += 1
+    docs = [text[i : i + 8192] for i in range(0, len(text), 8192)]
+
+    def requests(texts):
+        return [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
+
+    lm.loglikelihood_rolling(requests([docs[0][:2000]]), disable_tqdm=True)  # warm-up
+    if not reset_peak():
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs")
+    before = status_bytes("VmHWM")
+    start = time.perf_counter()
+    out = lm.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    seconds = time.perf_counter() - start
+    growth = status_bytes("VmHWM") - before
+    return {"model": name, "batch_size": batch_size, "vocab": vocab, "context": CONTEXT,
+            "text_bytes": len(text), "seconds": seconds, "peak_growth": growth,
+            "sum_loglikelihood": float(sum(out)),
+            "logits_bytes": batch_size * CONTEXT * vocab * 4}
+
+
+def run_measurement(name, batch_size, kib):
+    return run_json_child([os.path.abspath(__file__), "--model", name, "--batch-size", batch_size,
+                           "--kib", kib], timeout=1800)
+
+
+def test_peak_memory_has_no_batch_by_time_by_vocab_term():
+    pytest.importorskip("lm_eval")
+    ours = run_measurement("pplfast", 4, 4)
+    control = run_measurement("hf", 4, 4)
+    assert ours["sum_loglikelihood"] == pytest.approx(control["sum_loglikelihood"], rel=1e-5)
+    logits = control["logits_bytes"]  # one (batch, T, V) float32 tensor: 500 MiB here
+    assert control["peak_growth"] >= logits, control  # the live control shows the term
+    assert ours["peak_growth"] <= logits / 4, ours
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("pplfast", "hf"), default="pplfast")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kib", type=float, default=200)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.model, args.batch_size, args.kib, args.vocab)))
