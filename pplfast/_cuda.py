@@ -129,6 +129,7 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+# (triton is imported only when the statistics are asked for: the CUDA backend runs without it)
 def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
     from .kernels.token_stats import token_stats_forward
 
