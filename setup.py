@@ -41,7 +41,8 @@ def cpu_arch_flags():
 ext_modules = [
     Pybind11Extension(
         "pplfast._C",
-        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp", "csrc/cpu/token_stats.cpp"],
+        depends=["csrc/cpu/common.h", "csrc/cpu/token_nll.h", "csrc/cpu/token_stats.h"],
         include_dirs=["csrc"],
         cxx_std=17,
         # -ffp-contract=off: the scalar transforms must round exactly as the AVX2 ones

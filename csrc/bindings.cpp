@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/token_nll.h"
+#include "cpu/token_stats.h"
 
 namespace py = pybind11;
 
@@ -61,4 +62,60 @@ PYBIND11_MODULE(_C, m) {
                             ignore_index, rows, ptr<float>(out));
       },
       "NLL from the running state: (row_max - target_logit) + log(row_sum), clamped at 0.");
+
+  m.def(
+      "token_stats",
+      [](std::uintptr_t logits, int dtype, int64_t batch, int64_t time, int64_t cols,
+         int64_t batch_stride, int64_t time_stride, int64_t col_stride, std::uintptr_t targets,
+         int64_t ignore_index, double softcap, double temperature, int64_t top_k,
+         std::uintptr_t nll, std::uintptr_t entropy, std::uintptr_t max_logprob,
+         std::uintptr_t argmax, std::uintptr_t rank, std::uintptr_t top_ids,
+         std::uintptr_t top_logprobs, int nthreads) {
+        py::gil_scoped_release release;
+        pplfast::token_stats(ptr<const void>(logits), dtype, batch, time, cols, batch_stride,
+                             time_stride, col_stride, ptr<const int64_t>(targets), ignore_index,
+                             softcap, temperature, top_k, ptr<float>(nll), ptr<float>(entropy),
+                             ptr<float>(max_logprob), ptr<int64_t>(argmax), ptr<int64_t>(rank),
+                             ptr<int64_t>(top_ids), ptr<float>(top_logprobs), nthreads);
+      },
+      "Per-token statistics (nll, entropy, max log p, argmax, rank, top-k) of strided logits.");
+
+  m.def(
+      "stats_update",
+      [](std::uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
+         int64_t col_stride, int64_t v_offset, std::uintptr_t targets, int64_t ignore_index,
+         double softcap, double temperature, std::uintptr_t threshold, int64_t top_k,
+         std::uintptr_t row_max, std::uintptr_t row_sum, std::uintptr_t row_ent,
+         std::uintptr_t amax_val, std::uintptr_t amax_idx, std::uintptr_t rank,
+         std::uintptr_t target_logit, std::uintptr_t top_vals, std::uintptr_t top_ids,
+         int nthreads) {
+        py::gil_scoped_release release;
+        pplfast::stats_update(ptr<const void>(logits), dtype, rows, cols, row_stride, col_stride,
+                              v_offset, ptr<const int64_t>(targets), ignore_index, softcap,
+                              temperature, ptr<const float>(threshold), top_k,
+                              ptr<float>(row_max), ptr<double>(row_sum), ptr<double>(row_ent),
+                              ptr<float>(amax_val), ptr<int64_t>(amax_idx), ptr<int64_t>(rank),
+                              ptr<double>(target_logit), ptr<float>(top_vals),
+                              ptr<int64_t>(top_ids), nthreads);
+      },
+      "Fold a (rows, cols) slab of logits into the running per-row statistics state.");
+
+  m.def(
+      "stats_finish",
+      [](std::uintptr_t row_max, std::uintptr_t row_sum, std::uintptr_t row_ent,
+         std::uintptr_t amax_idx, std::uintptr_t rank, std::uintptr_t target_logit,
+         std::uintptr_t targets, int64_t ignore_index, int64_t rows, int64_t top_k,
+         std::uintptr_t nll, std::uintptr_t entropy, std::uintptr_t max_logprob,
+         std::uintptr_t argmax, std::uintptr_t rank_out, std::uintptr_t top_ids,
+         std::uintptr_t top_vals) {
+        py::gil_scoped_release release;
+        pplfast::stats_finish(ptr<const float>(row_max), ptr<const double>(row_sum),
+                              ptr<const double>(row_ent), ptr<const int64_t>(amax_idx),
+                              ptr<const int64_t>(rank), ptr<const double>(target_logit),
+                              ptr<const int64_t>(targets), ignore_index, rows, top_k,
+                              ptr<float>(nll), ptr<float>(entropy), ptr<float>(max_logprob),
+                              ptr<int64_t>(argmax), ptr<int64_t>(rank_out), ptr<int64_t>(top_ids),
+                              ptr<float>(top_vals));
+      },
+      "Statistics from the running state; top_vals become log-probabilities in place.");
 }

@@ -4,6 +4,7 @@ from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
+from .stats import TokenStats, linear_token_stats, token_stats
 from .windows import Window, make_windows
 from . import reference  # the float64 oracle, pplfast.reference
 
@@ -18,12 +19,15 @@ __all__ = [
     "PerplexityResult",
     "ScoreResult",
     "TextScores",
+    "TokenStats",
     "Window",
     "linear_perplexity",
     "linear_token_nll",
+    "linear_token_stats",
     "make_windows",
     "perplexity",
     "score_model",
     "score_texts",
     "token_nll",
+    "token_stats",
 ]

@@ -165,3 +165,43 @@ def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, tem
         nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
                                     temperature)
     return nll
+
+
+def chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
+                               top_k, *, launcher: Callable, budget_mb: Optional[float] = None):
+    """Statistics of ``F.linear(hidden2, weight, bias)`` on the GPU chunked path: the rows are cut
+    into chunks, each chunk's logits come from one GEMM into a reused buffer (float32 where
+    PyTorch has the fp32-output GEMM, as :func:`chunked_linear_token_nll`) and ``launcher``
+    (the ``token_stats`` launcher interface) reduces them. Ignored rows are computed and then
+    reset to the ignored values by the launcher. Extra memory: one chunk plus O(N · top_k)."""
+    budget = _env.budget_bytes(_env.GPU_CHUNK_MB, _env.DEFAULT_GPU_CHUNK_MB, budget_mb)
+    N = hidden2.shape[0]
+    V = weight.shape[0]
+    device = hidden2.device
+    mixed = hidden2.dtype != torch.float32 and fp32_out_gemm_available()
+    dtype = torch.float32 if (mixed or hidden2.dtype == torch.float32) else hidden2.dtype
+    step = gpu_chunk_rows(V, torch.empty((), dtype=dtype).element_size(), budget)
+    buf = torch.empty(min(step, N) * V, dtype=dtype, device=device)
+    wt = weight.t()
+    parts = []
+    for r0 in range(0, N, step):
+        n = min(step, N - r0)
+        h = hidden2[r0 : r0 + n]
+        z = buf[: n * V].view(n, V)
+        if mixed:
+            try:
+                torch.mm(h, wt, out_dtype=torch.float32, out=z)
+            except (RuntimeError, TypeError, NotImplementedError):
+                if r0 != 0:
+                    raise
+                # no fp32-output GEMM for these tensors: logits in the input dtype, as F.linear
+                mixed, buf = False, buf.to(hidden2.dtype)
+                z = buf[: n * V].view(n, V)
+                torch.mm(h, wt, out=z)
+        else:
+            torch.mm(h, wt, out=z)
+        if bias is not None:
+            z.add_(bias.to(z.dtype))
+        parts.append(launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
+                              temperature, top_k))
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))

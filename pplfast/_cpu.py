@@ -130,13 +130,30 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
         with ``z = (F.linear(hidden2, weight, bias))`` soft-capped and divided by temperature.
     """
     budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
-    N, D = hidden2.shape
-    V = weight.shape[0]
+    N = hidden2.shape[0]
     out = torch.zeros(N, dtype=torch.float32)
     rows, targets = scored if scored is not None else _select_scored(targets, ignore_index)
     if targets.numel() == 0:
         return out
     n_scored = targets.shape[0]
+    row_max, row_sum, target_logit = new_state(n_scored)
+    for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, n_scored, budget):
+        lse_update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
+                   row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
+    nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index)
+    return _scatter_scored(out, rows, nll)
+
+
+def logit_tiles(hidden2, weight, bias, rows: Optional[torch.Tensor], n_scored: int, budget: int):
+    """The tile loop of the hidden-states ops, as a generator of ``(logits, v0, r0, n)``.
+
+    ``logits`` is the ``(n, c)`` float32 block of vocabulary columns ``v0 ...`` for scored rows
+    ``r0 ... r0 + n`` (``rows``: their indices in ``hidden2``, None for all), in one reused buffer
+    that the caller folds before asking for the next tile. Vocabulary tiles run outside, so the
+    weight (the large operand) is read once and each row sees its columns in increasing order.
+    """
+    D = hidden2.shape[1]
+    V = weight.shape[0]
     upcast = hidden2.dtype != torch.float32
     gather_bytes = 0 if rows is None else hidden2.element_size()
     n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
@@ -153,7 +170,6 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
         weight_buf = torch.empty(c_max * D, dtype=torch.float32)
         hidden_buf = torch.empty(n_max * D, dtype=torch.float32)
     fused_bias = bias is not None and bias.dtype == torch.float32
-    row_max, row_sum, target_logit = new_state(n_scored)
 
     for v0 in range(0, V, c_max):
         c = min(c_max, V - v0)
@@ -177,8 +193,87 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
                 torch.matmul(h_tile, w_tile.T, out=logits)
                 if b_tile is not None:
                     logits.add_(b_tile)
-            lse_update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
-                       row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
+            yield logits, v0, r0, n
 
-    nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index)
-    return _scatter_scored(out, rows, nll)
+
+def _stats_outputs(n: int, top_k: int):
+    """(nll, entropy, max_logprob, argmax, rank, top_ids, top_logprobs), NaN / garbage filled
+    so that an element the kernel does not write shows."""
+    return (torch.full((n,), float("nan")), torch.full((n,), float("nan")),
+            torch.full((n,), float("nan")), torch.full((n,), -7, dtype=torch.int64),
+            torch.full((n,), -7, dtype=torch.int64), torch.full((n, top_k), -7, dtype=torch.int64),
+            torch.full((n, top_k), float("nan")))
+
+
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    B, T, V = logits3.shape
+    out = _stats_outputs(B * T, top_k)
+    sB, sT, sV = logits3.stride()
+    _C.token_stats(
+        logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], B, T, V, sB, sT, sV,
+        targets.data_ptr(), ignore_index, _softcap_arg(softcap), temperature, top_k,
+        *(t.data_ptr() for t in out), _threads(),
+    )
+    return out
+
+
+def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, temperature, step):
+    """Each scored row's transformed target logit (float32), the rank's threshold: one dot
+    product per row in float32, as the tiles' GEMM computes it, transformed in float64."""
+    out = torch.empty(targets.shape[0], dtype=torch.float32)
+    for r0 in range(0, targets.shape[0], step):
+        t = targets[r0 : r0 + step]
+        h = hidden2[r0 : r0 + step] if rows is None else hidden2.index_select(0, rows[r0 : r0 + step])
+        z = (h.float() * weight.index_select(0, t).float()).sum(-1)
+        if bias is not None:
+            z = z + bias.index_select(0, t).float()
+        z = z.double()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        out[r0 : r0 + step] = z / temperature
+    return out
+
+
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
+                       *, budget_mb: Optional[float] = None):
+    """Statistics of ``F.linear(hidden2, weight, bias)`` through the CPU tile loop of the
+    hidden-states NLL (:func:`logit_tiles`), folded into a running state by the
+    native ``stats_update``; the state is O(N · top_k), never N × V."""
+    N = hidden2.shape[0]
+    out = _stats_outputs(N, top_k)
+    rows, scored_targets = _select_scored(targets, ignore_index)
+    n = scored_targets.shape[0]
+    k = top_k
+    state = (
+        torch.full((n,), float("-inf")), torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64), torch.full((n,), float("-inf")),
+        torch.full((n,), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.float64), torch.full((n, k), float("-inf")),
+        torch.full((n, k), -1, dtype=torch.int64),
+    )
+    budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
+    if n:
+        step = max(1, budget // max(1, 8 * hidden2.shape[1]))
+        threshold = _target_thresholds(hidden2, weight, bias, scored_targets, rows, softcap,
+                                       temperature, step)
+        for logits, v0, r0, m in logit_tiles(hidden2, weight, bias, rows, n, budget):
+            s_row, s_col = logits.stride()
+            _C.stats_update(
+                logits.data_ptr(), _C.FLOAT32, m, logits.shape[1], s_row, s_col, v0,
+                scored_targets[r0:].data_ptr(), ignore_index, _softcap_arg(softcap), temperature,
+                threshold[r0:].data_ptr(), k, *(s[r0:].data_ptr() for s in state), _threads(),
+            )
+    scored = _stats_outputs(n, k)
+    row_max, row_sum, row_ent, _, amax_idx, rank, target_logit, top_vals, top_ids = state
+    _C.stats_finish(
+        row_max.data_ptr(), row_sum.data_ptr(), row_ent.data_ptr(), amax_idx.data_ptr(),
+        rank.data_ptr(), target_logit.data_ptr(), scored_targets.data_ptr(), ignore_index, n, k,
+        *(t.data_ptr() for t in scored[:5]), top_ids.data_ptr(), top_vals.data_ptr(),
+    )
+    scored = (*scored[:5], top_ids, top_vals)
+    if rows is None:
+        return scored
+    fills = (0.0, 0.0, 0.0, -1, -1, -1, 0.0)
+    for full, part, fill in zip(out, scored, fills):
+        full.fill_(fill).index_copy_(0, rows, part)
+    return out

@@ -9,12 +9,13 @@ fp32-output GEMM is explained in that module's docstring).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from . import _cuda_C, _env
-from ._chunked import Scored, chunked_linear_token_nll
+from ._chunked import Scored, chunked_linear_token_nll, chunked_linear_token_stats
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -105,3 +106,22 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, launcher=token_nll, budget_mb=budget_mb,
                                     logits_dtype=logits_dtype, scored=scored)
+
+
+# token_stats on CUDA tensors runs the Triton statistics kernel (pplfast.kernels.token_stats):
+# there is no CUDA C++ statistics kernel yet, and no GPU measurement has said that one would be
+# faster. The hidden path is the chunked GEMM loop of the NLL with that kernel as its launcher.
+# (triton is imported only when the statistics are asked for: the CUDA backend runs without it)
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    from .kernels.token_stats import token_stats_forward
+
+    return token_stats_forward(logits3, targets, ignore_index, softcap, temperature, top_k,
+                               sm_count=_env.sm_count(logits3.device))
+
+
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+    from .kernels.token_stats import token_stats_forward
+
+    launcher = functools.partial(token_stats_forward, sm_count=_env.sm_count(hidden2.device))
+    return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
+                                      temperature, top_k, launcher=launcher)

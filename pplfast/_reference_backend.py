@@ -24,3 +24,28 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
         temperature=temperature,
     )
     return nll.float()
+
+
+def _stats_fields(stats):
+    floats = ("nll", "entropy", "max_logprob", "top_k_logprobs")
+    return tuple(
+        None if (value := getattr(stats, name)) is None
+        else (value.float() if name in floats else value)
+        for name in ("nll", "entropy", "max_logprob", "argmax", "rank", "top_k_ids",
+                     "top_k_logprobs")
+    )
+
+
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    V = logits3.shape[-1]
+    return _stats_fields(reference.token_stats(
+        logits3.reshape(-1, V), targets, top_k=top_k, ignore_index=ignore_index,
+        softcap=softcap, temperature=temperature,
+    ))
+
+
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+    return _stats_fields(reference.linear_token_stats(
+        hidden2, weight, targets, bias=bias, top_k=top_k, ignore_index=ignore_index,
+        softcap=softcap, temperature=temperature,
+    ))

@@ -28,9 +28,10 @@ import functools
 import torch
 
 from . import _env
-from ._chunked import _select_scored, chunked_linear_token_nll
+from ._chunked import _select_scored, chunked_linear_token_nll, chunked_linear_token_stats
 from .kernels.linear_token_nll import linear_token_nll_forward
 from .kernels.token_nll import token_nll_forward
+from .kernels.token_stats import token_stats_forward
 
 
 def _sm_count(tensor: torch.Tensor):
@@ -67,3 +68,15 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
                                     temperature, sm_count=_sm_count(hidden2),
                                     allow_tf32=allow_tf32, autotune=_env.autotune(),
                                     rows=scored[0])
+
+
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    return token_stats_forward(logits3, targets, ignore_index, softcap, temperature, top_k,
+                               sm_count=_sm_count(logits3))
+
+
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+    """The chunked GEMM path with the statistics kernel (no fused statistics kernel yet)."""
+    launcher = functools.partial(token_stats_forward, sm_count=_sm_count(hidden2))
+    return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
+                                      temperature, top_k, launcher=launcher)

@@ -131,12 +131,6 @@ class CorpusScorer:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not (dtype in DTYPES or isinstance(dtype, torch.dtype)):
             raise ValueError(f"dtype must be one of {DTYPES} or a torch.dtype, got {dtype!r}")
-        if stats:
-            import pplfast
-
-            if not hasattr(pplfast, "linear_token_stats"):
-                raise ValueError("stats=True needs pplfast.linear_token_stats, which this version "
-                                 "of pplfast does not have")
         if isinstance(model, torch.nn.Module):
             self._model, self._source = model, getattr(model, "name_or_path", "") or ""
         elif isinstance(model, (str, os.PathLike)):
@@ -213,7 +207,8 @@ class CorpusScorer:
 
         model, tokenizer = self.model, self.tokenizer
         n = len(texts)
-        cols = {name: np.zeros(n, dtype=dtype) for name, dtype in SCORE_COLUMNS}
+        columns = SCORE_COLUMNS + (STATS_COLUMNS if self.stats else ())
+        cols = {name: np.zeros(n, dtype=dtype) for name, dtype in columns}
         add_special = self.mode != "rolling"
         docs, where = [], []
         for i, text in enumerate(texts):
@@ -232,16 +227,22 @@ class CorpusScorer:
                     self._head = _model_head(model, longest)
                 self._head_ready = True
             window = self.window if self.window is not None else _context_length(model)
+            doc_stats = [] if self.stats else None
             per_doc = _score_documents(
                 model, docs, window=window, stride=self.stride, mode=self.mode,
                 prefix_token_id=None, tokenizer=tokenizer, batch_size=None, backend=self.backend,
                 progress=False, batch_tokens=self.batch_tokens, head=self._head,
+                stats=doc_stats,
             )
-            for i, (nll, scored) in zip(where, per_doc):
+            for k, (i, (nll, scored)) in enumerate(zip(where, per_doc)):
                 x = nll.double()[scored]
                 cols["num_tokens"][i] = int(scored.sum())
                 cols["sum_nll"][i] = float(x.sum())
                 cols["sum_nll_sq"][i] = float((x * x).sum())
+                if doc_stats is not None:
+                    st = doc_stats[k]
+                    cols["sum_entropy"][i] = float(st.entropy.double()[scored].sum())
+                    cols["top1_hits"][i] = int((st.argmax == docs[k])[scored].sum())
         tokens = cols["num_tokens"]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             mean = np.where(tokens > 0, cols["sum_nll"] / np.maximum(tokens, 1), np.nan)

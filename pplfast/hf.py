@@ -32,6 +32,7 @@ from . import _validate
 from ._optional import require
 from .api import linear_token_nll, token_nll
 from .metric import Perplexity, PerplexityResult, _exp
+from .stats import TokenStats, linear_token_stats, token_stats
 from .windows import MODES, Window, make_windows
 
 IGNORE = -100
@@ -52,6 +53,9 @@ class ScoreResult:
     perplexity_stderr: float
     token_nll: torch.Tensor
     scored: torch.Tensor
+    stats: Optional[TokenStats] = None  # with stats=True: aligned like token_nll
+    mean_entropy: Optional[float] = None
+    top1_accuracy: Optional[float] = None
 
 
 @dataclass
@@ -67,6 +71,7 @@ class DocumentScore:
     token_ids: torch.Tensor
     token_nll: torch.Tensor
     scored: torch.Tensor
+    stats: Optional[TokenStats] = None  # with stats=True: aligned like token_nll
 
 
 @dataclass
@@ -301,19 +306,35 @@ def _pack_jobs(jobs, batch_size: Optional[int], batch_tokens: Optional[int]):
     return batches
 
 
+def _empty_stats(n: int, top_k: int) -> TokenStats:
+    """Per-token statistics of ``n`` unscored positions (floats 0, integers -1)."""
+    lead, k = (n,), (n, top_k)
+    return TokenStats(torch.zeros(lead), torch.zeros(lead), torch.zeros(lead),
+                      torch.full(lead, -1, dtype=torch.long), torch.full(lead, -1, dtype=torch.long),
+                      torch.full(k, -1, dtype=torch.long) if top_k else None,
+                      torch.zeros(k) if top_k else None)
+
+
+_STAT_FIELDS = ("entropy", "max_logprob", "argmax", "rank", "top_k_ids", "top_k_logprobs")
+
+
 def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
                    batch_size: Optional[int], backend: str, progress, *,
                    batch_tokens: Optional[int] = None, head=_PROBE,
-                   first_token: Optional[int] = None) -> List[torch.Tensor]:
+                   first_token: Optional[int] = None, stats=None,
+                   top_k: int = 0) -> List[torch.Tensor]:
     """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask.
 
     Windows are grouped by :func:`_pack_jobs`. ``head``: the :func:`_model_head` of ``model``
     when the caller already has it (None: score from the logits). ``first_token``: replaces the
     first input token of every window (llama.cpp puts BOS there); None keeps the stream's.
+    With ``stats`` (a list), one :class:`TokenStats` per stream is appended to it.
     """
     device = _model_device(model)
     out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
     scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
+    if stats is not None:
+        stats.extend(_empty_stats(len(s), top_k) for s in streams)
     jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
     if not jobs:
         return list(zip(out, scored))
@@ -323,7 +344,7 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     bar = _progress_bar(len(jobs), progress)
     try:
         _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
-                     scored, bar, first_token)
+                     scored, bar, first_token, stats, top_k)
     finally:
         if bar is not None:
             bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
@@ -331,7 +352,7 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
 
 
 def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
-                 scored, bar, first_token=None):
+                 scored, bar, first_token=None, stats=None, top_k=0):
     for batch in _pack_jobs(jobs, batch_size, batch_tokens):
         length = max(w.input_length for _, w in batch)
         ids = torch.zeros(len(batch), length, dtype=torch.long)
@@ -358,21 +379,37 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
             hidden = _last_hidden(_call(head.body, ids, attn))
             # with the model split over devices, the output layer may sit apart from the body;
             # context-only and padding positions are ignored rows, which cost no GEMM
-            nll = linear_token_nll(
-                hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
-                targets.to(head.weight.device), bias=head.bias, softcap=head.softcap,
-                temperature=head.temperature, backend=backend, check_targets=False,
-            ).cpu()
+            head_args = (hidden.to(device=head.weight.device, dtype=head.weight.dtype),
+                         head.weight, targets.to(head.weight.device))
+            head_kw = dict(bias=head.bias, softcap=head.softcap, temperature=head.temperature,
+                           backend=backend)
+            if stats is not None:
+                window_stats = linear_token_stats(*head_args, top_k=top_k, **head_kw)
+                nll = window_stats.nll.cpu()
+            else:
+                nll = linear_token_nll(*head_args, check_targets=False, **head_kw).cpu()
         else:
             logits = _logits(_call(model, ids, attn))
             _validate.scored_targets(cpu_targets, logits.shape[-1], IGNORE, check=True,
                                      count=False)
-            nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
-                            backend=backend, check_targets=False).cpu()
+            if stats is not None:
+                window_stats = token_stats(logits, targets.to(logits.device), ignore_index=IGNORE,
+                                           top_k=top_k, backend=backend)
+                nll = window_stats.nll.cpu()
+            else:
+                nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,
+                                backend=backend, check_targets=False).cpu()
         for row, (doc, w) in enumerate(batch):
             skip = w.score_start - w.start - 1
             out[doc][w.score_start : w.stop] = nll[row, skip : w.input_length]
             scored[doc][w.score_start : w.stop] = True
+            for name in _STAT_FIELDS if stats is not None else ():
+                value = getattr(window_stats, name)
+                if value is not None:
+                    tail = value.shape[-1:] if name.startswith("top_k") else ()
+                    value = value.reshape(*targets.shape, *tail)
+                    getattr(stats[doc], name)[w.score_start : w.stop] = value[
+                        row, skip : w.input_length].cpu()
         if bar is not None:
             bar.update(len(batch))
 
@@ -415,10 +452,13 @@ def _llamacpp_bos(model, tokenizer, prefix_token_id) -> Optional[int]:
 
 
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
-                     tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE):
+                     tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE,
+                     stats=None, top_k=0):
     """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
 
     ``batch_tokens`` and ``head``: see :func:`_score_streams` (``batch_size`` may then be None).
+    With ``stats`` (a list), each document's :class:`TokenStats`, aligned the same way, is
+    appended to it.
     """
     if batch_tokens is None or batch_size is not None:
         _check_batch_size(batch_size)
@@ -436,20 +476,24 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
         model.eval()  # dropout would make scores random
     try:
         with torch.inference_mode():
+            stream_stats = None if stats is None else []
             stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress,
                                         batch_tokens=batch_tokens, head=head,
-                                        first_token=first_token)
+                                        first_token=first_token, stats=stream_stats, top_k=top_k)
     finally:
         if was_training:
             model.train()
     offset = 1 if mode == "rolling" else 0
+    for st in stream_stats or ():
+        stats.append(TokenStats(*(None if v is None else v[offset:] for v in
+                                  (getattr(st, f) for f in ("nll",) + _STAT_FIELDS))))
     return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
 
 
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 window: Optional[int] = None, stride: Optional[int] = None, mode: str = "sliding",
                 prefix_token_id: Optional[int] = None, batch_size: int = 8, backend: str = "auto",
-                progress=False) -> ScoreResult:
+                progress=False, stats: bool = False, top_k: int = 0) -> ScoreResult:
     """Perplexity of a causal LM on token ids, without building its logits.
 
     Each row is one document: the tokens where ``attention_mask`` is 1 (one contiguous run, left
@@ -469,11 +513,16 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         batch_size: windows per forward pass.
         backend: passed to :func:`pplfast.linear_token_nll` / :func:`pplfast.token_nll`.
         progress: show a progress bar over windows (needs tqdm).
+        stats: also compute each token's :class:`TokenStats` (:func:`pplfast.token_stats`, same
+            pass) and the summary ``mean_entropy`` / ``top1_accuracy``.
+        top_k: with ``stats``, the most probable tokens kept per position, in ``[0, 64]``.
 
     Returns:
-        :class:`ScoreResult`; ``token_nll`` and ``scored`` have ``input_ids``' shape. For one
-        window, ``mean_nll`` equals ``model(ids, labels=ids).loss``.
+        :class:`ScoreResult`; ``token_nll`` and ``scored`` have ``input_ids``' shape (``stats``
+        too: its field at ``[b, t]`` describes the prediction of token ``t``). For one window,
+        ``mean_nll`` equals ``model(ids, labels=ids).loss``.
     """
+    _check_stats_options(stats, top_k, model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         what = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise TypeError(f"input_ids must be an int64 or int32 tensor, got {what}")
@@ -505,27 +554,57 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
             raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
         docs.append(ids2[b, lo:hi])
         spans.append((lo, hi))
+    doc_stats = [] if stats else None
     per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
+        stats=doc_stats, top_k=top_k,
     )
     token_nll_out = torch.zeros(ids2.shape, dtype=torch.float32)
     scored_out = torch.zeros(ids2.shape, dtype=torch.bool)
     metric = Perplexity()
+    stats_out = None if doc_stats is None else _empty_stats(ids2.numel(), top_k)
     for b, ((nll, scored), (lo, hi)) in enumerate(zip(per_doc, spans)):
         token_nll_out[b, lo:hi] = nll
         scored_out[b, lo:hi] = scored
-        metric.update_nll(nll, scored)
+        if doc_stats is None:
+            metric.update_nll(nll, scored)
+            continue
+        metric.update_nll(nll, scored, stats=doc_stats[b], targets=docs[b])
+        row = slice(b * ids2.shape[1] + lo, b * ids2.shape[1] + hi)
+        for name in _STAT_FIELDS:
+            if getattr(stats_out, name) is not None:
+                getattr(stats_out, name)[row] = getattr(doc_stats[b], name)
+    summary = {}
     try:
         res = metric.compute()
         ppl, mean, n, err = res.perplexity, res.mean_nll, res.num_tokens, res.perplexity_stderr
+        summary = dict(mean_entropy=res.mean_entropy, top1_accuracy=res.top1_accuracy)
     except ValueError:
         ppl, mean, n, err = math.nan, math.nan, 0, math.nan
     return ScoreResult(
         perplexity=ppl, mean_nll=mean, num_tokens=n, perplexity_stderr=err,
         token_nll=token_nll_out.reshape(input_ids.shape),
         scored=scored_out.reshape(input_ids.shape),
+        stats=None if stats_out is None else _reshape_stats(
+            stats_out, token_nll_out.reshape(-1), input_ids.shape),
+        **summary,
     )
+
+
+def _check_stats_options(stats, top_k, model) -> None:
+    from .stats import check_top_k
+
+    if not isinstance(stats, bool):
+        raise TypeError(f"stats must be a bool, got {stats!r}")
+    if top_k and not stats:
+        raise ValueError(f"top_k={top_k!r} needs stats=True")
+    check_top_k(top_k, vocab_size(model) or 64)
+
+
+def _reshape_stats(st: TokenStats, nll: torch.Tensor, shape) -> TokenStats:
+    fields = [nll] + [getattr(st, f) for f in _STAT_FIELDS]
+    return TokenStats(*(None if v is None else v.reshape(*shape, *v.shape[1:]) for v in fields))
 
 
 def count_words(text: str) -> int:
@@ -536,12 +615,14 @@ def count_words(text: str) -> int:
 def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int] = None,
                 stride: Optional[int] = None, mode: str = "sliding",
                 prefix_token_id: Optional[int] = None, add_special_tokens: Optional[bool] = None,
-                batch_size: int = 8, backend: str = "auto", progress=False) -> TextScores:
+                batch_size: int = 8, backend: str = "auto", progress=False, stats: bool = False,
+                top_k: int = 0) -> TextScores:
     """Tokenize and score documents; per-document and corpus figures, bytes and words included.
 
     Args:
-        model, window, stride, mode, prefix_token_id, batch_size, backend, progress: as in
-            :func:`score_model`.
+        model, window, stride, mode, prefix_token_id, batch_size, backend, progress, stats,
+            top_k: as in :func:`score_model` (each document then carries its ``stats`` and the
+            corpus figures ``mean_entropy`` / ``top1_accuracy``).
         tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text)["input_ids"]``).
         texts: the documents.
         add_special_tokens: passed to the tokenizer; default False for ``mode="rolling"`` (the
@@ -556,6 +637,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
+    _check_stats_options(stats, top_k, model)
     if add_special_tokens is None:
         add_special_tokens = mode != "rolling"
     docs = []
@@ -566,21 +648,27 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
+    doc_stats = [] if stats else None
     per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
+        stats=doc_stats, top_k=top_k,
     )
     metric = Perplexity()
     documents = []
-    for text, ids, (nll, scored) in zip(texts, docs, per_doc):
+    for i, (text, ids, (nll, scored)) in enumerate(zip(texts, docs, per_doc)):
         num_bytes, num_words = len(text.encode("utf-8")), count_words(text)
-        metric.update_nll(nll, scored, num_bytes=num_bytes, num_words=num_words)
+        doc_st = None if doc_stats is None else doc_stats[i]
+        metric.update_nll(nll, scored, num_bytes=num_bytes, num_words=num_words, stats=doc_st,
+                          targets=None if doc_st is None else ids)
         n = int(scored.sum())
         total = float(nll.double().sum())
         mean = total / n if n else math.nan
         documents.append(DocumentScore(
             num_tokens=n, num_bytes=num_bytes, num_words=num_words, sum_nll=total, mean_nll=mean,
             perplexity=_exp(mean), token_ids=ids, token_nll=nll, scored=scored,
+            stats=None if doc_st is None else TokenStats(
+                nll, *(getattr(doc_st, f) for f in _STAT_FIELDS)),
         ))
     if metric.num_tokens == 0:
         raise ValueError(

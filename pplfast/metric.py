@@ -1,8 +1,10 @@
 """Streaming perplexity: float64 sums that add up across batches, processes and documents.
 
-The state is seven float64 sums, so ``merge`` is an addition and ``sync`` one ``all_reduce``:
+The state is ten float64 sums, so ``merge`` is an addition and ``sync`` one ``all_reduce``:
 sum of NLL, sum of squared NLL, scored tokens, bytes, words, and the tokens that came with byte
-(word) counts, so a ratio over bytes is only reported when every token's bytes were counted.
+(word) counts, so a ratio over bytes is only reported when every token's bytes were counted; with
+``stats=True`` updates, also the sum of entropies, the count of tokens whose argmax is the target,
+and the tokens those two cover.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from typing import Optional
 import torch
 
 from .api import linear_token_nll, token_nll
+from .stats import linear_token_stats, token_stats
 
-_STATE_SIZE = 7
-_SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(_STATE_SIZE)
+_STATE_SIZE = 10
+_SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(7)
+_SUM_ENTROPY, _TOP1, _TOKENS_W_STATS = 7, 8, 9
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class PerplexityResult:
     figures are ratios of sums over all documents (lm-evaluation-harness): ``bits_per_byte =
     sum(nll) / num_bytes / ln 2``, ``byte_perplexity = exp(sum(nll) / num_bytes)``,
     ``word_perplexity = exp(sum(nll) / num_words)``; None unless every update gave the counts.
+    ``mean_entropy`` (nats) and ``top1_accuracy`` (fraction of scored tokens whose argmax is the
+    target) cover the tokens of the ``stats=True`` updates; None when there were none.
     """
 
     perplexity: float
@@ -42,6 +48,8 @@ class PerplexityResult:
     bits_per_byte: Optional[float] = None
     byte_perplexity: Optional[float] = None
     word_perplexity: Optional[float] = None
+    mean_entropy: Optional[float] = None
+    top1_accuracy: Optional[float] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +100,7 @@ class Perplexity:
         return int(state[_TOKENS].item())
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, *, num_bytes=None,
-               num_words=None, **options) -> torch.Tensor:
+               num_words=None, stats: bool = False, **options):
         """Score a batch of logits and add it.
 
         Args:
@@ -100,26 +108,43 @@ class Perplexity:
                 (``ignore_index``, ``shift``, ``softcap``, ``temperature``, ``backend``).
             num_bytes, num_words: optional UTF-8 byte and word counts of the text these targets
                 cover (an int, a sequence or a tensor of per-document counts, summed).
+            stats: also collect the entropy and top-1 accuracy (one :func:`pplfast.token_stats`
+                pass instead of ``token_nll``); ``compute()`` then reports ``mean_entropy`` and
+                ``top1_accuracy``.
 
         Returns:
-            The per-token NLL, float32, shaped like :func:`pplfast.token_nll`'s output.
+            The per-token NLL, float32, shaped like :func:`pplfast.token_nll`'s output; with
+            ``stats=True`` the :class:`pplfast.TokenStats`.
         """
+        if stats:
+            result = token_stats(logits, targets, **options)
+            self._add(result.nll, targets, options, num_bytes, num_words, result)
+            return result
         nll = token_nll(logits, targets, **options)
         self._add(nll, targets, options, num_bytes, num_words)
         return nll
 
     def update_linear(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                      num_bytes=None, num_words=None, **options) -> torch.Tensor:
+                      num_bytes=None, num_words=None, stats: bool = False, **options):
         """Like :meth:`update` from final hidden states ``(..., D)`` and the output layer
-        ``weight`` ``(V, D)`` (``bias=`` among ``options``); see :func:`pplfast.linear_token_nll`."""
+        ``weight`` ``(V, D)`` (``bias=`` among ``options``); see :func:`pplfast.linear_token_nll`
+        (and :func:`pplfast.linear_token_stats` with ``stats=True``)."""
+        if stats:
+            result = linear_token_stats(hidden, weight, targets, **options)
+            self._add(result.nll, targets, options, num_bytes, num_words, result)
+            return result
         nll = linear_token_nll(hidden, weight, targets, **options)
         self._add(nll, targets, options, num_bytes, num_words)
         return nll
 
     def update_nll(self, nll: torch.Tensor, scored: Optional[torch.Tensor] = None, *,
-                   num_bytes=None, num_words=None) -> None:
+                   num_bytes=None, num_words=None, stats=None, targets=None) -> None:
         """Add per-token NLL computed elsewhere; ``scored`` (bool, same shape) masks the tokens
-        that count (default: all). Unscored entries are ignored whatever their value."""
+        that count (default: all). Unscored entries are ignored whatever their value. ``stats``
+        (a :class:`pplfast.TokenStats` aligned with ``nll``) and the ``targets`` it was computed
+        for add the entropy and top-1 accuracy as ``update(..., stats=True)`` does."""
+        if (stats is None) != (targets is None):
+            raise ValueError("stats and targets go together: pass both or neither")
         if not isinstance(nll, torch.Tensor):
             raise TypeError(f"nll must be a floating-point tensor, got {type(nll).__name__}")
         if not nll.is_floating_point():
@@ -132,15 +157,15 @@ class Perplexity:
                 f"scored must be a bool tensor of shape {tuple(nll.shape)}, got "
                 f"{scored.dtype} {tuple(scored.shape)}"
             )
-        self._accumulate(nll, scored, num_bytes, num_words)
+        self._accumulate(nll, scored, num_bytes, num_words, stats, targets)
 
-    def _add(self, nll, targets, options, num_bytes, num_words) -> None:
+    def _add(self, nll, targets, options, num_bytes, num_words, stats=None) -> None:
         if options.get("shift", False):
             targets = targets[..., 1:]
         scored = targets != options.get("ignore_index", -100)
-        self._accumulate(nll, scored, num_bytes, num_words)
+        self._accumulate(nll, scored, num_bytes, num_words, stats, targets)
 
-    def _accumulate(self, nll, scored, num_bytes, num_words) -> None:
+    def _accumulate(self, nll, scored, num_bytes, num_words, stats=None, targets=None) -> None:
         num_bytes = _count(num_bytes, "num_bytes")
         num_words = _count(num_words, "num_words")
         x = torch.where(scored, nll.double(), torch.zeros((), dtype=torch.float64, device=nll.device))
@@ -152,12 +177,21 @@ class Perplexity:
             torch.full_like(tokens, num_bytes or 0), torch.full_like(tokens, num_words or 0),
             tokens if num_bytes is not None else zero,
             tokens if num_words is not None else zero,
+            *self._stats_sums(stats, targets, scored, zero),
         ])
         # the state follows the device of the first update, so GPU updates never synchronise
         if self._state.device != nll.device and not bool(self._state.any()):
             self._state = self._state.to(nll.device)
         self._state = self._state + update.to(self._state.device)
         self._global = None
+
+    @staticmethod
+    def _stats_sums(stats, targets, scored, zero):
+        if stats is None:
+            return zero, zero, zero
+        entropy = torch.where(scored, stats.entropy.double(), torch.zeros_like(zero))
+        top1 = (scored & (stats.argmax == targets)).sum().double()
+        return entropy.sum(), top1, scored.sum().double()
 
     def merge(self, other: "Perplexity") -> "Perplexity":
         """Add another metric's local sums into this one (e.g. from another shard); returns self."""
@@ -218,6 +252,9 @@ class Perplexity:
         if state[_TOKENS_W_WORDS] == n and state[_WORDS] > 0:
             nw = state[_WORDS]
             result.update(num_words=int(nw), word_perplexity=_exp(sum_nll / nw))
+        if state[_TOKENS_W_STATS] > 0:
+            ns = state[_TOKENS_W_STATS]
+            result.update(mean_entropy=state[_SUM_ENTROPY] / ns, top1_accuracy=state[_TOP1] / ns)
         return PerplexityResult(**result)
 
 

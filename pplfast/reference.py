@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .stats import TokenStats
+
 _CHUNK_BYTES = 64 << 20
 
 
@@ -96,3 +98,107 @@ def linear_token_nll(
         z = _transform(z, softcap, temperature)
         out[start : start + step] = _nll_rows(z, flat_targets[start : start + step], ignore_index)
     return out.reshape(lead)
+
+
+def _stats_rows(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, top_k: int) -> dict:
+    """Statistics of float64 rows ``z`` (n, V) (see :func:`token_stats`)."""
+    n, V = z.shape
+    scored = targets != ignore_index
+    if V == 0:  # only ignored rows can exist (top_k is then 0)
+        z = torch.zeros(n, 1, dtype=z.dtype, device=z.device)
+    safe = torch.where(scored, targets, torch.zeros_like(targets))
+    lse = torch.logsumexp(z, dim=-1)
+    target_logit = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    nll = (lse - target_logit).clamp_min(0.0)  # NaN stays NaN
+    logp = z - lse.unsqueeze(-1)
+    terms = torch.where(z == float("-inf"), torch.zeros_like(z), logp.exp() * logp)  # 0·log 0 = 0
+    entropy = torch.where(torch.isfinite(lse), -terms.sum(-1), torch.full_like(lse, float("nan")))
+    max_logprob = (z.max(-1).values - lse).clamp_max(0.0)
+    argmax = z.argmax(-1)
+    rank = (z > target_logit.unsqueeze(-1)).sum(-1)
+    out = {"nll": nll, "entropy": entropy.clamp_min(0.0), "max_logprob": max_logprob,
+           "argmax": argmax, "rank": rank}
+    if top_k:
+        values, ids = torch.topk(z, top_k, dim=-1)
+        out["top_k_ids"], out["top_k_logprobs"] = ids, values - lse.unsqueeze(-1)
+    zero = scored.unsqueeze(-1) if top_k else None
+    for name, value in out.items():
+        fill = -1 if value.dtype == torch.int64 else 0.0
+        mask = zero if value.ndim == 2 else scored
+        out[name] = torch.where(mask, value, torch.full_like(value, fill))
+    return out
+
+
+def _stats_result(parts: list, lead, top_k: int):
+    fields = {}
+    for name in ("nll", "entropy", "max_logprob", "argmax", "rank", "top_k_ids", "top_k_logprobs"):
+        if name.startswith("top_k") and not top_k:
+            fields[name] = None
+            continue
+        value = torch.cat([p[name] for p in parts]) if parts else None
+        shape = tuple(lead) + ((top_k,) if name.startswith("top_k") else ())
+        if value is None:
+            dtype = torch.int64 if name in ("argmax", "rank", "top_k_ids") else torch.float64
+            value = torch.empty(shape, dtype=dtype)
+        fields[name] = value.reshape(shape)
+    return TokenStats(**fields)
+
+
+def token_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    top_k: int = 0,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+):
+    """Per-token statistics of ``logits`` (..., V) at ``targets`` (...), in float64.
+
+    Returns a ``pplfast.TokenStats`` whose float fields are float64 (the oracle's precision);
+    the definitions are those of ``pplfast.token_stats``.
+    """
+    logits, targets = _shifted(logits, targets, shift)
+    lead = targets.shape
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    flat_targets = targets.reshape(-1).long()
+    parts = []
+    step = _rows_per_chunk(V)
+    for start in range(0, flat.shape[0], step):
+        z = _transform(flat[start : start + step].double(), softcap, temperature)
+        parts.append(_stats_rows(z, flat_targets[start : start + step], ignore_index, top_k))
+    return _stats_result(parts, lead, top_k)
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    top_k: int = 0,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+):
+    """Per-token statistics of ``hidden @ weight.T + bias`` at ``targets``, in float64."""
+    hidden, targets = _shifted(hidden, targets, shift)
+    lead = targets.shape
+    D = hidden.shape[-1]
+    V = weight.shape[0]
+    flat = hidden.reshape(-1, D)
+    flat_targets = targets.reshape(-1).long()
+    weight64 = weight.double()
+    bias64 = bias.double() if bias is not None else None
+    parts = []
+    step = _rows_per_chunk(V)
+    for start in range(0, flat.shape[0], step):
+        z = flat[start : start + step].double() @ weight64.T
+        if bias64 is not None:
+            z = z + bias64
+        z = _transform(z, softcap, temperature)
+        parts.append(_stats_rows(z, flat_targets[start : start + step], ignore_index, top_k))
+    return _stats_result(parts, lead, top_k)

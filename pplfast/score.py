@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plot NLL against position (mean over documents, smoothed); "
                              "any format matplotlib writes (.png, .pdf, .svg, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stats", action="store_true",
+                        help="also per-token entropy, max log-probability, argmax and target "
+                             "rank (in --per-token rows); mean entropy and top-1 accuracy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="with --stats (implied): the K most probable tokens per position "
+                             "in --per-token rows, K in [0, 64]")
 
 
 # ---- input -------------------------------------------------------------------------------------
@@ -374,11 +380,32 @@ def _write_per_token(path, tokenizer, documents):
             ids = doc.token_ids.tolist()
             nll = doc.token_nll.tolist()
             scored = doc.scored.tolist()
+            extra = _token_stats_rows(tokenizer, doc.stats) if doc.stats is not None else None
             for pos, (tid, value, ok) in enumerate(zip(ids, nll, scored)):
-                f.write(json.dumps({
-                    "document": d, "position": pos, "token_id": tid,
-                    "token": token_text(tokenizer, tid), "nll": value if ok else None,
-                }, ensure_ascii=False) + "\n")
+                row = {"document": d, "position": pos, "token_id": tid,
+                       "token": token_text(tokenizer, tid), "nll": value if ok else None}
+                if extra is not None:
+                    row.update(extra(pos) if ok else dict.fromkeys(extra.keys))
+                f.write(json.dumps(_finite(row), ensure_ascii=False) + "\n")
+
+
+def _token_stats_rows(tokenizer, stats):
+    """Per position: entropy, max_logprob, argmax, rank and, with top-k, the top_k list."""
+    columns = {name: getattr(stats, name).tolist()
+               for name in ("entropy", "max_logprob", "argmax", "rank")}
+    top = None
+    if stats.top_k_ids is not None:
+        top = (stats.top_k_ids.tolist(), stats.top_k_logprobs.tolist())
+
+    def row(pos):
+        out = {name: values[pos] for name, values in columns.items()}
+        if top is not None:
+            out["top_k"] = [{"id": i, "token": token_text(tokenizer, i), "logprob": lp}
+                            for i, lp in zip(top[0][pos], top[1][pos])]
+        return out
+
+    row.keys = list(columns) + (["top_k"] if top is not None else [])
+    return row
 
 
 def _plot(path, documents, title, window):
@@ -444,6 +471,9 @@ def _summary(figures) -> str:
                      f"({human(figures['bits_per_token'])} bits/token)"),
         ("bits per byte", human(figures["bits_per_byte"])),
         ("word perplexity", human(figures["word_perplexity"])),
+        *([("mean entropy", f"{human(figures['mean_entropy'])} nats"),
+           ("top-1 accuracy", human(figures["top1_accuracy"]))]
+          if figures.get("mean_entropy") is not None else []),
         ("tokens/s", human(figures["tokens_per_second"], 1)),
         ("windows", f"{figures['mode']}, window {figures['window']}"
                     + (f", stride {figures['stride']}" if figures["mode"] == "sliding" else "")
@@ -482,6 +512,8 @@ def _check_options(args) -> None:
         raise ScoreError(f"--stride must be positive, got {args.stride}")
     if args.batch_size < 1:
         raise ScoreError(f"--batch-size must be positive, got {args.batch_size}")
+    if not 0 <= args.top_k <= 64:
+        raise ScoreError(f"--top-k must lie in [0, 64], got {args.top_k}")
     if args.per_document and args.json is None:
         raise ScoreError("--per-document adds to the JSON output: pass --json too")
     if args.plot:
@@ -513,7 +545,8 @@ def _score(args) -> int:
         scores = score_texts(
             model, tokenizer, documents, window=window, stride=stride, mode=args.mode,
             prefix_token_id=args.prefix_token_id, batch_size=args.batch_size,
-            backend=args.backend, progress=progress,
+            backend=args.backend, progress=progress, stats=args.stats or args.top_k > 0,
+            top_k=args.top_k,
         )
     except (ValueError, TypeError, BackendUnavailableError) as exc:
         # bad options, nothing to score or an unusable backend: one line, no traceback

@@ -13,6 +13,11 @@ timestamp.
   ``F.cross_entropy``, ``F.linear_cross_entropy`` with chunking options (PyTorch >= 2.13) and, on
   GPU, Cut Cross-Entropy and Liger's fused linear cross entropy (forward only). TFLOP/s =
   2*N*D*V / time, next to the rate of a plain ``hidden @ weight.T`` of the same shape.
+- Statistics path (``--path stats``): ``pplfast.token_stats`` with ``top_k`` 0 and 5, next to
+  ``pplfast.token_nll``, vs the PyTorch expression a user writes today: ``log_softmax`` in
+  float32, then entropy ``-(p * logp).sum(-1)``, ``max``/``argmax``, the target's rank
+  ``(logp > logp[target]).sum(-1)`` and (for the top-k row) ``topk(5)``. Columns as the logits
+  path; the speed-up is taken over ``token_stats(top_k=0)``.
 - Timing and peak memory: :mod:`pplfast.bench.measure` (one timer for every implementation).
 
 One module per job: :mod:`.options` (command line -> :class:`~.options.Plan`), :mod:`.cases`

@@ -33,7 +33,7 @@ def make_inputs(path: str, shape: Sequence[int], dtype: str, device: torch.devic
     """Inputs of one case: ``(logits, targets)`` or ``(hidden, weight, targets)``."""
     gen = torch.Generator().manual_seed(seed)
     torch_dtype = DTYPES[dtype]
-    if path == "logits":
+    if path in ("logits", "stats"):
         N, V = shape
         targets = torch.randint(0, V, (N,), generator=gen).to(device)
         return _random((N, V), torch_dtype, device, gen, scale=2.0), targets

@@ -18,7 +18,7 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PATHS = ("logits", "linear", "all")
+PATHS = ("logits", "linear", "all", "stats")
 DEVICES = ("cpu", "cuda")
 
 DEFAULT_LOGITS_SHAPES = ((4096, 32000), (4096, 50257), (4096, 128256))
@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes, or --reps 1 --warmup 0, for a quick look."
     )
     parser.add_argument(
-        "--path", default="logits", metavar="{logits,linear,all}",
-        help="logits: token_nll on materialised logits (default); linear: linear_token_nll on "
+        "--path", default="logits", metavar="{logits,linear,all,stats}",
+        help="stats: token_stats (top_k 0 and 5) against the PyTorch log_softmax expression, on "
+        "NxV shapes; logits: token_nll on materialised logits (default); linear: linear_token_nll on "
         "hidden states and the output layer; all: both",
     )
     parser.add_argument(
@@ -165,20 +166,22 @@ def make_plan(args) -> Plan:
     paths = ("logits", "linear") if args.path == "all" else (args.path,)
     shapes = parse_shapes(args.shapes) if args.shapes is not None else None
     if shapes is not None:
-        if args.path == "logits" and any(len(s) != 2 for s in shapes):
-            raise BenchError("--path logits takes NxV shapes; NxDxV shapes need --path linear or all")
+        if args.path in ("logits", "stats") and any(len(s) != 2 for s in shapes):
+            raise BenchError(f"--path {args.path} takes NxV shapes; NxDxV shapes need --path "
+                             "linear or all")
         if args.path == "linear" and any(len(s) != 3 for s in shapes):
             raise BenchError("--path linear takes NxDxV shapes (rows x hidden width x vocabulary)")
     dtypes = parse_dtypes(args.dtypes) if args.dtypes is not None else None
     cases = []
     for path in paths:
-        rank = 2 if path == "logits" else 3
+        logits_like = path in ("logits", "stats")
+        rank = 2 if logits_like else 3
         if shapes is None:
-            path_shapes = DEFAULT_LOGITS_SHAPES if path == "logits" else DEFAULT_LINEAR_SHAPES[kind]
+            path_shapes = DEFAULT_LOGITS_SHAPES if logits_like else DEFAULT_LINEAR_SHAPES[kind]
         else:
             path_shapes = [s for s in shapes if len(s) == rank]
         if dtypes is None:
-            path_dtypes = DEFAULT_LOGITS_DTYPES if path == "logits" else DEFAULT_LINEAR_DTYPES[kind]
+            path_dtypes = DEFAULT_LOGITS_DTYPES if logits_like else DEFAULT_LINEAR_DTYPES[kind]
         else:
             path_dtypes = dtypes
         for shape in path_shapes:

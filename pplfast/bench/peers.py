@@ -32,10 +32,13 @@ def implementations(path: str, device: torch.device, backend: str):
     try:
         from pplfast import _dispatch
 
-        resolved = _dispatch.resolve(backend, device, "token_nll" if path == "logits" else "linear_token_nll")
+        op = {"logits": "token_nll", "stats": "token_stats"}.get(path, "linear_token_nll")
+        resolved = _dispatch.resolve(backend, device, op)
     except Exception:  # the preflight call reports the real error
         resolved = backend
     label = f"pplfast[{resolved}]"
+    if path == "stats":
+        return _stats_implementations(label, backend), skipped
     if path == "logits":
         impls.append(Impl("pplfast", label, "pplfast",
                           lambda x, t: pplfast.token_nll(x, t, backend=backend)))
@@ -94,3 +97,31 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
+
+
+def _torch_stats(x, t, top_k=0):
+    """The statistics as a user computes them today: the whole (N, V) log-softmax in float32."""
+    logp = F.log_softmax(x.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    max_logprob, argmax = logp.max(-1)
+    rank = (logp > logp.gather(-1, t[:, None])).sum(-1)
+    top = logp.topk(top_k, dim=-1) if top_k else None
+    return entropy, max_logprob, argmax, rank, top
+
+
+def _stats_implementations(label: str, backend: str) -> List[Impl]:
+    """``--path stats``: token_stats (top_k 0, then 5; the first is the speed-up's reference),
+    token_nll for scale, and the PyTorch expression with and without ``topk(5)``."""
+    import pplfast
+
+    return [
+        Impl("pplfast_stats", f"{label} token_stats", "pplfast",
+             lambda x, t: pplfast.token_stats(x, t, backend=backend).entropy),
+        Impl("pplfast_stats_top5", f"{label} token_stats top_k=5", "pplfast",
+             lambda x, t: pplfast.token_stats(x, t, top_k=5, backend=backend).entropy),
+        Impl("pplfast_token_nll", f"{label} token_nll", "baseline",
+             lambda x, t: pplfast.token_nll(x, t, backend=backend)),
+        Impl("torch_stats", "log_softmax+stats", "baseline", lambda x, t: _torch_stats(x, t)[0]),
+        Impl("torch_stats_top5", "log_softmax+stats+topk(5)", "baseline",
+             lambda x, t: _torch_stats(x, t, 5)[0]),
+    ]

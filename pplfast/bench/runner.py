@@ -53,10 +53,12 @@ def _preflight(plan: Plan) -> None:
 
     for path in dict.fromkeys(p for p, _, _ in plan.cases):
         for dtype in dict.fromkeys(d for p, _, d in plan.cases if p == path):
-            shape = (4, 64) if path == "logits" else (4, 16, 64)
+            shape = (4, 64) if path in ("logits", "stats") else (4, 16, 64)
             inputs = make_inputs(path, shape, dtype, plan.device, seed=1)
             try:
-                if path == "logits":
+                if path == "stats":
+                    pplfast.token_stats(*inputs, top_k=5, backend=plan.backend)
+                elif path == "logits":
                     pplfast.token_nll(*inputs, backend=plan.backend)
                 else:
                     pplfast.linear_token_nll(*inputs, backend=plan.backend)
@@ -164,7 +166,7 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
         if not ms:
             continue
         r["pplfast_speedup"] = ms / ref["ms"] if ref else None
-        if path == "logits":
+        if path in ("logits", "stats"):
             r["gbps"] = nbytes / (ms * 1e-3) / 1e9
             r["read_bw_fraction"] = r["gbps"] / read_gbps
             r["floor_ms"] = nbytes / (read_gbps * 1e9) * 1e3

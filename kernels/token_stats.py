@@ -1,0 +1,270 @@
+"""Per-token statistics from logits: NLL, entropy, max log-probability, argmax and target rank in
+one pass over each row (fp32 online logsumexp, as ``token_nll.py``), and the top-k beside it.
+
+Algorithm. Row r is read in blocks of BLOCK_V entries, z = capped(x) / temperature. The program
+keeps a running maximum ``m`` (scalar) and two vectors of BLOCK_V partial sums relative to it:
+``s = sum exp(z - m)`` and ``e = sum exp(z - m) (z - m)``; when ``m`` grows to ``m'`` both are
+rescaled (``e' = a (e + (m - m') s)``, ``s' = a s``, ``a = exp(m - m')``). Then
+
+    log-sum-exp = m + log S,   entropy = log S - E / S,   max log p = -log S.
+
+The target logit is loaded (and transformed by the same code) before the pass; each block adds
+the count of its entries strictly above it (the rank) and its first index holding the block
+maximum replaces the running argmax when strictly larger (lowest index on ties). NaN is detected
+on the raw values (before tanh, which would map it to a finite number) and makes nll, entropy and
+max log p NaN; -inf entries add 0 to both sums (``exp(-inf) * -inf`` is masked to 0); a +inf
+entry gives entropy and max log p NaN (inf - inf), as the float64 reference.
+
+Programs. One per row when rows >= 2 x SM count; otherwise one per (row, vocabulary chunk), each
+writing a partial (max, S, E, nan, argmax value and index, rank) that ``_stats_merge_kernel``
+combines in chunk order.
+
+Top-k (``top_k > 0``): softcap and temperature are increasing functions, so the top-k ids of the
+raw logits are those of z; they come from ``torch.topk`` over chunks of rows of the input (read in
+place, a second pass), and their log-probabilities from z and the kernel's log-sum-exp.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import capped, device_guard, finite_ref
+from .token_nll import _INTERPRETER_SM_COUNT, plan
+
+_NO_INDEX = tl.constexpr(2**62)  # "no argmax yet": larger than any vocabulary index
+
+
+@triton.jit
+def _rescale(s, e, m_old, m_new):
+    # (s, e) relative to m_old -> relative to m_new >= m_old; identity when unchanged
+    delta = tl.where(m_old == m_new, 0.0, m_old - finite_ref(m_new))
+    a = tl.where(m_old == m_new, 1.0, tl.exp2(delta * 1.4426950408889634))
+    e = tl.where(a > 0, a * (e + delta * s), 0.0)
+    return a * s, e
+
+
+@triton.jit
+def _finish(m, S, E, nan, target_z, scored):
+    log_s = tl.log(tl.where(scored, S, 1.0))
+    nll = (m - target_z) + log_s
+    nll = tl.where(nll < 0, 0.0, nll)  # never negative; NaN stays
+    bad = nan | (m == float("inf")) | (m == -float("inf"))
+    entropy = tl.where(bad, float("nan"), tl.maximum(log_s - E / tl.where(scored, S, 1.0), 0.0))
+    max_logprob = tl.where(bad, float("nan"), tl.minimum(-log_s, 0.0))
+    nll = tl.where(nan, float("nan"), nll)
+    lse = tl.where(nan, float("nan"), tl.where(bad, m, m + log_s))
+    return nll, entropy, max_logprob, lse
+
+
+@triton.jit
+def _token_stats_kernel(
+    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, lse_ptr, part_f_ptr,
+    part_i_ptr, T, V, stride_b, stride_t, stride_v, chunk, n_split, ignore_index,
+    softcap, inv_softcap, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    scored = target != ignore_index
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    if SPLIT:
+        start = tl.program_id(1) * chunk
+        end = tl.minimum(start + chunk, V)
+    else:
+        start = 0
+        end = V
+    end = tl.where(scored, end, start)  # an ignored row loads nothing
+
+    tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
+    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    e = tl.zeros([BLOCK_V], dtype=tl.float32)
+    nan = tl.zeros([BLOCK_V], dtype=tl.int32)
+    above = tl.zeros([BLOCK_V], dtype=tl.int32)
+    amax = -float("inf")
+    amax_idx = tl.full([], _NO_INDEX, tl.int64)
+    for c0 in range(start, end, BLOCK_V):
+        idx = c0 + cols
+        mask = idx < end
+        x = tl.load(row_ptr + idx.to(tl.int64) * stride_v, mask=mask, other=-float("inf"))
+        x = x.to(tl.float32)
+        nan = nan | (x != x).to(tl.int32)
+        z = capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+        above += (z > target_z).to(tl.int32)
+        block_max = tl.max(z, axis=0)
+        first = tl.min(tl.where((z == block_max) & mask, idx.to(tl.int64), _NO_INDEX), axis=0)
+        take = (first != _NO_INDEX) & ((amax_idx == _NO_INDEX) | (block_max > amax))
+        amax = tl.where(take, block_max, amax)
+        amax_idx = tl.where(take, first, amax_idx)
+        new_m = tl.maximum(m, block_max)
+        s, e = _rescale(s, e, m, new_m)
+        d = z - finite_ref(new_m)
+        p = tl.exp2(d * 1.4426950408889634)
+        s += p
+        e += tl.where(p > 0, p * d, 0.0)
+        m = new_m
+    S = tl.sum(s, axis=0)
+    E = tl.sum(e, axis=0)
+    any_nan = tl.max(nan, axis=0) > 0
+    rank = tl.sum(above, axis=0).to(tl.int64)
+    if SPLIT:
+        part = (row.to(tl.int64) * n_split + tl.program_id(1)) * 4
+        tl.store(part_f_ptr + part, m)
+        tl.store(part_f_ptr + part + 1, S)
+        tl.store(part_f_ptr + part + 2, E)
+        tl.store(part_f_ptr + part + 3, amax)
+        tl.store(part_i_ptr + part, any_nan.to(tl.int64))
+        tl.store(part_i_ptr + part + 1, amax_idx)
+        tl.store(part_i_ptr + part + 2, rank)
+    else:
+        nll, entropy, max_logprob, lse = _finish(m, S, E, any_nan, target_z, scored)
+        tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
+        tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
+        tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
+        tl.store(lse_ptr + row, lse)
+        tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
+        tl.store(rank_ptr + row, tl.where(scored, rank, -1))
+
+
+@triton.jit
+def _stats_merge_kernel(
+    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, lse_ptr, part_f_ptr,
+    part_i_ptr, T, stride_b, stride_t, stride_v, n_split, ignore_index,
+    softcap, inv_softcap, inv_temp, HAS_SOFTCAP: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    scored = target != ignore_index
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
+    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+
+    splits = tl.arange(0, BLOCK_S)
+    live = splits < n_split
+    part = (row.to(tl.int64) * n_split + splits) * 4
+    pm = tl.load(part_f_ptr + part, mask=live, other=-float("inf"))
+    ps = tl.load(part_f_ptr + part + 1, mask=live, other=0.0)
+    pe = tl.load(part_f_ptr + part + 2, mask=live, other=0.0)
+    pa = tl.load(part_f_ptr + part + 3, mask=live, other=-float("inf"))
+    pn = tl.load(part_i_ptr + part, mask=live, other=0)
+    pi = tl.load(part_i_ptr + part + 1, mask=live, other=_NO_INDEX)
+    pr = tl.load(part_i_ptr + part + 2, mask=live, other=0)
+    m = tl.max(pm, axis=0)
+    ps, pe = _rescale(ps, pe, pm, m)
+    S = tl.sum(ps, axis=0)
+    E = tl.sum(pe, axis=0)
+    any_nan = tl.max(pn, axis=0) > 0
+    rank = tl.sum(pr, axis=0)
+    # argmax: the largest value, then the lowest index holding it (chunks are in column order)
+    best = tl.max(tl.where(pi != _NO_INDEX, pa, -float("inf")), axis=0)
+    amax_idx = tl.min(tl.where((pi != _NO_INDEX) & (pa == best), pi, _NO_INDEX), axis=0)
+    nll, entropy, max_logprob, lse = _finish(m, S, E, any_nan, target_z, scored)
+    tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
+    tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
+    tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
+    tl.store(lse_ptr + row, lse)
+    tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
+    tl.store(rank_ptr + row, tl.where(scored, rank, -1))
+
+
+def _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse, budget_rows=None):
+    """Top-k ids (int64) and log-probabilities (float32) by row chunks of ``torch.topk``."""
+    B, T, V = logits3.shape
+    rows = B * T
+    ids = torch.empty((rows, top_k), dtype=torch.int64, device=logits3.device)
+    logprobs = torch.empty((rows, top_k), dtype=torch.float32, device=logits3.device)
+    step = budget_rows or max(1, (64 << 20) // max(1, V * 4))
+    for b in range(B):
+        for t0 in range(0, T, step):
+            block = logits3[b, t0 : t0 + step]  # (n, V) strided view: topk reads it in place
+            r0, r1 = b * T + t0, b * T + t0 + block.shape[0]
+            values, top = torch.topk(block, top_k, dim=-1)
+            z = values.double()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            z = z / temperature
+            ids[r0:r1] = top
+            logprobs[r0:r1] = (z - lse[r0:r1].double().unsqueeze(-1)).float()
+    ignored = targets == ignore_index
+    ids[ignored] = -1
+    logprobs[ignored] = 0.0
+    return ids, logprobs
+
+
+def token_stats_forward(
+    logits3: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    temperature: float,
+    top_k: int = 0,
+    *,
+    sm_count: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    block_v: Optional[int] = None,
+):
+    """Statistics of ``(B, T, V)`` logits: ``(nll, entropy, max_logprob, argmax, rank, top_ids,
+    top_logprobs)``, shapes ``(B*T,)`` and ``(B*T, top_k)`` (None when ``top_k == 0``).
+
+    Definitions as ``pplfast.token_stats``; the launch plan (one pass per row, or vocabulary
+    chunks merged when rows < 2 x ``sm_count``) is ``token_nll_forward``'s, and ``sm_count``,
+    ``num_splits``, ``block_v`` mean what they mean there. The caller makes the tensors' device
+    current (``kernels._common.device_guard``).
+    """
+    if logits3.ndim != 3:
+        raise ValueError(f"logits3 must be (B, T, V), got shape {tuple(logits3.shape)}")
+    B, T, V = logits3.shape
+    rows = B * T
+    if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(f"targets must be a contiguous int64 tensor of shape ({rows},), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    device = logits3.device
+    f32 = dict(dtype=torch.float32, device=device)
+    nll, entropy, max_logprob, lse = (torch.empty(rows, **f32) for _ in range(4))
+    argmax = torch.empty(rows, dtype=torch.int64, device=device)
+    rank = torch.empty(rows, dtype=torch.int64, device=device)
+    on_gpu = logits3.is_cuda
+    if sm_count is None:
+        if on_gpu and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
+        sm_count = _INTERPRETER_SM_COUNT
+    if rows and V:
+        n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
+                                                sm_count=sm_count, num_splits=num_splits,
+                                                block_v=block_v)
+        split = n_split > 1
+        has_softcap = softcap is not None
+        cap = dict(softcap=float(softcap) if has_softcap else 1.0,
+                   inv_softcap=1.0 / float(softcap) if has_softcap else 1.0,
+                   inv_temp=1.0 / float(temperature))
+        part_f = torch.empty((rows * n_split * 4) if split else 1, **f32)
+        part_i = torch.empty((rows * n_split * 4) if split else 1, dtype=torch.int64,
+                             device=device)
+        stride_b, stride_t, stride_v = logits3.stride()
+        outs = (nll, entropy, max_logprob, argmax, rank, lse, part_f, part_i)
+        with device_guard(logits3):
+            _token_stats_kernel[(rows, n_split)](
+                logits3, targets, *outs, T, V, stride_b, stride_t, stride_v, chunk, n_split,
+                ignore_index, **cap, HAS_SOFTCAP=has_softcap, SPLIT=split, BLOCK_V=block,
+                num_warps=num_warps,
+            )
+            if split:
+                _stats_merge_kernel[(rows,)](
+                    logits3, targets, *outs, T, stride_b, stride_t, stride_v, n_split,
+                    ignore_index, **cap, HAS_SOFTCAP=has_softcap,
+                    BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+                )
+    if not top_k:
+        return nll, entropy, max_logprob, argmax, rank, None, None
+    ids, logprobs = _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse)
+    return nll, entropy, max_logprob, argmax, rank, ids, logprobs

@@ -1,0 +1,427 @@
+"""token_stats / linear_token_stats (README "Token statistics") on every backend that runs here,
+against the float64 oracle ``pplfast.reference.token_stats``.
+
+Float fields: ``2e-6 * max(1, |logsumexp of the row|)``. Integer fields exact except where the
+float64 comparison is a tie within one ulp of the input dtype (``_tie_band``): there any of the
+tied answers is right. Top-k ids may come in any order among ties, so they are checked by what
+they point at: distinct, in range, each at least the k-th largest logit (up to the tie band), and
+their log-probabilities equal to the reference's sorted ones.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pplfast
+from pplfast import reference
+from helpers import assert_nll_close, row_lse
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOP_KS = [0, 1, 5, 64]
+IGNORE = -100
+FIELDS = ("nll", "entropy", "max_logprob", "argmax", "rank", "top_k_ids", "top_k_logprobs")
+
+
+def _z64(logits, softcap, temperature):
+    z = logits.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def _tie_band(z64, dtype):
+    """Per-element width within which two transformed logits count as tied: one ulp of the
+    input dtype at that magnitude (the kernels compare fp32 values transformed in fp32)."""
+    eps = torch.finfo(dtype).eps
+    band = 2 * eps * z64.abs()
+    return torch.where(torch.isfinite(band), band, torch.zeros_like(band))
+
+
+def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperature=1.0,
+                ignore_index=IGNORE, band=None):
+    """Compare a TokenStats of (..., V) ``logits`` (shift already applied) with the oracle."""
+    V = logits.shape[-1]
+    expected = reference.token_stats(logits, targets, top_k=top_k, ignore_index=ignore_index,
+                                     softcap=softcap, temperature=temperature)
+    lse = row_lse(logits, softcap=softcap, temperature=temperature)
+    lead = tuple(targets.shape)
+    for name in FIELDS:
+        value = getattr(actual, name)
+        if name.startswith("top_k") and top_k == 0:
+            assert value is None, name
+            continue
+        want = lead + ((top_k,) if name.startswith("top_k") else ())
+        assert tuple(value.shape) == want, (name, tuple(value.shape), want)
+        int_field = name in ("argmax", "rank", "top_k_ids")
+        assert value.dtype == (torch.int64 if int_field else torch.float32), (name, value.dtype)
+    for name in ("nll", "entropy", "max_logprob"):
+        assert_nll_close(getattr(actual, name), getattr(expected, name), lse, what=name)
+
+    z = _z64(logits, softcap, temperature).reshape(-1, V)
+    t = targets.reshape(-1)
+    scored = t != ignore_index
+    ok_rows = scored & ~torch.isnan(z).any(-1)  # integer fields unspecified on NaN rows
+    tie = _tie_band(z, dtype) if band is None else band.reshape(-1, V)
+    argmax = actual.argmax.reshape(-1)
+    rank = actual.rank.reshape(-1)
+    assert bool((argmax[~scored] == -1).all()) and bool((rank[~scored] == -1).all())
+    for r in ok_rows.nonzero().flatten().tolist():
+        row, band_r = z[r], tie[r]
+        a = int(argmax[r])
+        assert 0 <= a < V and row[a] >= row.max() - band_r[a], (
+            f"row {r}: argmax {a} holds {row[a].item()} but the max is {row.max().item()}")
+        if row[a] == row.max():  # the lowest index among exact float64 ties
+            assert a <= int(expected.argmax.reshape(-1)[r]) or row[:a].max() < row[a] - band_r[a]
+        zt = row[int(t[r])]
+        lo = int((row > zt + band_r).sum())
+        hi = int((row > zt - band_r).sum())
+        assert lo <= int(rank[r]) <= hi, f"row {r}: rank {int(rank[r])} outside [{lo}, {hi}]"
+    if top_k:
+        ids = actual.top_k_ids.reshape(-1, top_k)
+        lp = actual.top_k_logprobs.reshape(-1, top_k)
+        assert bool((ids[~scored] == -1).all()) and bool((lp[~scored] == 0).all())
+        want_lp = expected.top_k_logprobs.reshape(-1, top_k)
+        flat_lse = lse.reshape(-1, 1).expand(-1, top_k)
+        rows_ok = ok_rows.unsqueeze(-1).expand(-1, top_k)
+        assert_nll_close(torch.where(rows_ok, lp, 0.0), torch.where(rows_ok, want_lp, 0.0),
+                         flat_lse, what="top_k_logprobs (sorted values)")
+        for r in ok_rows.nonzero().flatten().tolist():
+            row_ids = ids[r]
+            assert bool(((row_ids >= 0) & (row_ids < V)).all()), f"row {r}: ids {row_ids.tolist()}"
+            assert len(set(row_ids.tolist())) == top_k, f"row {r}: repeated ids {row_ids.tolist()}"
+            kth = torch.topk(z[r], top_k).values[-1]
+            held = z[r][row_ids]
+            assert bool((held >= kth - tie[r][row_ids]).all()), f"row {r}: ids below the k-th"
+        # each id's log-probability is its own: z[id] - lse
+        at_ids = z.gather(1, ids.clamp_min(0)) - lse.reshape(-1, 1)
+        assert_nll_close(torch.where(rows_ok, lp, 0.0), torch.where(rows_ok, at_ids, 0.0),
+                         flat_lse, what="top_k_logprobs at top_k_ids")
+    else:
+        assert actual.top_k_ids is None and actual.top_k_logprobs is None
+    # NaN rows: NaN in the float fields, integer fields in range
+    nan_rows = scored & torch.isnan(z).any(-1)
+    for name in ("nll", "entropy", "max_logprob"):
+        assert bool(torch.isnan(getattr(actual, name).reshape(-1)[nan_rows]).all()), name
+    assert bool(((argmax[nan_rows] >= 0) & (argmax[nan_rows] < V)).all())
+    return expected
+
+
+def _backends():
+    return ["reference", "cpu", "triton"]
+
+
+def _run(backend, logits, targets, **kw):
+    return pplfast.token_stats(logits, targets, backend=backend, **kw)
+
+
+def _targets(shape, V, ignored=()):
+    t = torch.randint(0, V, shape)
+    flat = t.view(-1)
+    for i in ignored:
+        flat[i] = IGNORE
+    return t
+
+
+# cpu runs the real sizes; the reference and the interpreter small ones
+SIZES = {"cpu": [(1, 5), (507, 37), (50257, 9)], "reference": [(1, 5), (507, 37)],
+         "triton": [(1, 5), (67, 13)]}
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("top_k", TOP_KS)
+def test_matches_oracle(backend, dtype, top_k):
+    for V, N in SIZES[backend]:
+        if top_k > V:
+            continue
+        logits = (torch.randn(N, V) * 4).to(dtype)
+        targets = _targets((N,), V, ignored=(1,) if N > 1 else ())
+        stats = _run(backend, logits, targets, top_k=top_k)
+        check_stats(stats, logits, targets, dtype=dtype, top_k=top_k)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("softcap,temperature", [(None, 0.7), (15.0, 1.0), (30.0, 2.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_options(backend, softcap, temperature, dtype):
+    V = 507 if backend != "triton" else 67
+    logits = (torch.randn(4, 6, V) * 8).to(dtype)
+    targets = _targets((4, 6), V, ignored=(2, 7))
+    for top_k in (0, 5):
+        stats = _run(backend, logits, targets, top_k=top_k, softcap=softcap,
+                     temperature=temperature)
+        check_stats(stats, logits, targets, dtype=dtype, top_k=top_k, softcap=softcap,
+                    temperature=temperature)
+
+
+def _special_rows(V, dtype):
+    x = torch.randn(12, V) * 3
+    x[0, V // 2] = float("nan")           # NaN row
+    x[1, :] = float("-inf")               # all -inf
+    x[2, 1::3] = float("-inf")            # -inf entries (target at 0 stays finite)
+    x[3, 4] = float("inf")                # +inf, the target elsewhere
+    x[4] = x[4] * 1e4                     # large magnitudes
+    x[5, 0], x[5, 9] = 1e4, -1e4
+    x[6, :] = 1.0                         # all tied
+    x[7, 3] = x[7, 11] = x[7].max() + 1   # tied maximum: the lowest index wins
+    x[9, :] = float("nan")                # all NaN
+    t = torch.randint(0, V, (12,))
+    t[2], t[3], t[8] = 0, 7, IGNORE
+    t[10] = 5
+    x[10, 5] = float("-inf")              # target at -inf: nll +inf
+    return x.to(dtype), t
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (20.0, 1.5)])
+def test_special_values(backend, dtype, softcap, temperature):
+    V = 507 if backend != "triton" else 67
+    logits, targets = _special_rows(V, dtype)
+    for top_k in (0, 5, 64):
+        stats = _run(backend, logits, targets, top_k=top_k, softcap=softcap,
+                     temperature=temperature)
+        check_stats(stats, logits, targets, dtype=dtype, top_k=top_k, softcap=softcap,
+                    temperature=temperature)
+        if softcap is None:
+            assert int(stats.argmax[7]) == 3
+            assert int(stats.argmax[6]) == 0 and int(stats.rank[6]) == 0
+            assert stats.nll[10].item() == float("inf")
+            assert stats.entropy[2].isfinite() and stats.entropy[2] > 0  # -inf entries add 0
+            assert torch.isnan(stats.nll[1]) and torch.isnan(stats.entropy[1])  # all -inf
+        # (a softcap maps -inf to -softcap: finite entries, a uniform row 1)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_strided_and_shift(backend):
+    V = 507 if backend != "triton" else 67
+    base = torch.randn(3, 9, 2 * V)
+    logits = base[..., ::2]  # vocabulary stride 2
+    targets = _targets((3, 9), V, ignored=(4,))
+    for top_k in (0, 3):
+        stats = _run(backend, logits, targets, top_k=top_k, shift=True)
+        assert stats.nll.shape == (3, 8)
+        check_stats(stats, logits[:, :-1], targets[:, 1:], dtype=torch.float32, top_k=top_k)
+        assert torch.equal(stats.nll, pplfast.token_nll(logits, targets, shift=True,
+                                                         backend=backend))
+    bf = base.bfloat16().transpose(0, 1)[:, :, :V]  # batch and time strides swapped
+    t2 = _targets((9, 3), V)
+    check_stats(_run(backend, bf, t2, top_k=5), bf, t2, dtype=torch.bfloat16, top_k=5)
+
+
+def test_cpu_column_splits_few_rows():
+    """One or two rows of a real vocabulary: the rows are cut into column ranges and merged."""
+    for dtype in DTYPES:
+        logits = (torch.randn(2, 128256) * 3).to(dtype)
+        logits[1, 100_000] = logits[1].max() + 5  # the argmax and top-1 sit in a late range
+        targets = torch.tensor([5, 100_000])
+        for top_k in (0, 64):
+            stats = pplfast.token_stats(logits, targets, top_k=top_k, backend="cpu")
+            check_stats(stats, logits, targets, dtype=dtype, top_k=top_k)
+            assert int(stats.argmax[1]) == 100_000 and int(stats.rank[1]) == 0
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_split_path(num_splits):
+    from pplfast.kernels.token_stats import token_stats_forward
+
+    V = 67
+    logits, targets = _special_rows(V, torch.float32)
+    for top_k in (0, 5):
+        fields = token_stats_forward(logits.unsqueeze(0), targets, IGNORE, None, 1.0, top_k,
+                                     num_splits=num_splits, block_v=16)
+        stats = pplfast.TokenStats(*fields)
+        check_stats(stats, logits, targets, dtype=torch.float32, top_k=top_k)
+
+
+def test_nll_is_token_nll_bit_for_bit_on_cpu():
+    for dtype in DTYPES:
+        logits = torch.randn(33, 50257).to(dtype)
+        targets = _targets((33,), 50257, ignored=(3,))
+        for opts in ({}, {"softcap": 30.0, "temperature": 0.8}):
+            stats = pplfast.token_stats(logits, targets, top_k=5, backend="cpu", **opts)
+            assert torch.equal(stats.nll, pplfast.token_nll(logits, targets, backend="cpu",
+                                                             **opts))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_matches_oracle(backend, dtype):
+    N, D, V = 29, 123, 507 if backend != "triton" else 67
+    hidden = torch.randn(N, D).to(dtype)
+    weight = (torch.randn(V, D) / D ** 0.5).to(dtype)
+    bias = torch.randn(V).to(dtype)
+    targets = _targets((N,), V, ignored=(0, 5))
+    # the kernels' logits: an fp32 GEMM of the (exactly upcast) inputs; ties within its error
+    logits = F.linear(hidden.float(), weight.float(), bias.float())
+    if backend == "triton" and dtype != torch.float32:
+        # the chunked GPU path on CPU tensors: PyTorch has no fp32-output GEMM there, so the
+        # logits are those of F.linear in the input dtype
+        logits = torch.mm(hidden, weight.t()).add_(bias).float()
+    band = 1e-5 * (logits.abs() + 1)
+    for top_k in (0, 5):
+        for opts in ({}, {"softcap": 10.0, "temperature": 1.3}):
+            stats = pplfast.linear_token_stats(hidden, weight, targets, bias=bias, top_k=top_k,
+                                               backend=backend, **opts)
+            check_stats(stats, logits, targets, dtype=torch.float32, top_k=top_k, band=band,
+                        **opts)
+            if backend == "cpu":
+                assert torch.equal(stats.nll, pplfast.linear_token_nll(
+                    hidden, weight, targets, bias=bias, backend="cpu", **opts))
+
+
+def test_linear_shift_and_zero_width():
+    hidden = torch.randn(2, 7, 16)
+    weight = torch.randn(50, 16)
+    ids = torch.randint(0, 50, (2, 7))
+    stats = pplfast.linear_token_stats(hidden, weight, ids, shift=True, top_k=2, backend="cpu")
+    assert stats.nll.shape == (2, 6) and stats.top_k_ids.shape == (2, 6, 2)
+    check_stats(stats, F.linear(hidden, weight)[:, :-1], ids[:, 1:], dtype=torch.float32,
+                top_k=2, band=1e-5 * (F.linear(hidden, weight)[:, :-1].abs() + 1))
+    bias = torch.randn(50)
+    stats = pplfast.linear_token_stats(torch.randn(3, 0), torch.randn(50, 0), ids[0, :3],
+                                       bias=bias, top_k=3, backend="cpu")
+    assert torch.equal(stats.argmax, bias.argmax().expand(3))
+
+
+def test_ignored_and_empty():
+    logits = torch.randn(4, 10)
+    targets = torch.full((4,), IGNORE)
+    for backend in ("cpu", "reference"):
+        stats = pplfast.token_stats(logits, targets, top_k=3, backend=backend)
+        assert bool((stats.nll == 0).all()) and bool((stats.entropy == 0).all())
+        assert bool((stats.argmax == -1).all()) and bool((stats.top_k_ids == -1).all())
+        assert bool((stats.top_k_logprobs == 0).all())
+        empty = pplfast.token_stats(torch.randn(0, 10), torch.zeros(0, dtype=torch.long),
+                                    top_k=2, backend=backend)
+        assert empty.nll.shape == (0,) and empty.top_k_ids.shape == (0, 2)
+    zero_v = pplfast.token_stats(torch.randn(3, 0), torch.full((3,), IGNORE))
+    assert zero_v.top_k_ids is None and bool((zero_v.rank == -1).all())
+
+
+@pytest.mark.parametrize("top_k", [-1, 65, 11, 2.0, True, "3", None])
+def test_bad_top_k(top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        pplfast.token_stats(torch.randn(2, 10), torch.zeros(2, dtype=torch.long), top_k=top_k)
+    with pytest.raises(ValueError, match="top_k"):
+        pplfast.linear_token_stats(torch.randn(2, 4), torch.randn(10, 4),
+                                   torch.zeros(2, dtype=torch.long), top_k=top_k)
+
+
+def test_bad_inputs_as_token_nll():
+    logits, targets = torch.randn(2, 10), torch.tensor([1, 10])
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10"):
+        pplfast.token_stats(logits, targets)
+    with pytest.raises(TypeError, match="float64"):
+        pplfast.token_stats(logits.double(), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="temperature"):
+        pplfast.token_stats(logits, torch.tensor([1, 2]), temperature=0)
+    with pytest.raises(ValueError, match="backend"):
+        pplfast.token_stats(logits, torch.tensor([1, 2]), backend="gpu")
+    with pytest.raises(ValueError, match="weight"):
+        pplfast.linear_token_stats(torch.randn(2, 4), torch.randn(4, 10), torch.tensor([1, 2]))
+
+
+def test_token_stats_is_frozen():
+    stats = pplfast.token_stats(torch.randn(2, 10), torch.tensor([1, 2]))
+    with pytest.raises(Exception):
+        stats.nll = None
+
+
+# The interpreter runs kernels as Python, so what only the compiler rejects passes every test
+# above: build both statistics kernels for sm_80 and sm_90 (no GPU needed) without the
+# interpreter, and check that ptxas spills nothing.
+def test_kernels_compile_for_sm80_sm90():
+    from helpers import compile_triton, nvidia_backend
+
+    if not nvidia_backend():
+        pytest.skip("triton has no NVIDIA backend here")
+    outs = dict(targets_ptr="*i64", nll_ptr="*fp32", ent_ptr="*fp32", mlp_ptr="*fp32",
+                amax_ptr="*i64", rank_ptr="*i64", lse_ptr="*fp32", part_f_ptr="*fp32",
+                part_i_ptr="*i64", T="i32", stride_b="i64", stride_t="i32", stride_v="i32",
+                n_split="i32", ignore_index="i32", softcap="fp32", inv_softcap="fp32",
+                inv_temp="fp32")
+    specs = []
+    for arch in (80, 90):
+        for dtype in ("bf16", "fp16", "fp32"):
+            for split in (False, True):
+                for cap in (False, True):
+                    specs.append(dict(
+                        module="pplfast.kernels.token_stats", kernel="_token_stats_kernel",
+                        signature=dict(logits_ptr="*" + dtype, V="i32", chunk="i32", **outs),
+                        constexprs=dict(HAS_SOFTCAP=cap, SPLIT=split, BLOCK_V=2048), div16=[],
+                        arch=arch, num_warps=8, tag=(arch, dtype, split, cap)))
+        specs.append(dict(module="pplfast.kernels.token_stats", kernel="_stats_merge_kernel",
+                          signature=dict(logits_ptr="*bf16", **outs),
+                          constexprs=dict(HAS_SOFTCAP=True, BLOCK_S=8), div16=[], arch=arch,
+                          num_warps=1, tag=(arch, "merge")))
+    for spec, got in zip(specs, compile_triton(specs)):
+        assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (spec["tag"], got)
+
+
+_MEMORY_CHILD = r"""
+import json, sys, torch
+import pplfast
+from pplfast._memprobe import reset_peak, status_bytes
+
+N, V, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
+logits = torch.randn(N, V).to(dtype)
+targets = torch.randint(0, V, (N,))
+
+def control():  # what a user writes today
+    logp = logits.float().log_softmax(-1)
+    return (-(logp.exp() * logp).sum(-1), logp.max(-1), logp.topk(5, -1))
+
+run = {
+    "stats": lambda: pplfast.token_stats(logits, targets, top_k=5, backend="cpu").entropy,
+    "stats64": lambda: pplfast.token_stats(logits, targets, top_k=64, backend="cpu").entropy,
+    "control": lambda: control()[0],
+}[which]
+pplfast.token_stats(logits[:2], targets[:2], top_k=5, backend="cpu")  # load the extension first
+reset_peak()
+before = status_bytes("VmHWM")
+out = run()
+after = status_bytes("VmHWM")
+print(json.dumps({"extra": after - before, "logits_bytes": logits.numel() * logits.element_size(),
+                  "finite": bool(torch.isfinite(out).all())}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_token_stats_has_no_vocabulary_sized_temporary(dtype):
+    from helpers import run_json_child
+
+    N, V = 512, 128256
+    for which in ("stats", "stats64"):
+        ours = run_json_child(["-c", _MEMORY_CHILD, N, V, dtype, which])
+        bound = 0.01 * ours["logits_bytes"]
+        assert ours["finite"]
+        assert ours["extra"] <= bound, f"{which}: extra peak {ours['extra']} B > 1% ({bound:.0f} B)"
+    control = run_json_child(["-c", _MEMORY_CHILD, N, V, dtype, "control"])
+    assert control["extra"] > bound, f"control stayed within the bound: {control}"
+
+
+def test_bench_stats_path(capsys):
+    import json
+
+    from pplfast.cli import main
+
+    rc = main(["bench", "--path", "stats", "--shapes", "8x300", "--dtypes", "fp32,bf16",
+               "--reps", "1", "--warmup", "0", "--no-progress", "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    rows = record["results"]
+    names = {r["impl"] for r in rows}
+    assert names == {"pplfast_stats", "pplfast_stats_top5", "pplfast_token_nll", "torch_stats",
+                     "torch_stats_top5"}
+    assert all(r["error"] is None and r["ms"] > 0 and r["path"] == "stats" for r in rows)
+    assert "statistics path: token_stats" in captured.err
+    assert main(["bench", "--path", "stats", "--shapes", "8x16x300"]) == 2
