@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .stats import TokenStats
+from ._results import TokenStats
 
 _CHUNK_BYTES = 64 << 20
 

@@ -6,42 +6,16 @@ Validation and layouts as in :mod:`pplfast.api`; the numerics live in each backe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from numbers import Integral
 from typing import Optional
 
 import torch
 
 from . import _dispatch, _validate
+from ._results import TokenStats
 from .api import _prepare, _rows3
 
 MAX_TOP_K = 64
-
-
-@dataclass(frozen=True)
-class TokenStats:
-    """Statistics of each position's distribution ``p = softmax(z)`` (README, "Token statistics").
-
-    Every field has the leading shape ``L`` of :func:`pplfast.token_nll` for the same call. At
-    ignored positions float fields are 0 and integer fields -1.
-
-    Attributes:
-        nll: float32 ``L``, what ``token_nll`` returns.
-        entropy: float32 ``L``, ``-sum_v p_v log p_v`` in nats.
-        max_logprob: float32 ``L``, ``max_v log p_v`` (confidence ``exp(max_logprob)``).
-        argmax: int64 ``L``, index of the largest logit, the lowest on ties.
-        rank: int64 ``L``, entries whose logit is strictly greater than the target's.
-        top_k_ids: int64 ``L + (top_k,)`` by decreasing probability, or None when ``top_k=0``.
-        top_k_logprobs: float32 ``L + (top_k,)``, their log-probabilities, or None.
-    """
-
-    nll: torch.Tensor
-    entropy: torch.Tensor
-    max_logprob: torch.Tensor
-    argmax: torch.Tensor
-    rank: torch.Tensor
-    top_k_ids: Optional[torch.Tensor] = None
-    top_k_logprobs: Optional[torch.Tensor] = None
 
 
 def check_top_k(top_k, V: int) -> int:

@@ -42,8 +42,11 @@ class Edge(NamedTuple):
 def module_files(packages: Dict[str, Path]) -> Dict[str, Path]:
     files = {}
     for package, folder in packages.items():
-        for path in sorted(folder.glob("*.py")):
-            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join((package, *parts))] = path
     return files
 
 
@@ -53,7 +56,7 @@ def _edges_of(name: str, path: Path, known: set, root: str) -> List[Edge]:
 
     def add(target: str, lazy: bool, line: int) -> None:
         edge = Edge(name, target, lazy, line)
-        if (target == root or target.startswith(root + ".")) and edge not in edges:
+        if target != name and (target == root or target.startswith(root + ".")) and edge not in edges:
             edges.append(edge)
 
     def visit(node: ast.AST, lazy: bool) -> None:
