@@ -65,6 +65,7 @@ def token_stats(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    check_targets: bool = True,
 ) -> TokenStats:
     """Per-token NLL, entropy, max log-probability, argmax, target rank and top-k, in one pass.
 
@@ -75,21 +76,24 @@ def token_stats(
     built.
 
     Args:
-        logits, targets, ignore_index, shift, softcap, temperature, backend: as in
-            :func:`pplfast.token_nll`.
+        logits, targets, ignore_index, shift, softcap, temperature, backend, check_targets: as
+            in :func:`pplfast.token_nll`.
         top_k: number of most probable tokens to return per position, in ``[0, min(V, 64)]``.
 
     Returns:
         :class:`TokenStats` with the leading shape of ``token_nll``'s result.
     """
-    logits, targets, backend, (ignore_index, softcap, temperature) = _prepare(
-        "logits", logits, targets, ignore_index, shift, softcap, temperature, backend,
-        "token_stats"
+    backend, (ignore_index, softcap, temperature) = _prepare(
+        "logits", logits, targets, ignore_index, shift, softcap, temperature, check_targets,
+        backend, "token_stats",
     )
+    if shift:
+        logits, targets = logits[..., :-1, :], targets[..., 1:]
     V = logits.shape[-1]
     top_k = check_top_k(top_k, V)
     lead = targets.shape
-    _validate.target_range(targets, V, ignore_index)
+    if check_targets:
+        _validate.scored_targets(targets, V, ignore_index, check=True, count=False)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     if flat_targets.numel() == 0 or V == 0:
         return _nothing_scored(lead, top_k, logits.device)
@@ -112,27 +116,31 @@ def linear_token_stats(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    check_targets: bool = True,
 ) -> TokenStats:
     """:func:`token_stats` of ``F.linear(hidden, weight, bias)``, never building the logits.
 
     Args:
-        hidden, weight, targets, bias, ignore_index, shift, softcap, temperature, backend: as in
-            :func:`pplfast.linear_token_nll`.
+        hidden, weight, targets, bias, ignore_index, shift, softcap, temperature, backend,
+            check_targets: as in :func:`pplfast.linear_token_nll`.
         top_k: as in :func:`token_stats`.
 
     Returns:
         :class:`TokenStats`; ``nll`` is what ``linear_token_nll`` returns.
     """
     _validate.float_tensor("weight", weight)
-    hidden, targets, backend, (ignore_index, softcap, temperature) = _prepare(
-        "hidden", hidden, targets, ignore_index, shift, softcap, temperature, backend,
-        "linear_token_stats", weight=weight, bias=bias,
+    backend, (ignore_index, softcap, temperature) = _prepare(
+        "hidden", hidden, targets, ignore_index, shift, softcap, temperature, check_targets,
+        backend, "linear_token_stats", weight=weight, bias=bias,
     )
     _validate.linear_shapes(hidden, weight, bias)
+    if shift:
+        hidden, targets = hidden[..., :-1, :], targets[..., 1:]
     V, D = weight.shape
     top_k = check_top_k(top_k, V)
     lead = targets.shape
-    _validate.target_range(targets, V, ignore_index)
+    if check_targets:
+        _validate.scored_targets(targets, V, ignore_index, check=True, count=False)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     if flat_targets.numel() == 0 or V == 0:
         return _nothing_scored(lead, top_k, hidden.device)

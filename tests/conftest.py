@@ -35,6 +35,15 @@ def nan_filled_empty(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def grad_mode_kept():
+    """No public entry point may switch autograd off for its caller (a scoped no_grad only)."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "autograd was left disabled after this test"
+
+
+@pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
     yield

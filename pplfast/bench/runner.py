@@ -67,9 +67,9 @@ def _preflight(plan: Plan) -> None:
                                  f"run here: {_one_line(exc)}") from exc
 
 
+@torch.no_grad()  # scoped: a caller's (or a test session's) grad mode is left as it was
 def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
     """Run every case of ``plan``; returns the JSON-ready record."""
-    torch.set_grad_enabled(False)
     _preflight(plan)
     started = datetime.datetime.now(datetime.timezone.utc)
     env = environment(plan.device)
