@@ -249,9 +249,36 @@ def test_ctrl_c_exits_130_and_keeps_finished_rows(saved, big, tmp_path):
     assert 10 <= len(rows) < total and all(r["outlier"] is None for r in rows)
 
 
+def test_stats_columns_match_the_models_own_distributions(saved, capsys, tmp_path):
+    # documents shorter than the window: each token's distribution is the model's own logits
+    # at the previous position, so entropy and top-1 hits follow from one forward pass
+    import torch
+
+    root, model, tokenizer, texts, _ = saved
+    docs = [t for t in texts if t.strip() and len(tokenizer(t)["input_ids"]) <= 64][:5]
+    assert len(docs) >= 3
+    inp, out = tmp_path / "short.jsonl", tmp_path / "s.jsonl"
+    write_jsonl(inp, [{"text": t} for t in docs])
+    rc, _, err = run(capsys, "score-corpus", "--model", root / "model", "--input", inp,
+                     "--output", out, "--stats", "--window", "64", "--no-progress")
+    assert rc == 0, err
+    rows = read_rows(out)
+    for row, text in zip(rows, docs):
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        with torch.no_grad():
+            logp = model(ids[None]).logits[0, :-1].double().log_softmax(-1)
+        assert row["num_tokens"] == len(ids) - 1
+        entropy = -(logp.exp() * logp).sum(-1).sum()
+        hits = int((logp.argmax(-1) == ids[1:]).sum())
+        assert row["sum_entropy"] == pytest.approx(float(entropy), rel=1e-4)
+        assert row["top1_hits"] == hits
+        assert row["sum_nll"] == pytest.approx(float(-logp.gather(-1, ids[1:, None]).sum()),
+                                               rel=1e-4)
+
+
 @pytest.mark.parametrize("case", ["missing-model", "missing-input", "bad-jsonl", "no-field",
                                   "bad-backend", "bad-window", "bad-output", "ray-no-id",
-                                  "stats", "duplicate-id", "bad-resume-file"])
+                                  "duplicate-id", "bad-resume-file"])
 def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
     root = saved[0]
     model, inp, out = root / "model", root / "c.jsonl", tmp_path / "s.jsonl"
@@ -273,8 +300,6 @@ def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
         out = tmp_path / "s.csv"
     elif case == "ray-no-id":
         extra = ["--ray"]
-    elif case == "stats":
-        extra = ["--stats"]
     elif case == "duplicate-id":
         extra = ["--id-field", "dup"]
         inp = tmp_path / "dup.jsonl"

@@ -367,8 +367,9 @@ def test_kernels_import_nothing_from_the_package_and_read_no_environment():
                 continue
             for name in names:
                 assert not name.startswith(("pplfast", "os", "..")), (path.name, name)
-                assert name in ("._common", "__future__", "contextlib", "functools", "typing",
-                                "torch", "triton", "triton.language"), (path.name, name)
+                siblings = {"." + f.stem for f in files}  # kernels may share each other's code
+                assert name in siblings | {"__future__", "contextlib", "functools", "typing",
+                                           "torch", "triton", "triton.language"}, (path.name, name)
 
 
 # ---- compiled code for the real targets (no GPU needed) --------------------------------------
