@@ -24,7 +24,7 @@ cpu_arch = os.environ.get("PPLFAST_CPU_ARCH", "native")
 ext_modules = [
     Pybind11Extension(
         "pplfast._C",
-        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp", "csrc/cpu/compare.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3", f"-march={cpu_arch}", "-fopenmp", "-fno-math-errno"],

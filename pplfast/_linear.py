@@ -286,3 +286,130 @@ def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, tem
         nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
                                     temperature)
     return nll
+
+
+# ---- two models at once: linear_compare ---------------------------------------------------------
+
+def cpu_linear_compare(hidden_base, weight_base, bias_base, hidden_test, weight_test, bias_test,
+                       targets, ignore_index, softcap, temperature, *,
+                       budget_mb: Optional[float] = None):
+    """CPU launcher behind ``linear_compare(..., backend="cpu")``: the tile loop of
+    :func:`chunked_cpu` with two GEMMs per tile (one per model) into two reused float32 buffers,
+    folded together into the two-row running state of ``pplfast._cpu.compare_update``.
+
+    Returns ``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)``, each ``(N,)``.
+    """
+    from . import _cpu
+
+    budget = _budget_bytes(ENV_CPU_CHUNK_MB, DEFAULT_CPU_CHUNK_MB, budget_mb)
+    N = hidden_base.shape[0]
+    V = weight_base.shape[0]
+    rows, targets_s = _select_scored(targets, ignore_index)
+    n_scored = targets_s.shape[0]
+    models = [(hidden_base, weight_base, bias_base), (hidden_test, weight_test, bias_test)]
+    D = max(h.shape[1] for h, _, _ in models)
+    upcast = any(h.dtype != torch.float32 for h, _, _ in models)
+    gather = 0 if rows is None else max(h.element_size() for h, _, _ in models)
+    # two models share the budget: size one model's tile within half of it
+    n_max, c_max = cpu_tile_sizes(max(n_scored, 1), V, D, upcast=upcast, gather_bytes=gather,
+                                  budget=budget // 2)
+    state = _cpu.compare_state(n_scored)
+    bufs = []
+    for h, w, _ in models:
+        d = h.shape[1]
+        up = h.dtype != torch.float32
+        bufs.append((torch.empty(n_max * c_max, dtype=torch.float32),
+                     torch.empty(c_max * d, dtype=torch.float32) if up else None,
+                     torch.empty(n_max * d, dtype=torch.float32) if up else None))
+
+    def tile_logits(k, v0, c, r0, n, w_tile):
+        h, w, b = models[k]
+        logits_buf, _, hidden_buf = bufs[k]
+        d = h.shape[1]
+        h_tile = h[r0 : r0 + n] if rows is None else h.index_select(0, rows[r0 : r0 + n])
+        if hidden_buf is not None:
+            h_tile = hidden_buf[: n * d].view(n, d).copy_(h_tile)
+        z = logits_buf[: n * c].view(n, c)
+        torch.matmul(h_tile, w_tile.T, out=z)
+        if b is not None:
+            z.add_(b[v0 : v0 + c])
+        return z
+
+    for v0 in range(0, V if n_scored else 0, c_max):
+        c = min(c_max, V - v0)
+        w_tiles = []
+        for (h, w, _), (_, weight_buf, _) in zip(models, bufs):
+            d = h.shape[1]
+            w_tile = w[v0 : v0 + c]
+            if weight_buf is not None:
+                w_tile = weight_buf[: c * d].view(c, d).copy_(w_tile)
+            w_tiles.append(w_tile)
+        for r0 in range(0, n_scored, n_max):
+            n = min(n_max, n_scored - r0)
+            zb = tile_logits(0, v0, c, r0, n, w_tiles[0])
+            zt = tile_logits(1, v0, c, r0, n, w_tiles[1])
+            _cpu.compare_update(zb.unsqueeze(0), zt.unsqueeze(0), targets_s[r0 : r0 + n], v0,
+                                ignore_index, softcap, temperature, state[r0 : r0 + n])
+    fields = _cpu.compare_finish(state, targets_s, ignore_index)
+    return _scatter_compare(fields, rows, N, torch.device("cpu"))
+
+
+def _scatter_compare(fields, rows, N, device):
+    if rows is None:
+        return fields
+    out = []
+    for f in fields:
+        fill = -1 if f.dtype == torch.int64 else 0
+        full = torch.full((N,), fill, dtype=f.dtype, device=device)
+        out.append(full.index_copy_(0, rows, f))
+    return tuple(out)
+
+
+def chunked_linear_compare(hidden_base, weight_base, bias_base, hidden_test, weight_test,
+                           bias_test, targets, ignore_index, softcap, temperature, *,
+                           launcher: Callable, budget_mb: Optional[float] = None):
+    """The GPU hidden path of ``linear_compare``: chunks of scored rows, two GEMMs per chunk into
+    two reused float32 buffers (``torch.mm(..., out_dtype=torch.float32)`` for fp16/bf16 where
+    PyTorch has it, else the input dtype, as :func:`chunked_linear_token_nll`), reduced by the
+    logits launcher ``launcher(base3, test3, targets, ignore_index, softcap, temperature)``.
+    Extra memory: two chunks of logits (``PPLFAST_GPU_CHUNK_MB`` each) plus O(N)."""
+    budget = _budget_bytes(ENV_GPU_CHUNK_MB, DEFAULT_GPU_CHUNK_MB, budget_mb)
+    device = hidden_base.device
+    N = hidden_base.shape[0]
+    V = weight_base.shape[0]
+    rows, targets_s = _select_scored(targets, ignore_index)
+    n_scored = targets_s.shape[0]
+    step = gpu_chunk_rows(V, 4, budget)
+    models = [(hidden_base, weight_base, bias_base), (hidden_test, weight_test, bias_test)]
+    bufs, dtypes = [], []
+    for h, _, _ in models:
+        dt = torch.float32 if (h.dtype == torch.float32 or fp32_out_gemm_available()) else h.dtype
+        dtypes.append(dt)
+        bufs.append(torch.empty(min(step, max(n_scored, 1)) * V, dtype=dt, device=device))
+    outs = [torch.empty(n_scored, dtype=torch.float32, device=device) for _ in range(4)]
+    outs += [torch.empty(n_scored, dtype=torch.int64, device=device) for _ in range(2)]
+
+    def chunk_logits(k, r0, n):
+        h, w, b = models[k]
+        z = bufs[k][: n * V].view(n, V)
+        x = h[r0 : r0 + n] if rows is None else h.index_select(0, rows[r0 : r0 + n])
+        if z.dtype != h.dtype:
+            try:
+                torch.mm(x, w.t(), out_dtype=z.dtype, out=z)
+            except (RuntimeError, TypeError, NotImplementedError):
+                # no fp32-output GEMM for these tensors: the logits of F.linear, upcast
+                z.copy_(torch.mm(x, w.t()))
+        else:
+            torch.mm(x, w.t(), out=z)
+        if b is not None:
+            z.add_(b.to(z.dtype))
+        return z
+
+    for r0 in range(0, n_scored, step):
+        n = min(step, n_scored - r0)
+        zb, zt = chunk_logits(0, r0, n), chunk_logits(1, r0, n)
+        for out, f in zip(outs, launcher(zb.unsqueeze(0), zt.unsqueeze(0),
+                                         targets_s[r0 : r0 + n], ignore_index, softcap,
+                                         temperature)):
+            out[r0 : r0 + n] = f
+    return _scatter_compare(outs, rows, N, device)
