@@ -1,6 +1,7 @@
 """pplfast: fused per-token NLL and perplexity that never build the vocabulary-sized tensor."""
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
+from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
 from .windows import Window, make_windows
@@ -11,12 +12,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "Comparison",
+    "ComparisonResult",
     "DocumentScore",
     "Perplexity",
     "PerplexityResult",
     "ScoreResult",
     "TextScores",
+    "TokenComparison",
     "Window",
+    "compare",
+    "linear_compare",
     "linear_perplexity",
     "linear_token_nll",
     "make_windows",

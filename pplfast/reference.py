@@ -113,6 +113,10 @@ def _compare_rows(zp: torch.Tensor, zq: torch.Tensor, raw_p: torch.Tensor, raw_q
     # p_v = 0 contributes 0 (even where q_v = 0); p_v > 0 = q_v gives +inf; NaN stays NaN
     kl = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1).clamp_min(0.0)
     kl_rev = torch.where(q == 0, 0.0, q * (lq - lp)).sum(-1).clamp_min(0.0)
+    # +inf in either row: its softmax is undefined, both KLs are NaN
+    undefined = torch.isposinf(zp).any(-1) | torch.isposinf(zq).any(-1)
+    kl = torch.where(undefined, float("nan"), kl)
+    kl_rev = torch.where(undefined, float("nan"), kl_rev)
     zero = torch.zeros(n, dtype=torch.float64, device=zp.device)
     minus_one = torch.full((n,), -1, dtype=torch.int64, device=zp.device)
     out = [torch.where(scored, x, zero) for x in
@@ -149,7 +153,8 @@ def compare(
     """float64 oracle of :func:`pplfast.compare`: a dict of the ``TokenComparison`` fields.
 
     ``kl = Σ_v p_v (log p_v − log q_v)`` with ``p``, ``q`` the softmax of the transformed base and
-    test logits (terms with ``p_v = 0`` are 0), clamped at 0; ``kl_reverse`` the mirror;
+    test logits (terms with ``p_v = 0`` are 0; +inf in either row gives NaN), clamped at 0;
+    ``kl_reverse`` the mirror;
     ``nll_*`` as :func:`token_nll`; ``argmax_*`` of the logits (lowest index on ties, the first
     NaN where there is one, as ``torch.argmax``). Ignored positions: 0 and -1.
     """

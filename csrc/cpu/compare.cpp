@@ -11,11 +11,10 @@
 //
 // Special values, as the float64 reference (README "Comparing two models"): a term with
 // p_v = 0 (a_v = -inf) is 0; p_v > 0 where q_v = 0 (b_v = -inf) makes the KL +inf; NaN in either
-// row (detected on the loaded values, before any tanh) makes the KL NaN; a row whose own
-// log-sum-exp is ±inf, or whose other row is all -inf, gives NaN; an other row holding +inf gives
-// +inf, or NaN where p_v > 0 at that +inf. Terms whose a_v - b_v is not finite are masked out of
-// A, and the largest own value at the other row's ±inf entries is kept to decide those cases at
-// the end (p_v > 0 in float64 iff e^{a_v - lse_p} > 0). The KL is clamped at 0.
+// row (detected on the loaded values, before any tanh) makes the KL NaN; so does +inf in either
+// row (its softmax is undefined) and a row that is all -inf. Terms whose a_v - b_v is not finite
+// are masked out of A, and the largest own value where the other row is -inf is kept to decide
+// at the end whether p_v > 0 there in float64 (e^{a_v - lse_p} > 0). The KL is clamped at 0.
 //
 // The argmax of each row is taken on the logits before the (monotone) transform: the lowest
 // index of the largest value, or the first NaN, as torch.argmax.
@@ -45,7 +44,6 @@ struct Side {
   int64_t arg = 0;  // argmax so far (first NaN once nan is set)
   bool nan = false;
   float own_at_other_ninf = kNegInf;  // largest own value where the other row is -inf
-  float own_at_other_pinf = kNegInf;  // largest own value where the other row is +inf
 };
 
 struct BlockInfo {
@@ -174,14 +172,12 @@ inline void fold_side(Side& side, const float* own, const float* other, int64_t 
   side.m = m;
 }
 
-// Entries where one row is ±inf (rare): remember the largest value of the other row there.
+// Entries where one row is -inf (rare): remember the largest value of the other row there.
 inline void record_infinities(Side& p, Side& q, const float* za, const float* zb, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float a = za[i], b = zb[i];
     if (b == kNegInf) p.own_at_other_ninf = std::max(p.own_at_other_ninf, a);
-    if (b == kPosInf) p.own_at_other_pinf = std::max(p.own_at_other_pinf, a);
     if (a == kNegInf) q.own_at_other_ninf = std::max(q.own_at_other_ninf, b);
-    if (a == kPosInf) q.own_at_other_pinf = std::max(q.own_at_other_pinf, b);
   }
 }
 
@@ -197,7 +193,6 @@ inline void merge_side(Side& into, const Side& later) {
     into.arg = later.arg;
   }
   into.own_at_other_ninf = std::max(into.own_at_other_ninf, later.own_at_other_ninf);
-  into.own_at_other_pinf = std::max(into.own_at_other_pinf, later.own_at_other_pinf);
   if (later.m == kNegInf || into.m == kPosInf) return;
   if (later.m == kPosInf || into.m == kNegInf) {
     into.m = later.m;
@@ -263,7 +258,7 @@ RangeFn pick(int da, int db, const Transform& tf) {
 // ---- the packed per-row state: two sides of 10 doubles -----------------------------------------
 
 constexpr int kSide = 10;
-enum { kM, kS, kA, kRawMax, kArg, kNanFlag, kAtNinf, kAtPinf, kTarget };
+enum { kM, kS, kA, kRawMax, kArg, kNanFlag, kAtNinf, kTarget };
 
 inline Side unpack(const double* st) {
   Side s;
@@ -274,7 +269,6 @@ inline Side unpack(const double* st) {
   s.arg = static_cast<int64_t>(st[kArg]);
   s.nan = st[kNanFlag] != 0;
   s.own_at_other_ninf = static_cast<float>(st[kAtNinf]);
-  s.own_at_other_pinf = static_cast<float>(st[kAtPinf]);
   return s;
 }
 
@@ -286,15 +280,13 @@ inline void pack(const Side& s, double* st) {
   st[kArg] = static_cast<double>(s.arg);
   st[kNanFlag] = s.nan ? 1.0 : 0.0;
   st[kAtNinf] = s.own_at_other_ninf;
-  st[kAtPinf] = s.own_at_other_pinf;
 }
 
 double side_kl(const Side& own, const Side& other) {
   if (own.nan || other.nan) return kNaN;
-  if (!(own.m > kNegInf && own.m < kPosInf) || other.m == kNegInf) return kNaN;
+  if (!(own.m > kNegInf && own.m < kPosInf) || !(other.m > kNegInf && other.m < kPosInf))
+    return kNaN;
   const double lse_own = own.m + std::log(own.s);
-  if (other.m == kPosInf)
-    return std::exp(static_cast<double>(own.own_at_other_pinf) - lse_own) > 0 ? kNaN : HUGE_VAL;
   if (std::exp(static_cast<double>(own.own_at_other_ninf) - lse_own) > 0) return HUGE_VAL;
   const double lse_other = other.m + std::log(other.s);
   return std::max(own.A / own.s - lse_own + lse_other, 0.0);
@@ -316,7 +308,8 @@ void compare_init(double* state, int64_t rows) {
     pack(fresh, state + r * kCompareState);
     pack(fresh, state + r * kCompareState + kSide);
     state[r * kCompareState + kTarget] = state[r * kCompareState + kSide + kTarget] = 0.0;
-    state[r * kCompareState + kSide - 1] = state[r * kCompareState + 2 * kSide - 1] = 0.0;
+    for (int k = kTarget + 1; k < kSide; ++k)
+      state[r * kCompareState + k] = state[r * kCompareState + kSide + k] = 0.0;
   }
 }
 
