@@ -2,6 +2,7 @@
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
+from .hf_compare import compare_models
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
 from .windows import Window, make_windows
@@ -22,6 +23,7 @@ __all__ = [
     "TokenComparison",
     "Window",
     "compare",
+    "compare_models",
     "linear_compare",
     "linear_perplexity",
     "linear_token_nll",

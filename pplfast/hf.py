@@ -268,14 +268,7 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
     if not jobs:
         return list(zip(out, scored))
-    head = _find_head(model)
-    if head is not None:
-        first_doc, first = jobs[0]
-        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
-        why = _probe(model, head, probe.unsqueeze(0).to(device))
-        if why is not None:
-            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
-            head = None
+    head = checked_head(model, streams, jobs)
     bar = _progress_bar(len(jobs), progress)
     try:
         _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar)
@@ -285,7 +278,23 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     return list(zip(out, scored))
 
 
-def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
+def checked_head(model, streams, jobs) -> Optional[_Head]:
+    """The body and output layer of ``model`` if the probe on the first window's first tokens
+    confirms them; None (with a warning) where the model must be scored from its logits."""
+    head = _find_head(model)
+    if head is not None and jobs:
+        first_doc, first = jobs[0]
+        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
+        why = _probe(model, head, probe.unsqueeze(0).to(_model_device(model)))
+        if why is not None:
+            warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
+            head = None
+    return head
+
+
+def window_batches(streams, jobs, batch_size):
+    """``(batch, ids, mask, targets)`` per ``batch_size`` windows, on the CPU: right-padded ids,
+    the attention mask (None when nothing is padded) and the targets, IGNORE where unscored."""
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b : b + batch_size]
         length = max(w.input_length for _, w in batch)
@@ -298,15 +307,24 @@ def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, s
             mask[row, :n] = 1
             skip = w.score_start - w.start - 1  # outputs that only feed context
             targets[row, skip:n] = streams[doc][w.score_start : w.stop]
-        padded = bool((mask == 0).any())
-        ids, targets = ids.to(device), targets.to(device)
         # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
-        attn = mask.to(device) if padded else None
+        yield batch, ids, (mask if bool((mask == 0).any()) else None), targets
+
+
+def scored_hidden(head: _Head, ids, mask, keep) -> torch.Tensor:
+    """Final hidden states of the positions ``keep`` marks, on the output layer's device and
+    in its dtype (with the model split over devices, the output layer may sit apart)."""
+    hidden = _last_hidden(_call(head.body, ids, mask))
+    return hidden[keep.to(hidden.device)].to(device=head.weight.device, dtype=head.weight.dtype)
+
+
+def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
+    for batch, ids, mask, targets in window_batches(streams, jobs, batch_size):
+        ids, targets = ids.to(device), targets.to(device)
+        attn = None if mask is None else mask.to(device)
         if head is not None:
-            hidden = _last_hidden(_call(head.body, ids, attn))
             keep = targets != IGNORE
-            # with the model split over devices, the output layer may sit apart from the body
-            rows = hidden[keep].to(device=head.weight.device, dtype=head.weight.dtype)
+            rows = scored_hidden(head, ids, attn, keep)
             nll_rows = linear_token_nll(
                 rows, head.weight, targets[keep].to(head.weight.device), bias=head.bias,
                 softcap=head.softcap, temperature=head.temperature, backend=backend,
@@ -367,6 +385,31 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
     return per_doc, sum(len(schedule) for schedule in schedules)
 
 
+def documents(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    """``(ids2, docs, spans)``: ``input_ids`` as ``(B, T)`` on the CPU, each row's document (the
+    one contiguous run where ``attention_mask`` is 1) and its ``(lo, hi)`` span."""
+    ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
+    if attention_mask is None:
+        mask2 = torch.ones_like(ids2, dtype=torch.bool)
+    else:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        mask2 = attention_mask.reshape(ids2.shape).cpu().bool()
+    docs, spans = [], []
+    for b in range(ids2.shape[0]):
+        where = mask2[b].nonzero().flatten()
+        lo = int(where[0]) if len(where) else 0
+        hi = int(where[-1]) + 1 if len(where) else 0
+        if hi - lo != len(where):
+            raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
+        docs.append(ids2[b, lo:hi])
+        spans.append((lo, hi))
+    return ids2, docs, spans
+
+
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 window: Optional[int] = None, stride: Optional[int] = None, mode: str = "sliding",
                 prefix_token_id: Optional[int] = None, batch_size: int = 8, backend: str = "auto",
@@ -405,25 +448,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
                            token_nll=torch.zeros(input_ids.shape, dtype=torch.float32),
                            scored=torch.zeros(input_ids.shape, dtype=torch.bool))
     _check_ids("input_ids", input_ids, model)
-    ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
-    if attention_mask is None:
-        mask2 = torch.ones_like(ids2, dtype=torch.bool)
-    else:
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        mask2 = attention_mask.reshape(ids2.shape).cpu().bool()
-    docs, spans = [], []
-    for b in range(ids2.shape[0]):
-        where = mask2[b].nonzero().flatten()
-        lo = int(where[0]) if len(where) else 0
-        hi = int(where[-1]) + 1 if len(where) else 0
-        if hi - lo != len(where):
-            raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
-        docs.append(ids2[b, lo:hi])
-        spans.append((lo, hi))
+    ids2, docs, spans = documents(input_ids, attention_mask)
     per_doc, _ = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
