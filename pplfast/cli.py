@@ -13,6 +13,8 @@ import sys
 # sub-command name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
+    "compare": ("pplfast.compare_cli", "compare a model with a base model token by token "
+                                       "(KL divergence, top-1 agreement, Δp)"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
 
