@@ -120,3 +120,21 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, launcher=token_nll, budget_mb=budget_mb,
                                     logits_dtype=logits_dtype)
+
+
+# compare / linear_compare have no CUDA C++ kernel yet: on CUDA tensors they run the Triton
+# kernel of pplfast.kernels.compare (and its chunked-GEMM hidden path), which needs triton.
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    from . import _triton
+
+    return _triton.compare(logits3_base, logits3_test, targets, ignore_index, softcap,
+                           temperature)
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature):
+    from . import _triton
+
+    return _triton.linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
+                                  weight_test, bias_test, targets, ignore_index, softcap,
+                                  temperature)

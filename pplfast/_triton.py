@@ -17,3 +17,19 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return linear_token_nll_forward(
         hidden2, weight, bias, targets, ignore_index, softcap, temperature
     )
+
+
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    from .kernels.compare import compare_forward
+
+    return compare_forward(logits3_base, logits3_test, targets, ignore_index, softcap,
+                           temperature)
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature):
+    from ._linear import chunked_linear_compare
+
+    return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
+                                  weight_test, bias_test, targets, ignore_index, softcap,
+                                  temperature, launcher=compare)
