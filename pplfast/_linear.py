@@ -397,8 +397,8 @@ def chunked_linear_compare(hidden_base, weight_base, bias_base, hidden_test, wei
             try:
                 torch.mm(x, w.t(), out_dtype=z.dtype, out=z)
             except (RuntimeError, TypeError, NotImplementedError):
-                # no fp32-output GEMM for these tensors: the logits of F.linear, upcast
-                z.copy_(torch.mm(x, w.t()))
+                # no fp32-output GEMM for these tensors: exactly the logits of F.linear, upcast
+                return z.copy_(torch.nn.functional.linear(x, w, b))
         else:
             torch.mm(x, w.t(), out=z)
         if b is not None:
