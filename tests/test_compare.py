@@ -52,7 +52,7 @@ def targets_for(lead, V, ignore_every=5):
     return t
 
 
-SHAPES = [(2, 3, 507), (1, 1, 1), (4, 63, 37), (5, 1000)]
+SHAPES = [(2, 3, 507), (1, 1, 1), (1, 63, 37), (5, 1000)]
 OPTIONS = [{}, {"softcap": 4.0}, {"temperature": 0.7}, {"softcap": 30.0, "temperature": 2.0},
            {"shift": True}]
 
