@@ -47,8 +47,9 @@ struct Side {
 };
 
 struct BlockInfo {
-  float rawmax = kNegInf, zmax = kNegInf;
-  bool nan = false, inf = false;
+  float rawmax = kNegInf, zmax = kNegInf, zmin = kPosInf;
+  bool nan = false;
+  bool inf() const { return zmax == kPosInf || zmin == kNegInf; }
 };
 
 // Load n elements (from column `start`) of one row into z, transformed; NaN is detected on the
@@ -60,26 +61,24 @@ BlockInfo load_block(const void* base, int64_t stride, int64_t start, int64_t n,
   int64_t i = 0;
 #ifdef PPLFAST_AVX2
   if (stride == 1) {
-    __m256 vraw = _mm256_set1_ps(kNegInf), vz = vraw;
-    __m256 vnan = _mm256_setzero_ps(), vinf = vnan;
-    const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 vposinf = _mm256_set1_ps(kPosInf);
+    __m256 vraw = _mm256_set1_ps(kNegInf), vz = vraw, vmin = _mm256_set1_ps(kPosInf);
+    __m256 vnan = _mm256_setzero_ps();
     const __m256 vcap = _mm256_set1_ps(tf.softcap), vinv_cap = _mm256_set1_ps(tf.inv_softcap);
     const __m256 vinv_t = _mm256_set1_ps(tf.inv_temperature);
     for (; i + 8 <= n; i += 8) {
       __m256 x = load8<DT>(base, start + i);
       vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-      vraw = _mm256_max_ps(x, vraw);
+      if constexpr (SOFTCAP || TEMPERATURE) vraw = _mm256_max_ps(x, vraw);
       if constexpr (SOFTCAP) x = _mm256_mul_ps(vcap, tanh8(_mm256_mul_ps(x, vinv_cap)));
       if constexpr (TEMPERATURE) x = _mm256_mul_ps(x, vinv_t);
-      vinf = _mm256_or_ps(vinf, _mm256_cmp_ps(_mm256_and_ps(x, vabs), vposinf, _CMP_EQ_OQ));
       vz = _mm256_max_ps(x, vz);
+      vmin = _mm256_min_ps(x, vmin);
       _mm256_store_ps(z + i, x);
     }
-    info.rawmax = hmax8(vraw);
     info.zmax = hmax8(vz);
+    info.rawmax = (SOFTCAP || TEMPERATURE) ? hmax8(vraw) : info.zmax;  // untransformed: z = x
+    info.zmin = -hmax8(_mm256_sub_ps(_mm256_setzero_ps(), vmin));
     info.nan = _mm256_movemask_ps(vnan) != 0;
-    info.inf = _mm256_movemask_ps(vinf) != 0;
   }
 #endif
   for (; i < n; ++i) {
@@ -87,8 +86,8 @@ BlockInfo load_block(const void* base, int64_t stride, int64_t start, int64_t n,
     info.nan = info.nan || std::isnan(raw);
     info.rawmax = raw > info.rawmax ? raw : info.rawmax;
     const float x = tf.apply(raw);
-    info.inf = info.inf || std::isinf(x);
     info.zmax = x > info.zmax ? x : info.zmax;
+    info.zmin = x < info.zmin ? x : info.zmin;
     z[i] = x;
   }
   return info;
@@ -172,6 +171,55 @@ inline void fold_side(Side& side, const float* own, const float* other, int64_t 
   side.m = m;
 }
 
+#ifdef PPLFAST_AVX2
+// Both sides at once for a block without infinities or NaN (the common case): d = a - b is
+// computed once, and no term needs a mask but those of the last partial vector (padded with
+// -inf). B accumulates -Σ e^{b-m_q} d = Σ e^{b-m_q} (b - a).
+inline void fold_pair(Side& p, Side& q, const float* za, const float* zb, int64_t n,
+                      float max_a, float max_b) {
+  const float mp = std::max(p.m, max_a), mq = std::max(q.m, max_b);
+  const __m256 vmp = _mm256_set1_ps(mp), vmq = _mm256_set1_ps(mq);
+  __m256 sp0 = _mm256_setzero_ps(), sp1 = sp0, ap0 = sp0, ap1 = sp0;
+  __m256 sq0 = sp0, sq1 = sp0, aq0 = sp0, aq1 = sp0;
+  auto step = [&](int64_t i, __m256& sp, __m256& ap, __m256& sq, __m256& aq) {
+    const __m256 x = _mm256_load_ps(za + i), y = _mm256_load_ps(zb + i);
+    const __m256 ea = exp8_nonpos(_mm256_sub_ps(x, vmp));
+    const __m256 eb = exp8_nonpos(_mm256_sub_ps(y, vmq));
+    const __m256 d = _mm256_sub_ps(x, y);
+    sp = _mm256_add_ps(sp, ea);
+    ap = _mm256_fmadd_ps(ea, d, ap);
+    sq = _mm256_add_ps(sq, eb);
+    aq = _mm256_fnmadd_ps(eb, d, aq);
+  };
+  const int64_t full = n & ~int64_t(7);
+  int64_t i = 0;
+  for (; i + 16 <= full; i += 16) {
+    step(i, sp0, ap0, sq0, aq0);
+    step(i + 8, sp1, ap1, sq1, aq1);
+  }
+  for (; i < full; i += 8) step(i, sp0, ap0, sq0, aq0);
+  if (full < n) {  // padding: -inf - -inf is NaN, masked out of A and B
+    const __m256 x = _mm256_load_ps(za + i), y = _mm256_load_ps(zb + i);
+    const __m256 ea = exp8_nonpos(_mm256_sub_ps(x, vmp));
+    const __m256 eb = exp8_nonpos(_mm256_sub_ps(y, vmq));
+    const __m256 d = _mm256_sub_ps(x, y);
+    const __m256 real = _mm256_cmp_ps(d, d, _CMP_ORD_Q);
+    sp0 = _mm256_add_ps(sp0, ea);
+    sq0 = _mm256_add_ps(sq0, eb);
+    ap0 = _mm256_add_ps(ap0, _mm256_and_ps(real, _mm256_mul_ps(ea, d)));
+    aq0 = _mm256_sub_ps(aq0, _mm256_and_ps(real, _mm256_mul_ps(eb, d)));
+  }
+  const double cp = p.m == kNegInf ? 0.0 : std::exp(static_cast<double>(p.m) - mp);
+  const double cq = q.m == kNegInf ? 0.0 : std::exp(static_cast<double>(q.m) - mq);
+  p.s = p.s * cp + hsum8_double(_mm256_add_ps(sp0, sp1));
+  p.A = p.A * cp + hsum8_double(_mm256_add_ps(ap0, ap1));
+  q.s = q.s * cq + hsum8_double(_mm256_add_ps(sq0, sq1));
+  q.A = q.A * cq + hsum8_double(_mm256_add_ps(aq0, aq1));
+  p.m = mp;
+  q.m = mq;
+}
+#endif
+
 // Entries where one row is -inf (rare): remember the largest value of the other row there.
 inline void record_infinities(Side& p, Side& q, const float* za, const float* zb, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -222,7 +270,16 @@ void range_state(const void* a, int64_t a_stride, const void* b, int64_t b_strid
     for (; padded % 8 != 0; ++padded) za[padded] = zb[padded] = kNegInf;
     track_argmax(p, ia, a, DA, a_stride, start, n, col0);
     track_argmax(q, ib, b, DB, b_stride, start, n, col0);
-    if (ia.inf || ib.inf) record_infinities(p, q, za, zb, n);
+    const bool special = ia.inf() || ib.inf() || ia.nan || ib.nan;
+#ifdef PPLFAST_AVX2
+    // a - b cannot overflow: both rows' ranges are far inside the float range
+    if (!special && p.m != kPosInf && q.m != kPosInf &&
+        std::max({ia.zmax, ib.zmax, -ia.zmin, -ib.zmin}) < 1e37f) {
+      fold_pair(p, q, za, zb, n, ia.zmax, ib.zmax);
+      continue;
+    }
+#endif
+    if (ia.inf() || ib.inf()) record_infinities(p, q, za, zb, n);
     fold_side(p, za, zb, padded, ia.zmax);
     fold_side(q, zb, za, padded, ib.zmax);
   }
