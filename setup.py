@@ -1,25 +1,42 @@
 """Build the native extensions.
 
 ``pplfast._C``: the CPU kernels (C++17, OpenMP), bound with pybind11 over raw pointers and
-strides so that the build never needs PyTorch. Set ``PPLFAST_CPU_ARCH`` to override the
-``-march`` flag (default ``native``: the wheel is tuned for the machine that builds it).
+strides so that the build never needs PyTorch. On x86-64 the default is ``-march=x86-64-v3``
+(AVX2, FMA, F16C: all the kernels use; any x86 CPU since 2013-2015), so a build runs on every
+such host it is copied to; ``PPLFAST_CPU_ARCH=native`` tunes it for the building machine only
+(it may then die with SIGILL on an older host), and any other value is passed to ``-march``.
+Elsewhere the compiler's default target is used unless ``PPLFAST_CPU_ARCH`` is set.
 
 ``pplfast._cuda_C``: the CUDA kernels (csrc/cuda), built only where ``nvcc`` is found
 (``CUDA_HOME`` / ``CUDA_PATH``, else ``nvcc`` on ``PATH``); elsewhere the install still succeeds
 and ``backend="cuda"`` says why it cannot run. The ``.cu`` files are compiled by nvcc into
 objects and linked into a plain pybind11 module with the CUDA runtime linked statically, so
 neither PyTorch nor its CUDA headers are needed to build, and no matching libcudart is needed at
-run time. ``PPLFAST_CUDA_ARCHS`` (e.g. ``"80;90"``, default ``"80;90"``) lists the SASS targets;
-PTX for the highest one is embedded too, for newer GPUs. ``PPLFAST_NO_CUDA=1`` skips the module.
+run time, but the driver must support the toolkit's CUDA version (see the README). When torch
+is importable at build time and was built with an older CUDA than ``nvcc``'s, one line says so.
+``PPLFAST_CUDA_ARCHS`` lists the SASS targets (default ``"75;80;90"``: sm_75 for T4, sm_80 for
+every compute capability 8.x GPU, sm_90 for H100/H200); PTX for the highest one is embedded too,
+compiled by the driver for newer GPUs. ``PPLFAST_NO_CUDA=1`` skips the module.
 """
+import importlib.util
 import os
+import platform
+import re
 import shutil
 import subprocess
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-cpu_arch = os.environ.get("PPLFAST_CPU_ARCH", "native")
+DEFAULT_CUDA_ARCHS = "75;80;90"
+
+
+def cpu_arch_flags():
+    arch = os.environ.get("PPLFAST_CPU_ARCH", "")
+    if not arch and platform.machine().lower() in ("x86_64", "amd64"):
+        arch = "x86-64-v3"
+    return [f"-march={arch}"] if arch else []
+
 
 ext_modules = [
     Pybind11Extension(
@@ -27,7 +44,9 @@ ext_modules = [
         sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp", "csrc/cpu/compare.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3", f"-march={cpu_arch}", "-fopenmp", "-fno-math-errno"],
+        # -ffp-contract=off: the scalar transforms must round exactly as the AVX2 ones
+        extra_compile_args=["-O3", *cpu_arch_flags(), "-fopenmp", "-fno-math-errno",
+                            "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
     ),
 ]
@@ -72,6 +91,40 @@ def nvcc_arch_flags(archs):
     return flags
 
 
+def nvcc_cuda_version(nvcc):
+    """(major, minor) of the toolkit behind ``nvcc``, from ``nvcc --version``; None if unknown."""
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def warn_if_nvcc_newer_than_torch(nvcc):
+    """One printed line when the installed torch was built with an older CUDA than ``nvcc``'s:
+    the module then needs a newer driver than torch does. Silent when torch is not importable
+    (pip's isolated build) or is a CPU build."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    try:
+        import torch
+    except Exception:  # a broken torch install is not this build's business
+        return
+    torch_cuda = getattr(torch.version, "cuda", None)
+    found = re.match(r"(\d+)\.(\d+)", torch_cuda or "")
+    ours = nvcc_cuda_version(nvcc)
+    if found is None or ours is None:
+        return
+    theirs = (int(found.group(1)), int(found.group(2)))
+    if ours > theirs:
+        print(f"pplfast: warning: nvcc is CUDA {ours[0]}.{ours[1]} but torch was built with CUDA "
+              f"{torch_cuda}: pplfast._cuda_C will need a driver for CUDA {ours[0]}.{ours[1]} "
+              f"(see the README), newer than torch needs; set CUDA_HOME to a CUDA "
+              f"{theirs[0]}.x toolkit to match torch", flush=True)
+
+
 # No --use_fast_math: the kernels pick their fast intrinsics (exp2f, fmaf) explicitly and rely on
 # IEEE inf/NaN and exact division elsewhere. (tests/test_cuda_build.py compiles with these flags
 # plus -Werror.)
@@ -113,6 +166,7 @@ if cuda_home is None:
           'CUDA extension pplfast._cuda_C; backend="cuda" will be unavailable', flush=True)
 else:
     lib_dir = cuda_lib_dir(cuda_home)
+    warn_if_nvcc_newer_than_torch(os.path.join(cuda_home, "bin", "nvcc"))
     cuda_ext = Pybind11Extension(
         "pplfast._cuda_C",
         sources=["csrc/cuda/bindings.cpp"],
@@ -126,7 +180,7 @@ else:
     )
     cuda_ext.cuda_sources = ["csrc/cuda/token_nll.cu"]
     cuda_ext.cuda_home = cuda_home
-    cuda_ext.cuda_archs = os.environ.get("PPLFAST_CUDA_ARCHS", "80;90")
+    cuda_ext.cuda_archs = os.environ.get("PPLFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     ext_modules.append(cuda_ext)
 
 setup(

@@ -61,7 +61,7 @@ PYBIND11_MODULE(_C, m) {
                             ptr<const double>(target_logit), ptr<const int64_t>(targets),
                             ignore_index, rows, ptr<float>(out));
       },
-      "NLL from the running state: row_max + log(row_sum) - target_logit.");
+      "NLL from the running state: (row_max - target_logit) + log(row_sum), clamped at 0.");
 
   m.attr("COMPARE_STATE") = pplfast::kCompareState;
   m.def(

@@ -21,14 +21,13 @@ numbers): rows < 2 x SM count are cut into several splits so that every SM has w
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .token_nll import _capped, _finite
+from ._common import capped, device_guard, finite_ref, rescale
 
 _LOG2E = 1.4426950408889634
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -59,9 +58,8 @@ def _argmax_update(x, idx, run_max, run_arg, first_nan):
 def _side_update(own, d, row_max, sums, a_sums, exp2_scale):
     """Fold one block into one side's (max, lane sums of exp, lane sums of exp * d)."""
     new_max = tl.maximum(row_max, tl.max(own, axis=0))
-    ref = _finite(new_max)
-    alpha = tl.where(new_max == row_max, 1.0, tl.exp2((row_max - ref) * exp2_scale))
-    e = tl.exp2((own - ref) * exp2_scale)
+    alpha = rescale(row_max, new_max, exp2_scale)
+    e = tl.exp2((own - finite_ref(new_max)) * exp2_scale)
     finite = tl.abs(d) < float("inf")  # false for ±inf and NaN
     return new_max, sums * alpha + e, a_sums * alpha + tl.where(finite, e * d, 0.0)
 
@@ -110,8 +108,8 @@ def _compare_kernel(
                      other=-float("inf")).to(tl.float32)
         raw_max_p, arg_p, nan_p = _argmax_update(xa, idx, raw_max_p, arg_p, nan_p)
         raw_max_q, arg_q, nan_q = _argmax_update(xb, idx, raw_max_q, arg_q, nan_q)
-        za = _capped(xa, mask, softcap, inv_softcap, HAS_SOFTCAP)
-        zb = _capped(xb, mask, softcap, inv_softcap, HAS_SOFTCAP)
+        za = capped(xa, mask, softcap, inv_softcap, HAS_SOFTCAP)
+        zb = capped(xb, mask, softcap, inv_softcap, HAS_SOFTCAP)
         # NaN rows are decided from nan_p / nan_q; keep NaN out of the maxima
         za = tl.where(xa != xa, -float("inf"), za)
         zb = tl.where(xb != xb, -float("inf"), zb)
@@ -138,11 +136,6 @@ def _compare_kernel(
     tl.store(pi + 1, nan_p.to(tl.int64))
     tl.store(pi + 2, arg_q.to(tl.int64))
     tl.store(pi + 3, nan_q.to(tl.int64))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -177,6 +170,18 @@ def _kl(own, other):
     return torch.where(undefined, float("nan"), kl)
 
 
+def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index, softcap,
+            temperature, block, warps):
+    has_softcap = softcap is not None
+    _compare_kernel[(part_f.shape[0], n_split)](
+        base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
+        chunk, n_split, ignore_index,
+        float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
+        1.0 / float(temperature), _LOG2E / float(temperature),
+        HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
+    )
+
+
 def compare_forward(
     base3: torch.Tensor,
     test3: torch.Tensor,
@@ -185,6 +190,7 @@ def compare_forward(
     softcap: Optional[float],
     temperature: float,
     *,
+    sm_count: Optional[int] = None,
     num_splits: Optional[int] = None,
     block_v: Optional[int] = None,
 ):
@@ -192,7 +198,9 @@ def compare_forward(
     logits tensors (any strides, each its own dtype), one pass over both.
 
     Equals ``pplfast.reference.compare`` (float64) cast to float32; ignored rows get 0 and -1 and
-    are not read. ``num_splits`` / ``block_v`` force the vocabulary split and block size (tests).
+    are not read. ``sm_count``: streaming multiprocessors of the device (required for CUDA
+    tensors unless ``num_splits`` is given); ``num_splits`` / ``block_v`` force the vocabulary
+    split and block size (tests, tuning).
     """
     if base3.ndim != 3 or base3.shape != test3.shape:
         raise ValueError(f"base3 and test3 must be the same (B, T, V), got {tuple(base3.shape)} "
@@ -203,9 +211,10 @@ def compare_forward(
     if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
         raise ValueError(f"targets must be a contiguous int64 tensor of shape ({rows},)")
     if device.type == "cuda":
+        if sm_count is None and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
         block, warps = _GPU_CONFIG
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        sms, min_chunk, align = _sm_count(index), _SPLIT_MIN_CHUNK, _SPLIT_ALIGN
+        sms, min_chunk, align = sm_count or 1, _SPLIT_MIN_CHUNK, _SPLIT_ALIGN
     else:
         block, warps = _INTERPRETER_CONFIG
         sms, min_chunk, align = _INTERPRETER_SM_COUNT, _INTERPRETER_MIN_CHUNK, _INTERPRETER_ALIGN
@@ -226,13 +235,9 @@ def compare_forward(
     part_i = torch.empty((rows, n_split, _INTS), dtype=torch.int64, device=device)
     has_softcap = softcap is not None
     if rows:
-        _compare_kernel[(rows, n_split)](
-            base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
-            chunk, n_split, ignore_index,
-            float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
-            1.0 / float(temperature), _LOG2E / float(temperature),
-            HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
-        )
+        with device_guard(base3):
+            _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index,
+                    softcap, temperature, block, warps)
     inv_temp = 1.0 / float(temperature)
     pf = part_f.double()
     p = _merge_side(pf[..., :5], part_i[..., :2], inv_temp)
@@ -245,6 +250,7 @@ def compare_forward(
         if has_softcap:
             z = softcap * torch.tanh(z / softcap)
         nll = side[0] - z * inv_temp
+        nll = torch.where(nll < 0, 0.0, nll)  # rounding of two large terms; NaN and inf kept
         fields.append(torch.where(side[4], float("nan"), nll))
     zero = torch.zeros((), dtype=torch.float64, device=device)
     out = [torch.where(scored, f, zero).float() for f in fields]

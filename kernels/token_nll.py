@@ -15,27 +15,27 @@ With fewer rows the vocabulary is also split into ``n_split`` chunks, one progra
 each writes a partial (max, sum) pair, and ``_merge_kernel`` combines the pairs of a row with the
 same rescaling rule, gathers the target logit and writes the NLL.
 
-Non-finite input. The reference point of the exponentials is ``m`` clamped to the finite range, so
--inf entries add exactly 0, a row of -inf gives ``m = -inf`` and NaN (as the float64 reference),
-and +inf entries give ``s = +inf`` and NLL +inf without inf - inf. NaN enters ``s`` through exp
-and reaches the NLL of its row only.
+Loads. With a contiguous, 16-byte aligned tensor the entries before the first 16-byte boundary
+of a row or chunk (rows of an odd V start anywhere) and those after its last one, fewer than
+ALIGN = 16 / element size each, are loaded apart, so that everything between, the last partial
+block included, compiles to 16-byte vector loads. Split chunks are whole numbers of blocks.
 
-Soft-capping uses a tanh built from exp (no libdevice, which the interpreter lacks): a fitted odd
-polynomial for |y| < 0.625, where ``1 - 2 / (exp(2y) + 1)`` would cancel, and that form beyond.
+The launcher takes the SM count and the autotuning switch as arguments: nothing here reads the
+environment or imports the rest of the package.
+
+Special values, the online update and merge, soft-capping (tanh from exp) and the clamp that
+keeps the NLL >= 0 are the shared rules of ``_common``.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-ENV_AUTOTUNE = "PPLFAST_AUTOTUNE"
-
-_LOG2E = 1.4426950408889634
+from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale
 
 # Vocabulary split (rows < 2 x SM count): aim for this many programs per SM in all. Under the
 # interpreter a small fixed SM count makes small test shapes take the split path too.
@@ -44,67 +44,22 @@ _INTERPRETER_SM_COUNT = 4
 
 
 @triton.jit
-def _tanh(y):
-    a = tl.abs(y)
-    y2 = y * y
-    # minimax fit of (tanh(y)/y - 1)/y^2 on |y| < 0.625, relative error of tanh < 2e-10
-    p = 0.0021434174850583076 * y2 - 0.008177938871085644
-    p = p * y2 + 0.021700944751501083
-    p = p * y2 - 0.05394681170582771
-    p = p * y2 + 0.1333320587873459
-    p = p * y2 - 0.3333333134651184
-    small = y + y * (y2 * p)
-    # 2/(e+1) has an absolute error of ~1e-7: harmless relative to tanh once |y| >= 0.625
-    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-    big = tl.where(y < 0, -big, big)
-    return tl.where(a < 0.625, small, big)
-
-
-@triton.jit
-def _capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
-    if HAS_SOFTCAP:
-        # masked lanes hold -inf, which the cap would turn into -softcap: keep them at -inf
-        x = tl.where(mask, softcap * _tanh(x * inv_softcap), -float("inf"))
-    return x
-
-
-@triton.jit
-def _finite(m):
-    # the reference point of exp2((x - ref) * scale): finite, so -inf - ref and inf - ref never
-    # become NaN; equal to m whenever m is finite
-    return tl.minimum(tl.maximum(m, -3.4028234663852886e38), 3.4028234663852886e38)
-
-
-@triton.jit
 def _row_nll(
     row_ptr, target, scored, row_max, row_sum, stride_v,
     softcap, inv_softcap, inv_temp, HAS_SOFTCAP: tl.constexpr,
 ):
     target_logit = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
-    target_logit = _capped(target_logit, True, softcap, inv_softcap, HAS_SOFTCAP)
+    target_logit = capped(target_logit, True, softcap, inv_softcap, HAS_SOFTCAP)
     # an ignored row has row_sum = 0: keep log() away from it
-    nll = (row_max - target_logit) * inv_temp + tl.log(tl.where(scored, row_sum, 1.0))
+    nll = nll_from_lse(row_max, tl.where(scored, row_sum, 1.0), target_logit, inv_temp)
     return tl.where(scored, nll, 0.0)
 
 
 @triton.jit
 def _online_update(x, row_max, sums, exp2_scale):
     new_max = tl.maximum(row_max, tl.max(x, axis=0))
-    ref = _finite(new_max)
-    # alpha = 1 when the maximum is unchanged (also at -inf or +inf, where exp2 would give NaN)
-    alpha = tl.where(new_max == row_max, 1.0, tl.exp2((row_max - ref) * exp2_scale))
-    sums = sums * alpha + tl.exp2((x - ref) * exp2_scale)
+    sums = sums * rescale(row_max, new_max, exp2_scale) + exp2_shifted(x, new_max, exp2_scale)
     return new_max, sums
-
-
-@triton.jit
-def _combine(max_a, sum_a, max_b, sum_b, exp2_scale):
-    # merge two (max, sum of exp2((x - max) * scale)) pairs; same guards as _online_update
-    new_max = tl.maximum(max_a, max_b)
-    ref = _finite(new_max)
-    scale_a = tl.where(max_a == new_max, 1.0, tl.exp2((max_a - ref) * exp2_scale))
-    scale_b = tl.where(max_b == new_max, 1.0, tl.exp2((max_b - ref) * exp2_scale))
-    return new_max, sum_a * scale_a + sum_b * scale_b
 
 
 @triton.jit
@@ -130,29 +85,37 @@ def _token_nll_kernel(
         end = V
     end = tl.where(scored, end, start)  # an ignored row loads nothing
 
-    # entries before the first 16-byte boundary (rows of an odd V start anywhere) are peeled off,
-    # so that the unmasked blocks below compile to vector loads
-    peel_max = -float("inf")
-    peel_sum = 0.0
+    # entries before the first 16-byte boundary (rows of an odd V start anywhere) and after the
+    # last one are loaded apart, ALIGN lanes each, so that everything between compiles to vector
+    # loads: full blocks unmasked, the tail block under a mask that is uniform per 16 bytes
+    edge_max = -float("inf")
+    edge_sum = 0.0
     first = start
     if ALIGN > 1:
         head = (ALIGN - (row_off + start) % ALIGN) % ALIGN
         head = tl.minimum(head, end - start).to(tl.int32)
-        peel = tl.arange(0, ALIGN)
-        px = tl.load(logits_ptr + row_off + start + peel, mask=peel < head,
+        lanes = tl.arange(0, ALIGN)
+        hx = tl.load(logits_ptr + row_off + start + lanes, mask=lanes < head,
                      other=-float("inf")).to(tl.float32)
-        px = _capped(px, peel < head, softcap, inv_softcap, HAS_SOFTCAP)
-        peel_max = tl.max(px, axis=0)
-        peel_sum = tl.sum(tl.exp2((px - _finite(peel_max)) * exp2_scale), axis=0)
+        hx = capped(hx, lanes < head, softcap, inv_softcap, HAS_SOFTCAP)
         first = start + head
         base = tl.multiple_of(row_off + first, ALIGN)
+        n_body = tl.multiple_of((end - first) // ALIGN * ALIGN, ALIGN)
+        last = n_body + lanes
+        lx = tl.load(logits_ptr + base + last, mask=last < end - first,
+                     other=-float("inf")).to(tl.float32)
+        lx = capped(lx, last < end - first, softcap, inv_softcap, HAS_SOFTCAP)
+        edge_max = tl.maximum(tl.max(hx, axis=0), tl.max(lx, axis=0))
+        edge_sum = (tl.sum(exp2_shifted(hx, edge_max, exp2_scale), axis=0)
+                    + tl.sum(exp2_shifted(lx, edge_max, exp2_scale), axis=0))
     else:
         base = row_off + first
+        n_body = end - first
 
     row_max = -float("inf")
     sums = tl.zeros([BLOCK_V], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_V)
-    n_full = (end - first) // BLOCK_V
+    n_full = n_body // BLOCK_V
     # block i + 1 is loaded before block i is reduced, so a program keeps two blocks of loads in
     # flight across the reductions' barriers (the compiler pipelines no loads that feed no dot);
     # the masks compare block-aligned numbers, so they stay uniform over vectors of 16 bytes
@@ -169,18 +132,19 @@ def _token_nll_kernel(
         else:
             ptrs = logits_ptr + row_off + (first + (i + 1) * BLOCK_V + cols).to(tl.int64) * stride_v
         x_next = tl.load(ptrs, mask=(i + 1) * BLOCK_V + cols < n_full_cols, other=0.0)
-        x = _capped(x, True, softcap, inv_softcap, HAS_SOFTCAP)
+        x = capped(x, True, softcap, inv_softcap, HAS_SOFTCAP)
         row_max, sums = _online_update(x, row_max, sums, exp2_scale)
+    # the tail block: fewer than BLOCK_V entries, a multiple of ALIGN of them
     tail = n_full * BLOCK_V + cols
     if VOCAB_CONTIGUOUS:
         ptrs = logits_ptr + base + tail
     else:
         ptrs = logits_ptr + row_off + (first + tail).to(tl.int64) * stride_v
-    tail_mask = tail < end - first
+    tail_mask = tail < n_body
     x = tl.load(ptrs, mask=tail_mask, other=-float("inf")).to(tl.float32)
-    x = _capped(x, tail_mask, softcap, inv_softcap, HAS_SOFTCAP)
+    x = capped(x, tail_mask, softcap, inv_softcap, HAS_SOFTCAP)
     row_max, sums = _online_update(x, row_max, sums, exp2_scale)
-    row_max, row_sum = _combine(row_max, tl.sum(sums, axis=0), peel_max, peel_sum, exp2_scale)
+    row_max, row_sum = merge(row_max, tl.sum(sums, axis=0), edge_max, edge_sum, exp2_scale)
 
     if SPLIT:
         part = row.to(tl.int64) * n_split + tl.program_id(1)
@@ -212,55 +176,26 @@ def _merge_kernel(
     part_max = tl.load(part_max_ptr + part, mask=mask, other=-float("inf"))
     part_sum = tl.load(part_sum_ptr + part, mask=mask, other=0.0)
     row_max = tl.max(part_max, axis=0)
-    ref = _finite(row_max)
-    weight = tl.where(part_max == row_max, 1.0, tl.exp2((part_max - ref) * exp2_scale))
-    row_sum = tl.sum(part_sum * weight, axis=0)
+    row_sum = tl.sum(part_sum * rescale(part_max, row_max, exp2_scale), axis=0)
 
     nll = _row_nll(row_ptr, target, scored, row_max, row_sum, stride_v,
                    softcap, inv_softcap, inv_temp, HAS_SOFTCAP)
     tl.store(out_ptr + row, nll)
 
 
-# Fixed launch configurations per GPU family (compute capability major), for the one-pass path:
+# Launch configuration of the one-pass path on every GPU (sm_80 to sm_100 alike):
 # (BLOCK_V for 2-byte logits, BLOCK_V for 4-byte logits, num_warps). 16 entries per thread: the
 # sm_90 build needs 62 (bf16) / 45 (fp32) registers, so 4-5 programs share an SM and, with the
 # prefetch, keep 64-80 KiB of loads in flight. Larger blocks double the registers and halve that.
-_CONFIGS = {
-    9: (4096, 2048, 8),   # Hopper
-    10: (4096, 2048, 8),  # Blackwell
-    8: (4096, 2048, 8),   # Ampere / Ada
-}
-_DEFAULT_CONFIG = (4096, 2048, 8)
+CONFIG = (4096, 2048, 8)
 # The interpreter runs each program as numpy calls: blocks small enough for tiny test shapes.
 _INTERPRETER_CONFIG = (1024, 1024, 4)
-# Split path: chunks of at least MIN_CHUNK entries, each a multiple of ALIGN entries so that every
-# chunk starts on the same 16-byte phase as its row (the peel then costs one small load per chunk).
-_SPLIT_MIN_CHUNK, _SPLIT_ALIGN = 2048, 256
-_INTERPRETER_SPLIT_MIN_CHUNK, _INTERPRETER_SPLIT_ALIGN = 64, 16
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _launch_config(device: torch.device, dtype: torch.dtype):
-    if device.type != "cuda":
-        block2, block4, warps = _INTERPRETER_CONFIG
-        sms = _INTERPRETER_SM_COUNT
-        min_chunk, align = _INTERPRETER_SPLIT_MIN_CHUNK, _INTERPRETER_SPLIT_ALIGN
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        block2, block4, warps = _CONFIGS.get(_capability(index), _DEFAULT_CONFIG)
-        sms = _sm_count(index)
-        min_chunk, align = _SPLIT_MIN_CHUNK, _SPLIT_ALIGN
-    block_v = block4 if dtype == torch.float32 else block2
-    return block_v, warps, sms, min_chunk, align
+# Split path: chunks of at least MIN_CHUNK entries.
+_SPLIT_MIN_CHUNK = 2048
+_INTERPRETER_SPLIT_MIN_CHUNK = 64
+# Chunks are whole multiples of their block and of this many entries (every element size's
+# 16-byte vector), so that every chunk starts on the same 16-byte phase as its row.
+_CHUNK_ALIGN = 16
 
 
 def _autotune_configs():
@@ -283,6 +218,43 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def plan(rows: int, V: int, *, on_gpu: bool, dtype: torch.dtype, sm_count: int,
+         num_splits: Optional[int] = None, block_v: Optional[int] = None):
+    """``(n_split, chunk, BLOCK_V, num_warps)`` of a launch (``n_split = 1``: one-pass kernel).
+
+    The vocabulary is split only when rows < 2 x ``sm_count`` (or ``num_splits`` > 1 forces it).
+    A chunk is a whole number of blocks, so that past its aligned head every block but the last
+    loads unmasked: the block is the largest power of two (at most the configured one) not above
+    a quarter of the even share ``V / n_split``, and the share is rounded up to whole blocks (at
+    most a quarter more), which may leave fewer, never empty, chunks.
+    """
+    block2, block4, warps = CONFIG if on_gpu else _INTERPRETER_CONFIG
+    config_block = block4 if dtype == torch.float32 else block2
+    min_chunk = _SPLIT_MIN_CHUNK if on_gpu else _INTERPRETER_SPLIT_MIN_CHUNK
+    if num_splits is None:
+        n_split = 1
+        if rows < 2 * sm_count:
+            n_split = max(1, min(_cdiv(V, min_chunk), _cdiv(_SPLIT_PROGRAMS_PER_SM * sm_count, rows)))
+    else:
+        n_split = num_splits
+    if n_split > 1:
+        share = _cdiv(V, n_split)
+        block = block_v if block_v is not None else min(config_block, _floor_pow2(share // 4))
+        chunk = _cdiv(share, max(block, _CHUNK_ALIGN)) * max(block, _CHUNK_ALIGN)
+        n_split = _cdiv(V, chunk)
+    if n_split <= 1:
+        n_split, chunk = 1, V
+        block = block_v if block_v is not None else config_block
+        # a row shorter than the block would leave most lanes masked
+        block = min(block, triton.next_power_of_2(max(V, 1)))
+    num_warps = max(1, min(warps, block // 256)) if on_gpu else warps
+    return n_split, chunk, block, num_warps
+
+
 def token_nll_forward(
     logits3: torch.Tensor,
     targets: torch.Tensor,
@@ -290,6 +262,8 @@ def token_nll_forward(
     softcap: Optional[float],
     temperature: float,
     *,
+    sm_count: Optional[int] = None,
+    autotune: bool = False,
     num_splits: Optional[int] = None,
     block_v: Optional[int] = None,
 ) -> torch.Tensor:
@@ -298,6 +272,7 @@ def token_nll_forward(
     Equals ``F.cross_entropy(z.double().reshape(-1, V), targets, reduction="none",
     ignore_index=ignore_index).float()`` with ``z = softcap * tanh(logits3 / softcap)`` (when
     ``softcap`` is given) divided by ``temperature``; the logits are read in place, never copied.
+    The caller makes the tensors' device current (``torch.cuda.device``).
 
     Args:
         logits3: ``(B, T, V)`` float32, float16 or bfloat16, any strides (CUDA tensor, or CPU
@@ -306,6 +281,10 @@ def token_nll_forward(
         ignore_index: rows with this target get 0 and their logits are not read.
         softcap: positive float or None.
         temperature: positive float.
+        sm_count: streaming multiprocessors of the device; required for CUDA tensors unless
+            ``num_splits`` is given (CPU tensors: a fixed small count, so tests split too).
+        autotune: autotune BLOCK_V and num_warps per (V, variant) instead of the fixed
+            configuration (CUDA only; ignored when ``block_v`` is given).
         num_splits: force the number of vocabulary chunks per row (``1`` forces the one-pass
             kernel; more forces the split + merge kernels, reduced if needed so that no chunk is
             empty). ``None`` chooses: split only when rows < 2 x SM count. For tests and tuning.
@@ -329,30 +308,26 @@ def token_nll_forward(
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    on_gpu = logits3.is_cuda
+    if sm_count is None:
+        if on_gpu and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
+        sm_count = _INTERPRETER_SM_COUNT
     out = torch.empty(rows, dtype=torch.float32, device=logits3.device)
     if rows == 0:
         return out
     if V == 0:
         return out.zero_()
 
-    config_block, num_warps, sms, min_chunk, align = _launch_config(logits3.device, logits3.dtype)
-    if num_splits is None:
-        n_split = 1
-        if rows < 2 * sms:
-            n_split = max(1, min(_cdiv(V, min_chunk), _cdiv(_SPLIT_PROGRAMS_PER_SM * sms, rows)))
-    else:
-        n_split = num_splits
-    chunk = V
-    if n_split > 1:
-        chunk = _cdiv(_cdiv(V, n_split), align) * align
-        n_split = _cdiv(V, chunk)
+    n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
+                                            sm_count=sm_count, num_splits=num_splits,
+                                            block_v=block_v)
     split = n_split > 1
-
     has_softcap = softcap is not None
     scalars = dict(
         softcap=float(softcap) if has_softcap else 1.0,
         inv_softcap=1.0 / float(softcap) if has_softcap else 1.0,
-        exp2_scale=_LOG2E / float(temperature),
+        exp2_scale=LOG2E.value / float(temperature),
         inv_temp=1.0 / float(temperature),
     )
     stride_b, stride_t, stride_v = logits3.stride()
@@ -370,27 +345,21 @@ def token_nll_forward(
         HAS_SOFTCAP=has_softcap, VOCAB_CONTIGUOUS=stride_v == 1, SPLIT=split, ALIGN=align_elems,
     )
     grid = (rows, n_split)
-    autotune = (
-        logits3.is_cuda and block_v is None and os.environ.get(ENV_AUTOTUNE, "0") not in ("", "0")
-    )
-    if autotune:
-        _autotuned_kernel()[grid](logits3, targets, out, part_max, part_sum, **common)
-    else:
-        block = block_v if block_v is not None else config_block
-        # a chunk smaller than the block would leave most lanes masked
-        block = min(block, triton.next_power_of_2(chunk))
-        warps = max(1, min(num_warps, block // 256)) if logits3.is_cuda else num_warps
-        _token_nll_kernel[grid](
-            logits3, targets, out, part_max, part_sum, **common, BLOCK_V=block,
-            num_warps=warps,
-        )
-    if split:
-        _merge_kernel[(rows,)](
-            logits3, targets, out, part_max, part_sum,
-            T, stride_b, stride_t, stride_v, n_split, ignore_index,
-            scalars["softcap"], scalars["inv_softcap"], scalars["exp2_scale"],
-            scalars["inv_temp"],
-            HAS_SOFTCAP=has_softcap, BLOCK_S=max(triton.next_power_of_2(n_split), 2),
-            num_warps=1,
-        )
+    with device_guard(logits3):
+        if autotune and on_gpu and block_v is None:
+            _autotuned_kernel()[grid](logits3, targets, out, part_max, part_sum, **common)
+        else:
+            _token_nll_kernel[grid](
+                logits3, targets, out, part_max, part_sum, **common, BLOCK_V=block,
+                num_warps=num_warps,
+            )
+        if split:
+            _merge_kernel[(rows,)](
+                logits3, targets, out, part_max, part_sum,
+                T, stride_b, stride_t, stride_v, n_split, ignore_index,
+                scalars["softcap"], scalars["inv_softcap"], scalars["exp2_scale"],
+                scalars["inv_temp"],
+                HAS_SOFTCAP=has_softcap, BLOCK_S=max(triton.next_power_of_2(n_split), 2),
+                num_warps=1,
+            )
     return out

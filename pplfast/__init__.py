@@ -1,5 +1,6 @@
 """pplfast: fused per-token NLL and perplexity that never build the vocabulary-sized tensor."""
 from ._dispatch import BACKENDS, BackendUnavailableError
+from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
 from .hf_compare import compare_models
@@ -15,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "Comparison",
     "ComparisonResult",
+    "CorpusScorer",
     "DocumentScore",
     "Perplexity",
     "PerplexityResult",

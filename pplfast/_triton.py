@@ -1,33 +1,79 @@
-"""``backend="triton"``: launchers live beside their kernels in ``pplfast.kernels``.
+"""``backend="triton"``: every op of the Triton backend, end to end.
 
-Imported only when the backend is asked for, so that ``import pplfast`` never imports triton.
+Imported only when the backend is asked for (``pplfast._dispatch``), so that ``import pplfast``
+never imports triton. The kernels and their launchers (``pplfast.kernels``) read nothing from
+the environment or the package: this module reads the switches (``pplfast._env``: autotuning,
+TF32, the SM count) and passes them on, and decides which path runs.
+
+Hidden-states op, paths:
+
+- the fused kernel (``kernels/linear_token_nll.py``, logits never in memory) for float16 and
+  bfloat16 inputs, and for float32 inputs when TF32 is asked for (``PPLFAST_ALLOW_TF32=1`` or
+  ``torch.backends.cuda.matmul.allow_tf32``), on GPUs of CUDA capability >= 8.0 and under the
+  interpreter;
+- otherwise the chunked GEMM path: one GEMM per chunk of tokens into a reused buffer, reduced by
+  the Triton logits kernel. Float32 without TF32 goes there on purpose: IEEE float32 products
+  run on the FMA units either way, and there cuBLAS's SGEMM (the chunked path's GEMM) is tuned
+  for them while Triton lowers ``tl.dot(..., input_precision="ieee")`` to a generic FMA loop,
+  expected to reach a fraction of SGEMM's rate; the chunk buffer costs one extra read and write
+  of float32 logits, small beside an FMA-bound GEMM. No GPU measurement has compared the two
+  yet: change this rule when one says otherwise (``pplfast bench`` on a GPU with float32 hidden
+  states, timing ``linear_token_nll_forward`` against this path).
+  GPUs below capability 8.0 have no tensor-core path the fused kernel is tuned for.
 """
 from __future__ import annotations
 
+import functools
+
+import torch
+
+from . import _env
+from ._linear import chunked_linear_token_nll
+from .kernels.linear_token_nll import linear_token_nll_forward
+from .kernels.token_nll import token_nll_forward
+
+
+def _sm_count(tensor: torch.Tensor):
+    return _env.sm_count(tensor.device) if tensor.is_cuda else None
+
 
 def token_nll(logits3, targets, ignore_index, softcap, temperature):
-    from .kernels.token_nll import token_nll_forward
+    return token_nll_forward(logits3, targets, ignore_index, softcap, temperature,
+                             sm_count=_sm_count(logits3), autotune=_env.autotune())
 
-    return token_nll_forward(logits3, targets, ignore_index, softcap, temperature)
+
+def fused_supported(hidden2: torch.Tensor, allow_tf32: bool) -> bool:
+    """Whether the fused hidden-states kernel runs for these inputs (see the module notes)."""
+    if hidden2.dtype == torch.float32 and not allow_tf32:
+        return False
+    if hidden2.is_cuda:
+        return torch.cuda.get_device_capability(hidden2.device)[0] >= 8
+    return _env.interpreting()
 
 
 def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature):
-    from .kernels.linear_token_nll import linear_token_nll_forward
-
-    return linear_token_nll_forward(
-        hidden2, weight, bias, targets, ignore_index, softcap, temperature
-    )
+    allow_tf32 = _env.allow_tf32()
+    if not fused_supported(hidden2, allow_tf32):
+        launcher = functools.partial(token_nll_forward, sm_count=_sm_count(hidden2),
+                                     autotune=_env.autotune())
+        return chunked_linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap,
+                                        temperature, launcher=launcher)
+    return linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap,
+                                    temperature, sm_count=_sm_count(hidden2),
+                                    allow_tf32=allow_tf32, autotune=_env.autotune())
 
 
 def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
     from .kernels.compare import compare_forward
 
     return compare_forward(logits3_base, logits3_test, targets, ignore_index, softcap,
-                           temperature)
+                           temperature, sm_count=_sm_count(logits3_base))
 
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
                    targets, ignore_index, softcap, temperature):
+    """Chunked GEMMs into two reused float32 buffers feeding the logits kernel
+    (``pplfast._linear.chunked_linear_compare``); no fused two-GEMM kernel yet."""
     from ._linear import chunked_linear_compare
 
     return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,

@@ -15,6 +15,8 @@ COMMANDS = {
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
     "compare": ("pplfast.compare_cli", "compare a model with a base model token by token "
                                        "(KL divergence, top-1 agreement, Δp)"),
+    "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
+    "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
 }
 

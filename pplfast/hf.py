@@ -259,67 +259,101 @@ def _progress_bar(total: int, enabled):
     return tqdm(total=total, unit="window", desc="scoring", leave=False)
 
 
-def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
-                   batch_size: int, backend: str, progress) -> List[torch.Tensor]:
-    """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask."""
-    device = _model_device(model)
-    out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
-    scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
-    jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
-    if not jobs:
-        return list(zip(out, scored))
-    head = checked_head(model, streams, jobs)
-    bar = _progress_bar(len(jobs), progress)
-    try:
-        _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar)
-    finally:
-        if bar is not None:
-            bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
-    return list(zip(out, scored))
+_PROBE = object()  # _score_streams' default head: find the model's output layer and probe it
 
 
-def checked_head(model, streams, jobs) -> Optional[_Head]:
-    """The body and output layer of ``model`` if the probe on the first window's first tokens
-    confirms them; None (with a warning) where the model must be scored from its logits."""
+def _model_head(model, probe_ids: torch.Tensor) -> Optional[_Head]:
+    """The body and output layer to score ``model`` with, checked on ``probe_ids`` (a few token
+    ids); None (with a warning) when the model must be scored from its logits."""
     head = _find_head(model)
-    if head is not None and jobs:
-        first_doc, first = jobs[0]
-        probe = streams[first_doc][first.start : first.start + min(_PROBE_TOKENS, first.input_length)]
-        why = _probe(model, head, probe.unsqueeze(0).to(_model_device(model)))
+    if head is not None:
+        why = _probe(model, head, probe_ids[:_PROBE_TOKENS].unsqueeze(0).to(_model_device(model)))
         if why is not None:
             warnings.warn(f"pplfast: scoring {type(model).__name__} from its logits: {why}")
             head = None
     return head
 
 
-def window_batches(streams, jobs, batch_size):
-    """``(batch, ids, mask, targets)`` per ``batch_size`` windows, on the CPU: right-padded ids,
-    the attention mask (None when nothing is padded) and the targets, IGNORE where unscored."""
-    for b in range(0, len(jobs), batch_size):
-        batch = jobs[b : b + batch_size]
-        length = max(w.input_length for _, w in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length, dtype=torch.long)
-        targets = torch.full((len(batch), length), IGNORE, dtype=torch.long)
-        for row, (doc, w) in enumerate(batch):
-            n = w.input_length
-            ids[row, :n] = streams[doc][w.start : w.stop - 1]
-            mask[row, :n] = 1
-            skip = w.score_start - w.start - 1  # outputs that only feed context
-            targets[row, skip:n] = streams[doc][w.score_start : w.stop]
-        # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
-        yield batch, ids, (mask if bool((mask == 0).any()) else None), targets
+def _pack_jobs(jobs, batch_size: Optional[int], batch_tokens: Optional[int]):
+    """Group (stream, window) jobs into forward passes.
+
+    ``batch_tokens`` None: ``batch_size`` windows at a time, in order. Otherwise the windows are
+    sorted by length (longest first) and packed so that a pass feeds at most ``batch_tokens``
+    tokens, padding included (and at most ``batch_size`` windows when given); a window longer
+    than ``batch_tokens`` runs alone.
+    """
+    if batch_tokens is None:
+        return [jobs[b : b + batch_size] for b in range(0, len(jobs), batch_size)]
+    batches, current = [], []
+    for job in sorted(jobs, key=lambda j: -j[1].input_length):
+        # sorted longest first: the first window of a pass sets its padded length
+        full = current and ((len(current) + 1) * current[0][1].input_length > batch_tokens
+                            or (batch_size is not None and len(current) == batch_size))
+        if full:
+            batches.append(current)
+            current = []
+        current.append(job)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[List[Window]],
+                   batch_size: Optional[int], backend: str, progress, *,
+                   batch_tokens: Optional[int] = None, head=_PROBE) -> List[torch.Tensor]:
+    """Run every window of every stream; per stream: float32 NLL (0 where unscored), scored mask.
+
+    Windows are grouped by :func:`_pack_jobs`. ``head``: the :func:`_model_head` of ``model``
+    when the caller already has it (None: score from the logits).
+    """
+    device = _model_device(model)
+    out = [torch.zeros(len(s), dtype=torch.float32) for s in streams]
+    scored = [torch.zeros(len(s), dtype=torch.bool) for s in streams]
+    jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
+    if not jobs:
+        return list(zip(out, scored))
+    if head is _PROBE:
+        first_doc, first = jobs[0]
+        head = _model_head(model, streams[first_doc][first.start : first.start + first.input_length])
+    bar = _progress_bar(len(jobs), progress)
+    try:
+        _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                     scored, bar)
+    finally:
+        if bar is not None:
+            bar.close()  # also on errors and Ctrl-C, so that messages start on a clean line
+    return list(zip(out, scored))
+
+
+def window_inputs(streams, batch):
+    """``(ids, mask, targets)`` of one pass over ``batch`` (a list of (stream, window) jobs), on
+    the CPU: right-padded ids, the attention mask (None when nothing is padded) and the targets,
+    IGNORE where a position is not scored."""
+    length = max(w.input_length for _, w in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    mask = torch.zeros(len(batch), length, dtype=torch.long)
+    targets = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    for row, (doc, w) in enumerate(batch):
+        n = w.input_length
+        ids[row, :n] = streams[doc][w.start : w.stop - 1]
+        mask[row, :n] = 1
+        skip = w.score_start - w.start - 1  # outputs that only feed context
+        targets[row, skip:n] = streams[doc][w.score_start : w.stop]
+    # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
+    return ids, (mask if bool((mask == 0).any()) else None), targets
 
 
 def scored_hidden(head: _Head, ids, mask, keep) -> torch.Tensor:
-    """Final hidden states of the positions ``keep`` marks, on the output layer's device and
-    in its dtype (with the model split over devices, the output layer may sit apart)."""
+    """Final hidden states of the positions ``keep`` marks, on the output layer's device and in
+    its dtype (with the model split over devices, the output layer may sit apart from the body)."""
     hidden = _last_hidden(_call(head.body, ids, mask))
     return hidden[keep.to(hidden.device)].to(device=head.weight.device, dtype=head.weight.dtype)
 
 
-def _run_windows(model, head, streams, jobs, batch_size, backend, device, out, scored, bar):
-    for batch, ids, mask, targets in window_batches(streams, jobs, batch_size):
+def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
+                 scored, bar):
+    for batch in _pack_jobs(jobs, batch_size, batch_tokens):
+        ids, mask, targets = window_inputs(streams, batch)
         ids, targets = ids.to(device), targets.to(device)
         attn = None if mask is None else mask.to(device)
         if head is not None:
@@ -355,16 +389,26 @@ def _schedules(lengths, window, stride, mode, model):
     return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
 
 
+def count_windows(docs, *, window, stride, mode, model) -> int:
+    """Forward-pass windows :func:`_score_documents` runs for these documents."""
+    extra = 1 if mode == "rolling" else 0  # the prefix token
+    return sum(len(s) for s in _schedules([len(d) + extra for d in docs], window, stride, mode,
+                                           model))
+
+
 def _check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
-                     tokenizer, batch_size, backend, progress):
-    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask;
-    and the number of windows run."""
-    _check_batch_size(batch_size)
+                     tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE):
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
+
+    ``batch_tokens`` and ``head``: see :func:`_score_streams` (``batch_size`` may then be None).
+    """
+    if batch_tokens is None or batch_size is not None:
+        _check_batch_size(batch_size)
     schedules = _schedules([len(d) for d in docs], window, stride, mode, model)
     if mode == "rolling":
         prefix = torch.tensor([_prefix_id(model, tokenizer, prefix_token_id)], dtype=torch.long)
@@ -376,13 +420,13 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
         model.eval()  # dropout would make scores random
     try:
         with torch.inference_mode():
-            stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress)
+            stream_nll = _score_streams(model, streams, schedules, batch_size, backend, progress,
+                                        batch_tokens=batch_tokens, head=head)
     finally:
         if was_training:
             model.train()
     offset = 1 if mode == "rolling" else 0
-    per_doc = [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
-    return per_doc, sum(len(schedule) for schedule in schedules)
+    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
 
 
 def documents(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
@@ -449,7 +493,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
                            scored=torch.zeros(input_ids.shape, dtype=torch.bool))
     _check_ids("input_ids", input_ids, model)
     ids2, docs, spans = documents(input_ids, attention_mask)
-    per_doc, _ = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -510,7 +554,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
-    per_doc, num_windows = _score_documents(
+    per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
     )
@@ -531,4 +575,6 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             "nothing to score: no document has a token with context before it (a document needs "
             "at least 2 tokens, or mode='rolling', which predicts the first token from a prefix)"
         )
-    return TextScores(documents=documents, corpus=metric.compute(), num_windows=num_windows)
+    return TextScores(documents=documents, corpus=metric.compute(),
+                      num_windows=count_windows(docs, window=window, stride=stride, mode=mode,
+                                                model=model))

@@ -16,8 +16,8 @@ import torch
 
 from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
 from .hf import (IGNORE, _call, _check_batch_size, _check_ids, _context_length, _logits,
-                 _model_device, _prefix_id, _progress_bar, _schedules, checked_head, documents,
-                 scored_hidden, vocab_size, window_batches)
+                 _model_device, _model_head, _pack_jobs, _prefix_id, _progress_bar, _schedules,
+                 documents, scored_hidden, vocab_size, window_inputs)
 
 
 def _check_input_ids(input_ids) -> None:
@@ -119,8 +119,10 @@ def _compare_streams(base_model, test_model, streams, schedules, batch_size, bac
     jobs = [(i, w) for i, sched in enumerate(schedules) for w in sched]
     if not jobs:
         return per_stream
-    base_head = checked_head(base_model, streams, jobs)
-    test_head = checked_head(test_model, streams, jobs)
+    first_doc, first = jobs[0]
+    probe_ids = streams[first_doc][first.start : first.start + first.input_length]
+    base_head = _model_head(base_model, probe_ids)
+    test_head = _model_head(test_model, probe_ids)
     linear = base_head is not None and test_head is not None
     if linear and (base_head.softcap, base_head.temperature) != (test_head.softcap,
                                                                  test_head.temperature):
@@ -136,7 +138,8 @@ def _compare_streams(base_model, test_model, streams, schedules, batch_size, bac
         base_bias = None if base_head.bias is None else base_head.bias.to(device)
     bar = _progress_bar(len(jobs), progress)
     try:
-        for batch, ids, mask, targets in window_batches(streams, jobs, batch_size):
+        for batch in _pack_jobs(jobs, batch_size, None):
+            ids, mask, targets = window_inputs(streams, batch)
             keep = targets != IGNORE
             if linear:
                 rows_b = scored_hidden(base_head, ids.to(base_device),

@@ -23,6 +23,7 @@ import time
 
 from ._dispatch import BACKENDS, BackendUnavailableError
 from ._optional import require
+from ._table import key_values
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -449,8 +450,7 @@ def _summary(figures) -> str:
                     + f" ({human(figures['num_windows'])} windows)"),
         ("ran on", f"backend {figures['backend']}, {figures['dtype']} on {figures['device']}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return key_values(rows)
 
 
 def _finite(value):

@@ -78,14 +78,93 @@ def nvidia_backend() -> bool:
     return "nvidia" in backends
 
 
-def run_compile_script(script: str) -> str:
-    """Run a kernel-compiling script in a fresh process without the interpreter; its stdout."""
+# Child process of compile_triton: builds each kernel for its target without TRITON_INTERPRET
+# (the interpreter runs kernels as Python, so what only the compiler rejects passes every
+# interpreter test) and reports the figures of `ptxas -v` for that target.
+_COMPILE_CHILD = r"""
+import importlib, json, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource
+
+for spec in json.loads(sys.stdin.read()):
+    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    consts = spec["constexprs"]
+    full = {a: "constexpr" if a in consts else spec["signature"][a] for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec["div16"]}
+    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
+    arch = spec["arch"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=spec["num_warps"],
+                                           num_stages=spec.get("num_stages", 3)))
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(tmp + "/k.ptx", "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             "--gpu-name=" + sm_arch_from_capability(arch), tmp + "/k.ptx", "-o", tmp + "/k.o"],
+            capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    print(json.dumps(dict(
+        tag=spec.get("tag"), arch=arch, shared=compiled.metadata.shared,
+        registers=int(re.search(r"Used (\d+) registers", log).group(1)),
+        spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+        counts={name: len(re.findall(pattern, ptx)) for name, pattern in spec.get("count", {}).items()},
+    )), flush=True)
+"""
+
+
+def compile_triton(specs: list, *, extra_path: Optional[str] = None) -> list:
+    """Compile Triton kernels for NVIDIA targets (no GPU needed) in a fresh process.
+
+    Each spec is a dict: ``module`` and ``kernel`` (import path and name), ``signature`` (type of
+    each runtime argument, e.g. ``"*bf16"``, ``"i32"``), ``constexprs``, ``div16`` (arguments
+    known divisible by 16), ``arch`` (compute capability, e.g. 86), ``num_warps``,
+    ``num_stages``, optional ``tag`` and ``count`` (name -> regex counted in the PTX). Returns one
+    dict per spec: ``tag``, ``arch``, ``shared`` (bytes), ``registers``, ``spill_stores`` and
+    ``spill_loads`` (bytes, from ``ptxas -v``) and ``counts``.
+    """
+    import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], input=json.dumps(specs),
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(specs), proc.stdout[-2000:]
+    return results
+
+
+def save_trained_llama(root, *, context=64, steps=25, seed=0):
+    """A tiny Llama and its tokenizer (from ``tests/test_hf.py``), trained ``steps`` Adam steps
+    on that file's word corpus so that text off that corpus scores far worse; saved to ``root``.
+
+    Returns ``(model, tokenizer)``, the model in eval mode.
+    """
+    import torch
+    from test_hf import build_model, corpus, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=context, seed=seed)
+    ids = torch.tensor(tokenizer(" ".join(corpus(400, seed=seed + 1)))["input_ids"])
+    rows = ids[: len(ids) // context * context].view(-1, context)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(0, len(rows), (16,), generator=gen)]
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return model, tokenizer

@@ -1,5 +1,6 @@
 // Helpers shared by the native CPU kernels: element loads (fp32/fp16/bf16 read in place), the
-// logit transform (softcap, temperature), a vectorised exp for non-positive arguments and tanh.
+// logit transform (softcap, temperature), a vectorised exp for non-positive arguments, tanh, and
+// the NLL from a row's log-sum-exp state.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -61,18 +62,60 @@ inline float load_scalar(const void* base, int dtype, int64_t index) {
   }
 }
 
-// Cephes-style tanhf: odd minimax polynomial below 0.625 (where 1 - 2/(e^2y + 1) would cancel),
-// the exp form above. Relative error ~1e-7 everywhere.
-inline float tanh_scalar(float y) {
+// exp(d) for d <= 0, as 2^t with t = d·log2(e) = n + f, |f| <= 1/2: a degree-6 polynomial for
+// 2^f evaluated in Estrin form, whose dependency chain is 4 FMAs deep instead of Horner's 6 (the
+// vector loop is bound by this latency, not by throughput). Measured against exp in double over
+// every float in [-87.3, 0]: relative error <= 1.5e-7 for |d| <= 1, 5.5e-7 for |d| <= 10 and
+// 3.9e-6 over the whole range; it grows with |d| because t is rounded to fp32 (|d|·log2(e)·2^-24
+// absolute). Terms with |d| > 20 are < 2e-9 of a sum that holds exp(0) = 1, so the log-sum-exp
+// keeps the accuracy of the near-maximum terms. Inputs below -87.3 (and NaN) are clamped, giving
+// ~1e-38 instead of 0: harmless for the same reason.
+//
+// The scalar form performs the same fp32 operations in the same order as exp8_nonpos below (fma
+// for each FMA, round-half-even for _mm256_round_ps): both give the same bits.
+inline constexpr float kExpClamp = -87.3f;
+inline constexpr float kLog2e = 1.44269504088896341f;
+inline constexpr float kExpC0 = 0.6931471824645996f, kExpC1 = 0.24022647738456726f;
+inline constexpr float kExpC2 = 0.055503323674201965f, kExpC3 = 0.00961843691766262f;
+inline constexpr float kExpC4 = 0.0013398875016719103f, kExpC5 = 0.00015353361959569156f;
+
+inline float exp_nonpos(float d) {
+  const float t = (d > kExpClamp ? d : kExpClamp) * kLog2e;  // max_ps: the clamp where d is NaN
+  const float n = std::nearbyint(t);
+  const float f = t - n;
+  const float f2 = f * f;
+  const float f4 = f2 * f2;
+  const float a = std::fma(kExpC1, f, kExpC0);
+  const float b = std::fma(kExpC3, f, kExpC2);
+  const float c = std::fma(kExpC5, f, kExpC4);
+  const float q = std::fma(f4, c, std::fma(f2, b, a));
+  const float p = std::fma(f, q, 1.0f);
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// tanh: Cephes' odd minimax polynomial below 0.625 (where the exp form would cancel), above it
+// (1 - q) / (1 + q) with q = exp(-2|y|) (= 1 - 2 / (exp(2|y|) + 1), kept in exp_nonpos's domain).
+// The same operations as tanh8. NaN gives +-1 (the exp clamp): callers check NaN before this.
+inline constexpr float kTanhSmall = 0.625f;
+inline constexpr float kTanhP0 = -5.70498872745e-3f, kTanhP1 = 2.06390887954e-2f;
+inline constexpr float kTanhP2 = -5.37397155531e-2f, kTanhP3 = 1.33314422036e-1f;
+inline constexpr float kTanhP4 = -3.33332819422e-1f;
+
+inline float tanh_fast(float y) {
   const float a = std::fabs(y);
-  if (a < 0.625f) {
+  if (a < kTanhSmall) {
     const float z = y * y;
-    const float p = (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                     1.33314422036e-1f) * z - 3.33332819422e-1f;
-    return y + y * z * p;
+    float p = std::fma(kTanhP0, z, kTanhP1);
+    p = std::fma(p, z, kTanhP2);
+    p = std::fma(p, z, kTanhP3);
+    p = std::fma(p, z, kTanhP4);
+    return std::fma(y * z, p, y);
   }
-  const float t = 1.0f - 2.0f / (std::exp(2.0f * std::min(a, 44.0f)) + 1.0f);
-  return std::copysign(t, y);
+  const float q = exp_nonpos(a * -2.0f);
+  return std::copysign((1.0f - q) / (1.0f + q), y);
 }
 
 struct Transform {
@@ -80,38 +123,11 @@ struct Transform {
   float softcap, inv_softcap, inv_temperature;
   bool has_temperature;
   inline float apply(float x) const {
-    if (has_softcap) x = softcap * tanh_scalar(x * inv_softcap);
+    if (has_softcap) x = softcap * tanh_fast(x * inv_softcap);
     if (has_temperature) x *= inv_temperature;
     return x;
   }
 };
-
-// The target logit is transformed in double, as the reference does.
-inline double transform_target(double x, double softcap, double temperature) {
-  if (softcap > 0) x = softcap * std::tanh(x / softcap);
-  return x / temperature;
-}
-
-inline const void* element_ptr(const void* base, int dtype, int64_t offset) {
-  const int64_t bytes = dtype == kFloat32 ? 4 : 2;
-  return static_cast<const char*>(base) + offset * bytes;
-}
-
-inline double finish_lse(float max, double sum, bool nan) {
-  if (nan || std::isnan(max)) return std::numeric_limits<double>::quiet_NaN();
-  if (std::isinf(max)) return max;
-  return max + std::log(sum);
-}
-
-inline Transform make_transform(double softcap, double temperature) {
-  Transform tf;
-  tf.has_softcap = softcap > 0;
-  tf.softcap = static_cast<float>(softcap > 0 ? softcap : 1.0);
-  tf.inv_softcap = static_cast<float>(softcap > 0 ? 1.0 / softcap : 1.0);
-  tf.has_temperature = temperature != 1.0;
-  tf.inv_temperature = static_cast<float>(1.0 / temperature);
-  return tf;
-}
 
 #ifdef PPLFAST_AVX2
 // ---- AVX2 helpers ------------------------------------------------------------------------------
@@ -128,24 +144,17 @@ inline __m256 load8(const void* base, int64_t index) {
   }
 }
 
-// exp(d) for d <= 0, as 2^t with t = d·log2(e) = n + f, |f| <= 1/2: a degree-6 polynomial for 2^f
-// (relative error 1.3e-7 in fp32, fitted here for near-minimax relative error) evaluated in
-// Estrin form, whose dependency chain is 4 FMAs deep instead of Horner's 6: the loop is bound by
-// this latency, not by throughput. Inputs below -87.3 (and NaN) are clamped, giving ~1e-38
-// instead of 0: harmless, because every sum it joins holds exp(0) = 1.
+// exp_nonpos on 8 lanes (see there for the method and its measured error).
 inline __m256 exp8_nonpos(__m256 d) {
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(d, _mm256_set1_ps(-87.3f)),
-                                 _mm256_set1_ps(1.44269504088896341f));
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(d, _mm256_set1_ps(kExpClamp)),
+                                 _mm256_set1_ps(kLog2e));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
   const __m256 f2 = _mm256_mul_ps(f, f);
   const __m256 f4 = _mm256_mul_ps(f2, f2);
-  const __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(0.24022647738456726f), f,
-                                   _mm256_set1_ps(0.6931471824645996f));
-  const __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(0.00961843691766262f), f,
-                                   _mm256_set1_ps(0.055503323674201965f));
-  const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(0.00015353361959569156f), f,
-                                   _mm256_set1_ps(0.0013398875016719103f));
+  const __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(kExpC1), f, _mm256_set1_ps(kExpC0));
+  const __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(kExpC3), f, _mm256_set1_ps(kExpC2));
+  const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), f, _mm256_set1_ps(kExpC4));
   const __m256 q = _mm256_fmadd_ps(f4, c, _mm256_fmadd_ps(f2, b, a));
   const __m256 p = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(
@@ -153,25 +162,22 @@ inline __m256 exp8_nonpos(__m256 d) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// tanh_fast on 8 lanes. NaN lanes come out as +-1 (a < 0.625 is false and the exp clamps NaN):
+// callers check NaN on the input, before this transform.
 inline __m256 tanh8(__m256 y) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_andnot_ps(sign_mask, y);
-  // small |y|: odd polynomial
   const __m256 z = _mm256_mul_ps(y, y);
-  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kTanhP0), z, _mm256_set1_ps(kTanhP1));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kTanhP2));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kTanhP3));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kTanhP4));
   const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(y, z), p, y);
-  // large |y|: 1 - 2 / (exp(2|y|) + 1), computed as exp(-2|y|) to stay in exp8_nonpos's domain:
-  // 1 - 2 / (1/q + 1) = (1 - q) / (1 + q) with q = exp(-2|y|).
   const __m256 q = exp8_nonpos(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, q), _mm256_add_ps(one, q));
   const __m256 big_signed = _mm256_or_ps(big, _mm256_and_ps(sign_mask, y));
-  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
-  // NaN input: a < 0.625 is false, big path yields a finite value; NaN is tracked separately.
+  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(kTanhSmall), _CMP_LT_OQ);
   return _mm256_blendv_ps(big_signed, small, use_small);
 }
 
@@ -191,5 +197,33 @@ inline double hsum8_double(__m256 v) {
   return _mm_cvtsd_f64(t);
 }
 #endif
+
+inline const void* element_ptr(const void* base, int dtype, int64_t offset) {
+  const int64_t bytes = dtype == kFloat32 ? 4 : 2;
+  return static_cast<const char*>(base) + offset * bytes;
+}
+
+// NLL = log-sum-exp - target = (max - target) + log(sum), from a row's (max, sum of exp(z - max))
+// and its transformed target logit (one of the row's streamed values, so target <= max, and
+// sum >= 1 since it holds exp(0) = 1 for the maximum). Special values as the reference computes
+// lse - target: NaN seen -> NaN; max = +inf -> +inf, or NaN when the target is +inf too; an all
+// -inf row -> -inf - -inf = NaN; a -inf target in a finite row -> +inf. The guard turns a rounding
+// below zero into 0 and keeps NaN (NaN < 0 is false).
+inline float finish_nll(float max, double sum, bool nan, float target) {
+  if (nan || std::isnan(max) || std::isnan(target)) return std::numeric_limits<float>::quiet_NaN();
+  double nll = static_cast<double>(max) - static_cast<double>(target);
+  if (!std::isinf(max)) nll += std::log(sum);
+  return nll < 0.0 ? 0.0f : static_cast<float>(nll);
+}
+
+inline Transform make_transform(double softcap, double temperature) {
+  Transform tf;
+  tf.has_softcap = softcap > 0;
+  tf.softcap = static_cast<float>(softcap > 0 ? softcap : 1.0);
+  tf.inv_softcap = static_cast<float>(softcap > 0 ? 1.0 / softcap : 1.0);
+  tf.has_temperature = temperature != 1.0;
+  tf.inv_temperature = static_cast<float>(1.0 / temperature);
+  return tf;
+}
 
 }  // namespace pplfast

@@ -398,15 +398,12 @@ void compare_update(const void* base, int base_dtype, int64_t base_batch_stride,
     pack(sq, st + kSide);
     const int64_t t = targets[r];
     if (t >= v_offset && t < v_offset + cols) {
+      // the streamed values' fp32 transform, so that target <= max holds exactly
       const int64_t c = t - v_offset;
-      st[kTarget] = transform_target(
-          load_scalar(base, base_dtype,
-                      offset(r, base_batch_stride, base_time_stride) + c * base_col_stride),
-          softcap, temperature);
-      st[kSide + kTarget] = transform_target(
-          load_scalar(test, test_dtype,
-                      offset(r, test_batch_stride, test_time_stride) + c * test_col_stride),
-          softcap, temperature);
+      st[kTarget] = tf.apply(load_scalar(
+          base, base_dtype, offset(r, base_batch_stride, base_time_stride) + c * base_col_stride));
+      st[kSide + kTarget] = tf.apply(load_scalar(
+          test, test_dtype, offset(r, test_batch_stride, test_time_stride) + c * test_col_stride));
     }
   };
   const int64_t splits = column_splits(rows, cols, nthreads);
@@ -455,8 +452,8 @@ void compare_finish(const double* state, const int64_t* targets, int64_t ignore_
     const Side p = unpack(st), q = unpack(st + kSide);
     kl[r] = static_cast<float>(side_kl(p, q));
     kl_reverse[r] = static_cast<float>(side_kl(q, p));
-    nll_base[r] = static_cast<float>(finish_lse(p.m, p.s, p.nan) - st[kTarget]);
-    nll_test[r] = static_cast<float>(finish_lse(q.m, q.s, q.nan) - st[kSide + kTarget]);
+    nll_base[r] = finish_nll(p.m, p.s, p.nan, static_cast<float>(st[kTarget]));
+    nll_test[r] = finish_nll(q.m, q.s, q.nan, static_cast<float>(st[kSide + kTarget]));
     argmax_base[r] = p.arg;
     argmax_test[r] = q.arg;
   }

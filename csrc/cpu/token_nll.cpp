@@ -10,8 +10,14 @@
 // Work is split over OpenMP threads by rows; when rows are fewer than threads each row is also
 // split into column ranges whose partial (max, sum) pairs are merged afterwards.
 //
-// NaN anywhere in a row makes that row's result NaN (tracked explicitly: max_ps drops NaN).
-// +inf makes the row's log-sum-exp +inf; an all -inf row gives -inf, as torch.logsumexp does.
+// NaN anywhere in a row makes that row's result NaN: it is tracked explicitly, on the loaded value
+// before any transform (max_ps drops NaN, and the softcap's tanh would map it to +-1). +inf makes
+// the row's log-sum-exp +inf; an all -inf row gives -inf, as torch.logsumexp does.
+//
+// The target logit goes through the very same fp32 transform as the streamed values (the scalar
+// functions below mirror the AVX2 ones operation for operation), so it never exceeds the row's
+// maximum, and the NLL is formed as (max - target) + log(sum) with sum >= 1: no two large rounded
+// terms cancel, and the result is >= 0 up to rounding, which the final guard clamps.
 #include "token_nll.h"
 
 #include <omp.h>
@@ -107,9 +113,9 @@ Partial row_partial_t(const void* base, int64_t len, int64_t stride, const Trans
       const __m256 vinv_t = _mm256_set1_ps(tf.inv_temperature);
       for (; i + 8 <= n; i += 8) {
         __m256 x = load8<DT>(base, start + i);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // before the softcap
         if constexpr (SOFTCAP) x = _mm256_mul_ps(vcap, tanh8(_mm256_mul_ps(x, vinv_cap)));
         if constexpr (TEMPERATURE) x = _mm256_mul_ps(x, vinv_t);
-        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
         vmax = _mm256_max_ps(x, vmax);  // returns vmax where x is NaN
         _mm256_store_ps(z + i, x);
       }
@@ -118,8 +124,9 @@ Partial row_partial_t(const void* base, int64_t len, int64_t stride, const Trans
     }
 #endif
     for (; i < n; ++i) {
-      const float x = tf.apply(load_scalar(base, dtype, (start + i) * stride));
-      nan = nan || std::isnan(x);
+      const float raw = load_scalar(base, dtype, (start + i) * stride);
+      nan = nan || std::isnan(raw);  // before the softcap, which maps NaN to +-1
+      const float x = tf.apply(raw);
       block_max = x > block_max ? x : block_max;
       z[i] = x;
     }
@@ -201,9 +208,10 @@ void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64
                 int64_t col_stride, int64_t v_offset, const int64_t* targets,
                 int64_t ignore_index, double softcap, double temperature, float* row_max,
                 double* row_sum, double* target_logit, int nthreads) {
+  const Transform tf = make_transform(softcap, temperature);
   const std::vector<Partial> slab = scored_row_partials(
       logits, dtype, rows, cols, col_stride, [&](int64_t r) { return r * row_stride; }, targets,
-      ignore_index, make_transform(softcap, temperature), nthreads);
+      ignore_index, tf, nthreads);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = targets[r];
     if (t == ignore_index) continue;
@@ -216,8 +224,9 @@ void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64
     row_max[r] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.max;
     row_sum[r] = acc.sum;
     if (t >= v_offset && t < v_offset + cols) {
-      const double x = load_scalar(logits, dtype, r * row_stride + (t - v_offset) * col_stride);
-      target_logit[r] = transform_target(x, softcap, temperature);
+      // the streamed values' fp32 transform, so that target <= max holds exactly
+      target_logit[r] =
+          tf.apply(load_scalar(logits, dtype, r * row_stride + (t - v_offset) * col_stride));
     }
   }
 }
@@ -230,7 +239,7 @@ void lse_finish(const float* row_max, const double* row_sum, const double* targe
       continue;
     }
     const float m = row_max[r];
-    out[r] = static_cast<float>(finish_lse(m, row_sum[r], std::isnan(m)) - target_logit[r]);
+    out[r] = finish_nll(m, row_sum[r], std::isnan(m), static_cast<float>(target_logit[r]));
   }
 }
 
@@ -240,9 +249,9 @@ void token_nll(const void* logits, int dtype, int64_t batch, int64_t time, int64
                float* out, int nthreads) {
   const int64_t rows = batch * time;
   auto row_offset = [&](int64_t r) { return (r / time) * batch_stride + (r % time) * time_stride; };
-  const std::vector<Partial> per_row =
-      scored_row_partials(logits, dtype, rows, cols, col_stride, row_offset, targets, ignore_index,
-                          make_transform(softcap, temperature), nthreads);
+  const Transform tf = make_transform(softcap, temperature);
+  const std::vector<Partial> per_row = scored_row_partials(
+      logits, dtype, rows, cols, col_stride, row_offset, targets, ignore_index, tf, nthreads);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = targets[r];
@@ -251,9 +260,8 @@ void token_nll(const void* logits, int dtype, int64_t batch, int64_t time, int64
       continue;
     }
     const Partial& p = per_row[r];
-    const double x = load_scalar(logits, dtype, row_offset(r) + t * col_stride);
-    out[r] = static_cast<float>(finish_lse(p.max, p.sum, p.nan) -
-                                transform_target(x, softcap, temperature));
+    const float target = tf.apply(load_scalar(logits, dtype, row_offset(r) + t * col_stride));
+    out[r] = finish_nll(p.max, p.sum, p.nan, target);
   }
 }
 

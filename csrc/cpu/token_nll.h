@@ -22,7 +22,8 @@ void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64
                 int64_t ignore_index, double softcap, double temperature, float* row_max,
                 double* row_sum, double* target_logit, int nthreads);
 
-// out[r] = row_max + log(row_sum) - target_logit, 0 where ignored; NaN/inf as the reference.
+// out[r] = (row_max - target_logit) + log(row_sum), never below 0, and 0 where ignored; NaN and
+// +-inf as the reference.
 void lse_finish(const float* row_max, const double* row_sum, const double* target_logit,
                 const int64_t* targets, int64_t ignore_index, int64_t rows, float* out);
 

@@ -1,16 +1,22 @@
 // Per-token NLL over rows of logits, one pass, fp32 online logsumexp (fp32/fp16/bf16 in, fp32 out).
 //
 // Each row is read once. A thread keeps a running max m of the (soft-capped) logits z and sums
-// 2^(z*c - m*c), c = log2(e) / temperature, rescaling its sums when m grows; the exponent is one
-// FMA and the power one ex2. Per-thread sums go into 8 independent accumulators (one per vector
-// lane), then pairwise into one, then a warp butterfly and a block tree merge the (m*c, sum)
+// 2^((z - m) * c), c = log2(e) / temperature, rescaling its sums when m grows; the exponent is a
+// subtraction and a product (rounded separately: z - m is exact near the max, and the maximum's
+// own term is exactly 1), the power one ex2. The state stays in the units of z, so no m * c is
+// ever formed: maxima up to FLT_MAX work at every temperature (an m * c state overflowed to +inf
+// above about 2.4e38 * temperature). Per-thread sums go into 8 independent accumulators (one per
+// vector lane), then pairwise into one, then a warp butterfly and a block tree merge the (m, sum)
 // pairs, so no fp32 sum runs sequentially over more than a few dozen terms.
 //   - a warp per row for small V (8 rows per block);
 //   - a block per row for large V; when rows are too few to fill the GPU each row is cut into
-//     segments, each block writes a partial (m*c, sum) pair and a merge kernel finishes the row.
+//     segments, each block writes a partial (m, sum) pair and a merge kernel finishes the row.
 // Contiguous rows (sV == 1) are read with 16-byte streaming loads after a scalar head that
 // reaches 16-byte alignment (row starts need not be aligned); other strides use scalar loads.
-// The target logit is loaded once, by one thread. Offsets are 64-bit throughout.
+// The target logit is loaded once, by one thread, through the same transform as the streamed
+// values, so it never exceeds m; the NLL is (m - z_t) / temperature + log(sum) with sum >= 1, two
+// non-negative terms (no cancellation of two large rounded terms), clamped at 0 against rounding.
+// Offsets are 64-bit throughout.
 //
 // Special values follow torch.logsumexp in float64: -inf entries add nothing; an all -inf row
 // has lse = -inf (so NLL = NaN); a +inf entry makes lse = +inf; a NaN entry makes that row NaN.
@@ -47,7 +53,7 @@ struct Params {
   const int64_t* targets;
   int64_t ignore_index;
   float* out;
-  float* workspace;  // (rows * splits, 2) partial (m*c, sum) pairs
+  float* workspace;  // (rows * splits, 2) partial (m, sum) pairs
   int64_t rows;
   int64_t segment;
   int splits;
@@ -121,27 +127,26 @@ __device__ __forceinline__ const T* row_pointer(const Params& p, int64_t row) {
   return static_cast<const T*>(p.logits) + (b * p.sB + t * p.sT);
 }
 
-// z[target] / temperature: the same transform as the streamed elements, divided exactly.
+// z[target], through the same transform as the streamed elements (so z_t <= m exactly); the
+// temperature is applied in finish_nll.
 template <typename T, bool SOFTCAP>
 __device__ __forceinline__ float target_logit(const T* row, int64_t target, const Params& p) {
-  return transform<SOFTCAP>(to_float(row[target * p.sV]), p) / p.temperature;
+  return transform<SOFTCAP>(to_float(row[target * p.sV]), p);
 }
 
 // ---- online logsumexp state -----------------------------------------------------------------
 //
-// Sums are kept relative to `base`: sum_true = s * 2^base, with base = m*c where that is finite
+// Sums are kept relative to `base`: sum_true = s * 2^(base * c), with base = m where m is finite
 // and 0 otherwise (m = -inf before any finite element, m = +inf once an +inf is seen).
 
 struct Online {
   float m;     // running max of z
-  float mc;    // m * c
   float base;  // exponent base of the sums
   float s[kAcc];
 };
 
 __device__ __forceinline__ void init(Online& st) {
   st.m = -INFINITY;
-  st.mc = -INFINITY;
   st.base = 0.f;
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) st.s[i] = 0.f;
@@ -150,10 +155,12 @@ __device__ __forceinline__ void init(Online& st) {
 // Factor that re-expresses sums kept against max `from` against max `to` (from <= to). Where a
 // max is infinite the sums carry only NaN-ness (they are 0 or NaN, or the lse is decided by the
 // +inf), so 0 is used: NaN survives, and no inf - inf is ever formed.
-__device__ __forceinline__ float rescale(float from, float to) {
+// from - to <= 0 may round to -inf (maxima of opposite signs near FLT_MAX): the factor is then 0,
+// as it should be.
+__device__ __forceinline__ float rescale(float from, float to, float c) {
   if (from == to) return 1.f;
   if (from == -INFINITY || to == INFINITY) return 0.f;
-  return exp2f(from - to);
+  return exp2f(__fmul_rn(__fsub_rn(from, to), c));
 }
 
 template <int N>
@@ -162,17 +169,18 @@ __device__ __forceinline__ void absorb(Online& st, const float (&z)[N], int slot
 #pragma unroll
   for (int k = 1; k < N; ++k) vmax = fmaxf(vmax, z[k]);
   if (vmax > st.m) {  // false for NaN: NaN never becomes the max
-    const float mc = vmax * c;
-    const float f = rescale(st.mc, mc);
+    const float f = rescale(st.m, vmax, c);
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) st.s[i] *= f;
     st.m = vmax;
-    st.mc = mc;
-    st.base = isfinite(mc) ? mc : 0.f;
+    st.base = isfinite(vmax) ? vmax : 0.f;
   }
-  // fmaf keeps z*c exact before subtracting the base: terms near the max are accurate.
+  // z - base is rounded before the product (the _rn intrinsics are never fused into an FMA): the
+  // maximum's term is exactly 2^0 = 1. z - base <= 0 may round to -inf, whose term is 0.
 #pragma unroll
-  for (int k = 0; k < N; ++k) st.s[(slot + k) % kAcc] += exp2f(fmaf(z[k], c, -st.base));
+  for (int k = 0; k < N; ++k) {
+    st.s[(slot + k) % kAcc] += exp2f(__fmul_rn(__fsub_rn(z[k], st.base), c));
+  }
 }
 
 __device__ __forceinline__ float collapse(const Online& st) {
@@ -187,47 +195,53 @@ __device__ __forceinline__ float collapse(const Online& st) {
   return s[0];
 }
 
-// (mc, s) <- (mc, s) (+) (mc2, s2). Commutative bit for bit, so butterfly lanes agree.
-__device__ __forceinline__ void merge(float& mc, float& s, float mc2, float s2) {
-  const float top = fmaxf(mc, mc2);
-  s = s * rescale(mc, top) + s2 * rescale(mc2, top);
-  mc = top;
+// (m, s) <- (m, s) (+) (m2, s2). Commutative bit for bit (no FMA contraction of the two
+// products), so butterfly lanes agree.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2, float c) {
+  const float top = fmaxf(m, m2);
+  s = __fadd_rn(__fmul_rn(s, rescale(m, top, c)), __fmul_rn(s2, rescale(m2, top, c)));
+  m = top;
 }
 
-__device__ __forceinline__ void warp_merge(float& mc, float& s) {
+__device__ __forceinline__ void warp_merge(float& m, float& s, float c) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const float mc2 = __shfl_xor_sync(0xffffffffu, mc, offset);
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
     const float s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    merge(mc, s, mc2, s2);
+    merge(m, s, m2, s2, c);
   }
 }
 
 // Result valid in thread 0. Every thread of the block must call it.
-__device__ __forceinline__ void block_merge(float& mc, float& s) {
-  __shared__ float shared_mc[kMaxThreads / kWarp];
+__device__ __forceinline__ void block_merge(float& m, float& s, float c) {
+  __shared__ float shared_m[kMaxThreads / kWarp];
   __shared__ float shared_s[kMaxThreads / kWarp];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
-  warp_merge(mc, s);
+  warp_merge(m, s, c);
   if (warps == 1) return;
   if (lane == 0) {
-    shared_mc[warp] = mc;
+    shared_m[warp] = m;
     shared_s[warp] = s;
   }
   __syncthreads();
   if (warp == 0) {
-    mc = lane < warps ? shared_mc[lane] : -INFINITY;
+    m = lane < warps ? shared_m[lane] : -INFINITY;
     s = lane < warps ? shared_s[lane] : 0.f;
-    warp_merge(mc, s);
+    warp_merge(m, s, c);
   }
 }
 
-__device__ __forceinline__ float finish_lse(float mc, float s) {
+// NLL = lse - z_t / temperature = (m - z_t) / temperature + log(s), from the row's merged (m, s)
+// and its transformed target z_t <= m; s >= 1 (the maximum's term is exactly 1). Special values
+// as the reference's lse - target: NaN seen (s is NaN) -> NaN; m = +inf -> +inf, or NaN when z_t
+// is +inf too; an all -inf row -> -inf - -inf = NaN; z_t = -inf in a finite row -> +inf. The
+// clamp keeps NaN (NaN < 0 is false).
+__device__ __forceinline__ float finish_nll(float m, float s, float z_t, const Params& p) {
   if (isnan(s)) return s;
-  if (mc == INFINITY || mc == -INFINITY) return mc;
-  return (mc + log2f(s)) * kLn2;
+  const float nll = isinf(m) ? m - z_t : (m - z_t) / p.temperature + log2f(s) * kLn2;
+  return nll < 0.f ? 0.f : nll;
 }
 
 // ---- streaming over a row segment [begin, end) ------------------------------------------------
@@ -313,10 +327,10 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * kWarp) warp_row_kernel(con
   Online st;
   init(st);
   segment_stats<T, SOFTCAP, CONTIG>(st, x, 0, p.V, lane, kWarp, p);
-  float mc = st.mc;
+  float m = st.m;
   float s = collapse(st);
-  warp_merge(mc, s);
-  if (lane == 0) p.out[row] = finish_lse(mc, s) - target_z;
+  warp_merge(m, s, p.c);
+  if (lane == 0) p.out[row] = finish_nll(m, s, target_z, p);
 }
 
 // A block per row segment: block b covers segment b % splits of row b / splits.
@@ -338,14 +352,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) block_row_kernel(const Params 
   Online st;
   init(st);
   segment_stats<T, SOFTCAP, CONTIG>(st, x, begin, end, threadIdx.x, blockDim.x, p);
-  float mc = st.mc;
+  float m = st.m;
   float s = collapse(st);
-  block_merge(mc, s);
+  block_merge(m, s, p.c);
   if (threadIdx.x == 0) {
     if (p.splits == 1) {
-      p.out[row] = finish_lse(mc, s) - target_z;
+      p.out[row] = finish_nll(m, s, target_z, p);
     } else {
-      p.workspace[2 * block] = mc;
+      p.workspace[2 * block] = m;
       p.workspace[2 * block + 1] = s;
     }
   }
@@ -363,14 +377,16 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * kWarp) merge_splits_kernel
     if (lane == 0) p.out[row] = 0.f;
     return;
   }
-  float mc = -INFINITY;
+  float m = -INFINITY;
   float s = 0.f;
   const float* partial = p.workspace + 2 * row * p.splits;
-  for (int k = lane; k < p.splits; k += kWarp) merge(mc, s, partial[2 * k], partial[2 * k + 1]);
-  warp_merge(mc, s);
+  for (int k = lane; k < p.splits; k += kWarp) {
+    merge(m, s, partial[2 * k], partial[2 * k + 1], p.c);
+  }
+  warp_merge(m, s, p.c);
   if (lane == 0) {
     const float target_z = target_logit<T, SOFTCAP>(row_pointer<T>(p, row), target, p);
-    p.out[row] = finish_lse(mc, s) - target_z;
+    p.out[row] = finish_nll(m, s, target_z, p);
   }
 }
 

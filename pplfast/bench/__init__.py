@@ -1,0 +1,77 @@
+"""``pplfast bench``: time pplfast against its peers on this machine and print one table.
+
+Method (the README's "Benchmarks" section): every figure is measured side by side in one run and
+reported as a ratio to a baseline from the same run, with the machine, versions, command and
+timestamp.
+
+- Logits path: ``pplfast.token_nll`` vs ``F.cross_entropy(reduction="none")`` and
+  ``-F.log_softmax(logits, -1).gather(-1, targets[:, None])`` (and Liger's cross entropy on GPU,
+  when installed). Effective GB/s = bytes of logits / time; the fraction is taken of the
+  machine's read bandwidth measured in the same run (CPU: ``torch.sum`` over a large float32
+  buffer; GPU: a device-to-device copy, counting bytes read + written).
+- Hidden-states path (``--path linear``): ``pplfast.linear_token_nll`` vs ``F.linear`` +
+  ``F.cross_entropy``, ``F.linear_cross_entropy`` with chunking options (PyTorch >= 2.13) and, on
+  GPU, Cut Cross-Entropy and Liger's fused linear cross entropy (forward only). TFLOP/s =
+  2*N*D*V / time, next to the rate of a plain ``hidden @ weight.T`` of the same shape.
+- Timing and peak memory: :mod:`pplfast.bench.measure` (one timer for every implementation).
+
+One module per job: :mod:`.options` (command line -> :class:`~.options.Plan`), :mod:`.cases`
+(inputs), :mod:`.peers` (what is timed), :mod:`.measure` (timer, bandwidth, memory probes),
+:mod:`.environment` (machine and versions), :mod:`.runner` (the run -> a JSON-ready record),
+:mod:`.report` (the table).
+
+Adding a path (``--path NAME``): add ``NAME`` to ``options.PATHS`` with its default shapes and
+dtypes in ``options.make_plan``; its inputs to ``cases.make_inputs`` (and its size in
+``cases``); its implementations to ``peers.implementations`` (pplfast first, role
+``"pplfast"``; baselines with role ``"baseline"``); its derived columns to ``runner._derive``
+and its table header to ``report.render``. The timer, the memory probe (which rebuilds the
+inputs and implementations by path name in its own process) and the JSON record need nothing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .cases import linear_flops, logits_bytes, make_inputs
+from .measure import cpu_peak_extra, cuda_peak_extra, read_bandwidth, time_call
+from .options import (DEFAULT_BW_MIB, DTYPES, PATHS, BenchError, MiB, Plan, add_arguments,
+                      make_plan, parse_dtypes, parse_shapes)
+from .peers import Impl, implementations
+from .report import render
+from .runner import bench
+
+__all__ = [
+    "DEFAULT_BW_MIB", "DTYPES", "PATHS", "BenchError", "Impl", "MiB", "Plan", "add_arguments",
+    "bench", "cpu_peak_extra", "cuda_peak_extra", "implementations", "linear_flops",
+    "logits_bytes", "make_inputs", "make_plan", "parse_dtypes", "parse_shapes", "read_bandwidth",
+    "render", "run", "time_call",
+]
+
+
+def run(args) -> int:
+    json_file = None
+    try:
+        plan = make_plan(args)
+        if args.json not in (None, "-"):
+            try:  # opened now: an unwritable path fails before minutes of timing, not after
+                json_file = open(args.json, "w")
+            except OSError as exc:
+                raise BenchError(f"cannot write --json {args.json!r}: {exc.strerror}") from None
+        record = bench(plan, progress=not args.no_progress)
+    except BenchError as exc:
+        if json_file is not None:
+            json_file.close()
+        print(f"pplfast bench: error: {exc}", file=sys.stderr)
+        return 2
+    text = render(record)
+    if args.json == "-":
+        print(text, file=sys.stderr)
+        json.dump(record, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+        if json_file is not None:
+            with json_file:
+                json.dump(record, json_file, indent=1)
+                json_file.write("\n")
+    return 0

@@ -1,0 +1,96 @@
+"""What is timed: pplfast and the peers it is compared with, per path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class Impl:
+    name: str  # stable key (JSON, memory worker)
+    label: str  # table text
+    role: str  # "pplfast", "baseline" or "floor"
+    fn: Callable[..., torch.Tensor]
+    clobbers_input: bool = False  # writes into its first input: gets its own copy
+
+
+def _first(out):
+    """Some peers return (loss, extra) or an output object; keep the loss tensor."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "loss", out)
+
+
+def implementations(path: str, device: torch.device, backend: str):
+    """``(impls, skipped)``: the implementations timed for ``path`` here, and why others are not."""
+    import pplfast
+
+    impls: List[Impl] = []
+    skipped: List[Tuple[str, str]] = []
+    try:
+        from pplfast import _dispatch
+
+        resolved = _dispatch.resolve(backend, device, "token_nll" if path == "logits" else "linear_token_nll")
+    except Exception:  # the preflight call reports the real error
+        resolved = backend
+    label = f"pplfast[{resolved}]"
+    if path == "logits":
+        impls.append(Impl("pplfast", label, "pplfast",
+                          lambda x, t: pplfast.token_nll(x, t, backend=backend)))
+        impls.append(Impl("cross_entropy", "F.cross_entropy", "baseline",
+                          lambda x, t: F.cross_entropy(x, t, reduction="none")))
+        impls.append(Impl("log_softmax_gather", "log_softmax+gather", "baseline",
+                          lambda x, t: F.log_softmax(x, dim=-1).gather(-1, t[:, None]).squeeze(-1).neg()))
+        if device.type == "cuda":
+            try:
+                from liger_kernel.transformers.functional import liger_cross_entropy
+            except Exception as exc:  # optional peer
+                skipped.append(("liger_cross_entropy", f"liger-kernel not importable ({_one_line(exc)})"))
+            else:
+                # Liger's forward may write the gradient into the logits it is given
+                impls.append(Impl("liger_cross_entropy", "Liger cross_entropy", "baseline",
+                                  lambda x, t: _first(liger_cross_entropy(x, t, reduction="none")),
+                                  clobbers_input=True))
+        else:
+            skipped.append(("liger_cross_entropy", "GPU only"))
+        return impls, skipped
+
+    impls.append(Impl("pplfast", label, "pplfast",
+                      lambda h, w, t: pplfast.linear_token_nll(h, w, t, backend=backend)))
+    impls.append(Impl("linear_cross_entropy_unfused", "F.linear+F.cross_entropy", "baseline",
+                      lambda h, w, t: F.cross_entropy(F.linear(h, w), t, reduction="none")))
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        options = torch.nn.LinearCrossEntropyOptions()
+        impls.append(Impl("torch_linear_cross_entropy", "F.linear_cross_entropy[chunked]", "baseline",
+                          lambda h, w, t: F.linear_cross_entropy(h, w, t, reduction="none", options=options)))
+    else:
+        skipped.append(("torch_linear_cross_entropy",
+                        f"torch {torch.__version__} has no F.linear_cross_entropy (needs >= 2.13)"))
+    if device.type == "cuda":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+        except Exception as exc:
+            skipped.append(("cut_cross_entropy", f"cut-cross-entropy not importable ({_one_line(exc)})"))
+        else:
+            impls.append(Impl("cut_cross_entropy", "Cut Cross-Entropy", "baseline",
+                              lambda h, w, t: _first(cce_linear_cross_entropy(h, w, t, impl="cce", reduction="none"))))
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        except Exception as exc:
+            skipped.append(("liger_fused_linear_cross_entropy", f"liger-kernel not importable ({_one_line(exc)})"))
+        else:
+            impls.append(Impl("liger_fused_linear_cross_entropy", "Liger fused linear CE", "baseline",
+                              lambda h, w, t: _first(liger_fused_linear_cross_entropy(h, w, t, reduction="none"))))
+    else:
+        skipped.append(("cut_cross_entropy", "GPU only"))
+        skipped.append(("liger_fused_linear_cross_entropy", "GPU only"))
+    impls.append(Impl("matmul", "matmul hidden@weight.T", "floor", lambda h, w, t: h @ w.T))
+    return impls, skipped
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+

@@ -1,0 +1,118 @@
+"""pplfast.ray.score_dataset and `pplfast score-corpus --ray` on a local Ray instance (2 CPUs,
+loopback only, started once for this module): the same scores as the single-process run."""
+import gzip
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+ray = pytest.importorskip("ray")
+pytest.importorskip("pyarrow")
+
+from test_hf import build_model, corpus, train_tokenizer  # noqa: E402
+
+from pplfast import CorpusScorer  # noqa: E402
+from pplfast.corpus_io import iter_score_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=48)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    texts = [" ".join(corpus(rng.randint(1, 8), seed=500 + i)) for i in range(40)] + ["", "  "]
+    records = [{"text": t, "doc": f"d{i:02d}"} for i, t in enumerate(texts)]
+    return root, model, tokenizer, records
+
+
+def test_score_dataset_equals_single_process(local_ray, saved):
+    from pplfast.ray import score_dataset
+
+    root, model, tokenizer, records = saved
+    ds = ray.data.from_items(records)
+    out = score_dataset(ds, str(root / "model"), concurrency=1, batch_size=8, window=32,
+                        batch_tokens=128).take_all()
+    assert len(out) == len(records)
+    single = CorpusScorer(model, tokenizer, window=32, batch_tokens=4096).score_texts(
+        [r["text"] for r in records])
+    by_id = {row["doc"]: row for row in out}
+    for i, record in enumerate(records):
+        row = by_id[record["doc"]]
+        assert row["text"] == record["text"]
+        assert row["num_tokens"] == single["num_tokens"][i]
+        assert row["num_bytes"] == single["num_bytes"][i] and row["num_words"] == single["num_words"][i]
+        if single["num_tokens"][i] == 0:
+            assert math.isnan(row["perplexity"])
+            continue
+        for key in ("sum_nll", "sum_nll_sq", "perplexity", "bits_per_byte"):
+            assert row[key] == pytest.approx(single[key][i], rel=1e-5), (record["doc"], key)
+
+
+def test_cli_ray_equals_single_process_run(local_ray, saved, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pplfast.cli import main
+
+    root, _, _, records = saved
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in records[:25]:
+            f.write(json.dumps(r) + "\n")
+    pq.write_table(pa.Table.from_pylist(records[25:]), tmp_path / "b.parquet")
+    inputs = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet")]
+    common = ["--model", str(root / "model"), "--input", *inputs, "--id-field", "doc",
+              "--window", "32", "--batch-tokens", "128", "--json", "--no-progress"]
+    assert main(["score-corpus", *common, "--output", str(tmp_path / "single.jsonl")]) == 0
+    single_summary = json.loads(capsys.readouterr().out)
+    assert main(["score-corpus", *common, "--ray", "--workers", "1", "--output", str(tmp_path / "ray-out")]) == 0
+    ray_summary = json.loads(capsys.readouterr().out)
+    single = {r["id"]: r for r in iter_score_rows(str(tmp_path / "single.jsonl"))}
+    files = sorted(os.listdir(tmp_path / "ray-out"))
+    assert files and all(f.endswith(".json") for f in files)
+    rows = [r for f in files for r in iter_score_rows(str(tmp_path / "ray-out" / f))]
+    assert sorted(r["id"] for r in rows) == sorted(single)
+    for row in rows:
+        ref = single[row["id"]]
+        assert list(row) == list(ref)  # same columns, same order
+        assert row["num_tokens"] == ref["num_tokens"] and row["outlier"] == ref["outlier"]
+        for key in ("sum_nll", "sum_nll_sq", "perplexity", "bits_per_byte"):
+            if math.isnan(ref[key]):
+                assert math.isnan(row[key])
+            else:
+                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["id"], key)
+    for key in ("num_documents", "num_tokens", "num_outliers"):
+        assert ray_summary[key] == single_summary[key]
+    assert ray_summary["perplexity"] == pytest.approx(single_summary["perplexity"], rel=1e-6)
+    assert ray_summary["perplexity_percentiles"] == pytest.approx(single_summary["perplexity_percentiles"], rel=1e-5)
+
+
+def test_bad_arguments_and_missing_extra(saved, monkeypatch):
+    from pplfast import ray as pplfast_ray
+
+    root = saved[0]
+    ds = ray.data.from_items([{"text": "a"}])
+    with pytest.raises(ValueError, match="concurrency must be a positive int, got 0"):
+        pplfast_ray.score_dataset(ds, str(root / "model"), concurrency=0)
+    with pytest.raises(ValueError, match="num_gpus must be a number >= 0"):
+        pplfast_ray.score_dataset(ds, str(root / "model"), num_gpus=-1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pplfast_ray.score_dataset(ds, str(root / "model"), mode="bogus")
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r'pip install "pplfast\[ray\]"'):
+        pplfast_ray.score_dataset(ds, str(root / "model"))
