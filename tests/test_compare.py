@@ -510,3 +510,26 @@ def test_compare_kernel_compiles_for_sm80_and_sm90():
                                   num_warps=warps, tag=f"sm{arch} {dtype} softcap={cap}"))
     for spec, got in zip(specs, compile_triton(specs)):
         assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (spec["tag"], got)
+
+
+# ---- pplfast bench --path compare ---------------------------------------------------------------
+
+def test_bench_compare_path(capsys):
+    import json
+
+    from pplfast import cli
+
+    rc = cli.main(["bench", "--path", "compare", "--shapes", "32x700", "--dtypes", "fp32,bf16",
+                   "--backend", "cpu", "--no-progress", "--bandwidth-mib", "8", "--reps", "2",
+                   "--warmup", "1", "--json", "-"])
+    out, table = capsys.readouterr()
+    assert rc == 0, table
+    rows = [r for r in json.loads(out)["results"] if r["path"] == "compare"]
+    assert {r["impl"] for r in rows} == {"pplfast", "torch_kl", "token_nll_one"}
+    for r in rows:
+        assert r["error"] is None and r["ms"] > 0, r
+        assert r["logits_bytes"] == 2 * 32 * 700 * (4 if r["dtype"] == "fp32" else 2)
+        assert r["peak_extra_bytes"] is not None
+    assert "compare path" in table and "log_softmax+kl_div+argmax" in table
+    assert cli.main(["bench", "--path", "compare", "--shapes", "4x8x16"]) == 2
+    assert "--path compare takes NxV shapes" in capsys.readouterr().err

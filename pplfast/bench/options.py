@@ -18,11 +18,12 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PATHS = ("logits", "linear", "all")
+PATHS = ("logits", "linear", "compare", "all")
 DEVICES = ("cpu", "cuda")
 
 DEFAULT_LOGITS_SHAPES = ((4096, 32000), (4096, 50257), (4096, 128256))
 DEFAULT_LOGITS_DTYPES = ("fp32", "bf16")
+DEFAULT_COMPARE_SHAPES = ((4096, 128256),)
 DEFAULT_LINEAR_SHAPES = {"cpu": ((4096, 1024, 128256),), "cuda": ((8192, 4096, 131072),)}
 DEFAULT_LINEAR_DTYPES = {"cpu": ("fp32",), "cuda": ("bf16",)}
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
@@ -53,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes, or --reps 1 --warmup 0, for a quick look."
     )
     parser.add_argument(
-        "--path", default="logits", metavar="{logits,linear,all}",
+        "--path", default="logits", metavar="{logits,linear,compare,all}",
         help="logits: token_nll on materialised logits (default); linear: linear_token_nll on "
-        "hidden states and the output layer; all: both",
+        "hidden states and the output layer; compare: pplfast.compare of two logits tensors "
+        "(default shape 4096x128256); all: logits and linear",
     )
     parser.add_argument(
         "--shapes", default=None, metavar="NxV,...",
@@ -165,20 +167,23 @@ def make_plan(args) -> Plan:
     paths = ("logits", "linear") if args.path == "all" else (args.path,)
     shapes = parse_shapes(args.shapes) if args.shapes is not None else None
     if shapes is not None:
-        if args.path == "logits" and any(len(s) != 2 for s in shapes):
-            raise BenchError("--path logits takes NxV shapes; NxDxV shapes need --path linear or all")
+        if args.path in ("logits", "compare") and any(len(s) != 2 for s in shapes):
+            raise BenchError(f"--path {args.path} takes NxV shapes; NxDxV shapes need --path "
+                             "linear or all")
         if args.path == "linear" and any(len(s) != 3 for s in shapes):
             raise BenchError("--path linear takes NxDxV shapes (rows x hidden width x vocabulary)")
     dtypes = parse_dtypes(args.dtypes) if args.dtypes is not None else None
     cases = []
     for path in paths:
-        rank = 2 if path == "logits" else 3
+        rank = 3 if path == "linear" else 2
         if shapes is None:
-            path_shapes = DEFAULT_LOGITS_SHAPES if path == "logits" else DEFAULT_LINEAR_SHAPES[kind]
+            path_shapes = {"logits": DEFAULT_LOGITS_SHAPES, "compare": DEFAULT_COMPARE_SHAPES,
+                           "linear": DEFAULT_LINEAR_SHAPES[kind]}[path]
         else:
             path_shapes = [s for s in shapes if len(s) == rank]
         if dtypes is None:
-            path_dtypes = DEFAULT_LOGITS_DTYPES if path == "logits" else DEFAULT_LINEAR_DTYPES[kind]
+            path_dtypes = (DEFAULT_LINEAR_DTYPES[kind] if path == "linear"
+                           else DEFAULT_LOGITS_DTYPES)
         else:
             path_dtypes = dtypes
         for shape in path_shapes:
