@@ -31,9 +31,10 @@ EPILOG = """\
 examples:
   pplfast score --model gpt2 --input wiki.test.jsonl --window 1024 --stride 512
   pplfast bench --path logits --dtypes bf16
+  pplfast compare --base ./model --model ./model-int8 --input wiki.test.jsonl --window 1024
 
-Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model
-(see the README).
+Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model,
+pplfast.compare, pplfast.compare_models (see the README).
 """
 
 
