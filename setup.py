@@ -41,8 +41,18 @@ def cpu_arch_flags():
 ext_modules = [
     Pybind11Extension(
         "pplfast._C",
-        sources=["csrc/bindings.cpp", "csrc/cpu/token_nll.cpp", "csrc/cpu/token_stats.cpp"],
-        depends=["csrc/cpu/common.h", "csrc/cpu/token_nll.h", "csrc/cpu/token_stats.h"],
+        sources=[
+            "csrc/bindings.cpp",
+            "csrc/cpu/token_nll.cpp",
+            "csrc/cpu/token_stats.cpp",
+            "csrc/cpu/compare.cpp",
+        ],
+        depends=[
+            "csrc/cpu/common.h",
+            "csrc/cpu/token_nll.h",
+            "csrc/cpu/token_stats.h",
+            "csrc/cpu/compare.h",
+        ],
         include_dirs=["csrc"],
         cxx_std=17,
         # -ffp-contract=off: the scalar transforms must round exactly as the AVX2 ones

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cpu/compare.h"
 #include "cpu/token_nll.h"
 #include "cpu/token_stats.h"
 
@@ -118,4 +119,39 @@ PYBIND11_MODULE(_C, m) {
                               ptr<float>(top_vals));
       },
       "Statistics from the running state; top_vals become log-probabilities in place.");
+
+  m.attr("COMPARE_STATE") = pplfast::kCompareState;
+  m.def(
+      "compare_init",
+      [](std::uintptr_t state, int64_t rows) {
+        pplfast::compare_init(ptr<double>(state), rows);
+      },
+      "Fresh compare state: (rows, COMPARE_STATE) float64.");
+  m.def(
+      "compare_update",
+      [](std::uintptr_t base, int base_dtype, int64_t base_batch_stride, int64_t base_time_stride,
+         int64_t base_col_stride, std::uintptr_t test, int test_dtype, int64_t test_batch_stride,
+         int64_t test_time_stride, int64_t test_col_stride, int64_t rows, int64_t time,
+         int64_t cols, int64_t v_offset, std::uintptr_t targets, int64_t ignore_index,
+         double softcap, double temperature, std::uintptr_t state, int nthreads) {
+        py::gil_scoped_release release;
+        pplfast::compare_update(ptr<const void>(base), base_dtype, base_batch_stride,
+                                base_time_stride, base_col_stride, ptr<const void>(test),
+                                test_dtype, test_batch_stride, test_time_stride, test_col_stride,
+                                rows, time, cols, v_offset, ptr<const int64_t>(targets),
+                                ignore_index, softcap, temperature, ptr<double>(state), nthreads);
+      },
+      "Fold columns [v_offset, v_offset + cols) of both models' rows into the compare state.");
+  m.def(
+      "compare_finish",
+      [](std::uintptr_t state, std::uintptr_t targets, int64_t ignore_index, int64_t rows,
+         std::uintptr_t kl, std::uintptr_t kl_reverse, std::uintptr_t nll_base,
+         std::uintptr_t nll_test, std::uintptr_t argmax_base, std::uintptr_t argmax_test) {
+        py::gil_scoped_release release;
+        pplfast::compare_finish(ptr<const double>(state), ptr<const int64_t>(targets),
+                                ignore_index, rows, ptr<float>(kl), ptr<float>(kl_reverse),
+                                ptr<float>(nll_base), ptr<float>(nll_test),
+                                ptr<int64_t>(argmax_base), ptr<int64_t>(argmax_test));
+      },
+      "KL both ways, both NLLs and both argmaxes from the compare state.");
 }

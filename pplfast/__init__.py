@@ -2,6 +2,8 @@
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
+from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
+from .hf_compare import compare_models
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Perplexity, PerplexityResult
 from .stats import TokenStats, linear_token_stats, token_stats
@@ -13,14 +15,20 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "Comparison",
+    "ComparisonResult",
     "CorpusScorer",
     "DocumentScore",
     "Perplexity",
     "PerplexityResult",
     "ScoreResult",
     "TextScores",
+    "TokenComparison",
     "TokenStats",
     "Window",
+    "compare",
+    "compare_models",
+    "linear_compare",
     "linear_perplexity",
     "linear_token_nll",
     "linear_token_stats",

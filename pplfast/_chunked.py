@@ -66,6 +66,19 @@ def _scatter_scored(out: torch.Tensor, rows: Optional[torch.Tensor],
     return out.index_copy_(0, rows, nll)
 
 
+def _scatter_compare(fields, rows: Optional[torch.Tensor], N: int):
+    """The six comparison fields of the scored rows scattered into ``(N,)`` tensors: 0 (float)
+    and -1 (int64) at the ignored rows."""
+    if rows is None:
+        return tuple(fields)
+    out = []
+    for f in fields:
+        fill = -1 if f.dtype == torch.int64 else 0
+        full = torch.full((N,), fill, dtype=f.dtype, device=f.device)
+        out.append(full.index_copy_(0, rows, f))
+    return tuple(out)
+
+
 def fp32_out_gemm_available() -> bool:
     """Whether this PyTorch has ``torch.mm(..., out_dtype=...)`` at all (on CUDA, in practice:
     other devices refuse it at run time, which the chunk loop handles)."""
@@ -140,11 +153,27 @@ def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, tem
     n_scored = targets.shape[0]
     element = torch.empty((), dtype=logits_dtype).element_size()
     step = gpu_chunk_rows(V, element, budget)
+    nll = torch.empty(n_scored, dtype=torch.float32, device=device)
+    for z, r0, n in _chunk_logits(hidden2, weight, bias, rows, n_scored, step, logits_dtype,
+                                  refusable=refusable):
+        nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
+                                    temperature)
+    return nll
+
+
+def _chunk_logits(hidden2, weight, bias, rows, n_scored: int, step: int,
+                  logits_dtype: torch.dtype, *, refusable: bool = False):
+    """The chunk loop of :func:`_chunk_loop`, as a generator of ``(logits, r0, n)``: the
+    ``(n, V)`` logits of scored rows ``r0 ... r0 + n`` (``rows``: their indices in ``hidden2``,
+    None for all) in ``logits_dtype``, in one reused buffer that the caller reduces before asking
+    for the next chunk. With ``refusable``, a refused fp32-output GEMM on the first chunk raises
+    :class:`_Fp32OutGemmRefused` (the caller starts again in the input dtype)."""
+    V = weight.shape[0]
+    device = hidden2.device
     mixed = logits_dtype != hidden2.dtype
     buf = torch.empty(min(step, n_scored) * V, dtype=logits_dtype, device=device)
     b = None if bias is None else bias.to(logits_dtype)
     wt = weight.t()
-    nll = torch.empty(n_scored, dtype=torch.float32, device=device)
     for r0 in range(0, n_scored, step):
         n = min(step, n_scored - r0)
         h = hidden2[r0 : r0 + n] if rows is None else hidden2.index_select(0, rows[r0 : r0 + n])
@@ -162,9 +191,7 @@ def _chunk_loop(hidden2, weight, bias, targets, rows, ignore_index, softcap, tem
             torch.mm(h, wt, out=z)
         else:
             torch.addmm(b, h, wt, out=z)
-        nll[r0 : r0 + n] = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
-                                    temperature)
-    return nll
+        yield z, r0, n
 
 
 def chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
@@ -205,3 +232,44 @@ def chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, sof
         parts.append(launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
                               temperature, top_k))
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
+                           bias_test, targets, ignore_index, softcap, temperature, *,
+                           launcher: Callable, budget_mb: Optional[float] = None,
+                           scored: Optional[Scored] = None):
+    """The GPU hidden path of ``linear_compare``: the chunk loop of :func:`_chunk_loop` for each
+    model in lockstep (the same rows per chunk), two GEMMs per chunk into two reused buffers
+    (float32 where PyTorch has the fp32-output GEMM, see the module docstring), reduced by the
+    logits launcher ``launcher(base3, test3, targets, ignore_index, softcap, temperature)``.
+    Extra memory: two chunks of logits (``PPLFAST_GPU_CHUNK_MB`` each) plus O(N).
+
+    Returns ``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)``, each ``(N,)``.
+    """
+    budget = _env.budget_bytes(_env.GPU_CHUNK_MB, _env.DEFAULT_GPU_CHUNK_MB, budget_mb)
+    device = hidden2_base.device
+    N = hidden2_base.shape[0]
+    V = weight_base.shape[0]
+    rows, targets = scored if scored is not None else _select_scored(targets, ignore_index)
+    n_scored = targets.shape[0]
+    step = gpu_chunk_rows(V, 4, budget)
+    models = ((hidden2_base, weight_base, bias_base), (hidden2_test, weight_test, bias_test))
+    fp32_out = fp32_out_gemm_available()
+    dtypes = [torch.float32 if fp32_out else h.dtype for h, _, _ in models]
+    outs = [torch.empty(n_scored, dtype=torch.float32, device=device) for _ in range(4)]
+    outs += [torch.empty(n_scored, dtype=torch.int64, device=device) for _ in range(2)]
+    while True:
+        chunks = [_chunk_logits(h, w, b, rows, n_scored, step, dt, refusable=dt != h.dtype)
+                  for (h, w, b), dt in zip(models, dtypes)]
+        try:
+            for (zb, r0, n), (zt, _, _) in zip(*chunks):
+                fields = launcher(zb.unsqueeze(0), zt.unsqueeze(0), targets[r0 : r0 + n],
+                                  ignore_index, softcap, temperature)
+                for out, f in zip(outs, fields):
+                    out[r0 : r0 + n] = f
+            break
+        except _Fp32OutGemmRefused:
+            # no fp32-output GEMM for these tensors: logits in each model's input dtype,
+            # exactly those of F.linear
+            dtypes = [h.dtype for h, _, _ in models]
+    return _scatter_compare(outs, rows, N)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import _C, _env
-from ._chunked import Scored, _scatter_scored, _select_scored
+from ._chunked import Scored, _scatter_compare, _scatter_scored, _select_scored
 
 _DTYPE_CODE = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
 
@@ -144,20 +144,26 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return _scatter_scored(out, rows, nll)
 
 
-def logit_tiles(hidden2, weight, bias, rows: Optional[torch.Tensor], n_scored: int, budget: int):
+def logit_tiles(hidden2, weight, bias, rows: Optional[torch.Tensor], n_scored: int, budget: int,
+                *, tile: Optional[tuple[int, int]] = None):
     """The tile loop of the hidden-states ops, as a generator of ``(logits, v0, r0, n)``.
 
     ``logits`` is the ``(n, c)`` float32 block of vocabulary columns ``v0 ...`` for scored rows
     ``r0 ... r0 + n`` (``rows``: their indices in ``hidden2``, None for all), in one reused buffer
     that the caller folds before asking for the next tile. Vocabulary tiles run outside, so the
     weight (the large operand) is read once and each row sees its columns in increasing order.
+    ``tile``: the (rows, columns) of a tile, fixed by the caller (two models' loops in lockstep);
+    by default :func:`cpu_tile_sizes` within ``budget``.
     """
     D = hidden2.shape[1]
     V = weight.shape[0]
     upcast = hidden2.dtype != torch.float32
     gather_bytes = 0 if rows is None else hidden2.element_size()
-    n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
-                                  budget=budget)
+    if tile is not None:
+        n_max, c_max = tile
+    else:
+        n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
+                                      budget=budget)
 
     logits_buf = torch.empty(n_max * c_max, dtype=torch.float32)
     if rows is not None:
@@ -277,3 +283,87 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     for full, part, fill in zip(out, scored, fills):
         full.fill_(fill).index_copy_(0, rows, part)
     return out
+
+
+# ---- two models at once: compare / linear_compare ----------------------------------------------
+
+def compare_state(rows: int) -> torch.Tensor:
+    """Fresh running state of :func:`compare_update`: ``(rows, _C.COMPARE_STATE)`` float64."""
+    state = torch.empty((rows, _C.COMPARE_STATE), dtype=torch.float64)
+    _C.compare_init(state.data_ptr(), rows)
+    return state
+
+
+def compare_update(base3, test3, targets, v_offset, ignore_index, softcap, temperature,
+                   state) -> None:
+    """Fold ``(B, T, Vc)`` slabs of both models' logits (vocabulary columns ``v_offset ...``)
+    into ``state`` (rows ``B * T``); both tensors any strides and dtype."""
+    B, T, Vc = base3.shape
+    if test3.shape != base3.shape:
+        raise ValueError(f"test slab {tuple(test3.shape)} differs from base {tuple(base3.shape)}")
+    if (state.dtype != torch.float64 or state.shape != (B * T, _C.COMPARE_STATE)
+            or not state.is_contiguous() or targets.shape != (B * T,)
+            or targets.dtype != torch.int64 or not targets.is_contiguous()):
+        raise ValueError(f"state must be a contiguous ({B * T}, {_C.COMPARE_STATE}) float64 "
+                         f"tensor and targets a contiguous ({B * T},) int64 tensor")
+    if B * T == 0 or Vc == 0:
+        return
+    _C.compare_update(
+        base3.data_ptr(), _DTYPE_CODE[base3.dtype], *base3.stride(),
+        test3.data_ptr(), _DTYPE_CODE[test3.dtype], *test3.stride(),
+        B * T, T, Vc, int(v_offset), targets.data_ptr(), ignore_index, _softcap_arg(softcap),
+        temperature, state.data_ptr(), _threads(),
+    )
+
+
+def compare_finish(state, targets, ignore_index):
+    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` from the state."""
+    n = targets.shape[0]
+    floats = [torch.empty(n, dtype=torch.float32) for _ in range(4)]
+    ints = [torch.empty(n, dtype=torch.int64) for _ in range(2)]
+    _C.compare_finish(state.data_ptr(), targets.data_ptr(), ignore_index, n,
+                      *(t.data_ptr() for t in floats), *(t.data_ptr() for t in ints))
+    return (*floats, *ints)
+
+
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    B, T, _ = logits3_base.shape
+    state = compare_state(B * T)
+    compare_update(logits3_base, logits3_test, targets, 0, ignore_index, softcap, temperature,
+                   state)
+    return compare_finish(state, targets, ignore_index)
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature, *,
+                   budget_mb: Optional[float] = None):
+    """:func:`compare` of ``F.linear`` of each model through the tile loop of the hidden-states
+    ops (:func:`logit_tiles`), one loop per model run in lockstep (the same tile sizes, chosen
+    for the wider model within half the budget each): two GEMMs per tile into two reused float32
+    buffers, folded together into the two-row running state of :func:`compare_update`.
+
+    Returns ``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)``, each ``(N,)``.
+    """
+    budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
+    N = hidden2_base.shape[0]
+    V = weight_base.shape[0]
+    rows, scored_targets = _select_scored(targets, ignore_index)
+    n_scored = scored_targets.shape[0]
+    state = compare_state(n_scored)
+    if n_scored:
+        hiddens = (hidden2_base, hidden2_test)
+        D = max(h.shape[1] for h in hiddens)
+        upcast = any(h.dtype != torch.float32 for h in hiddens)
+        gather_bytes = 0 if rows is None else max(h.element_size() for h in hiddens)
+        # the two models share the budget: one model's tile within half of it
+        tile = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
+                              budget=budget // 2)
+        base_tiles = logit_tiles(hidden2_base, weight_base, bias_base, rows, n_scored, budget,
+                                 tile=tile)
+        test_tiles = logit_tiles(hidden2_test, weight_test, bias_test, rows, n_scored, budget,
+                                 tile=tile)
+        for (zb, v0, r0, n), (zt, _, _, _) in zip(base_tiles, test_tiles):
+            compare_update(zb.unsqueeze(0), zt.unsqueeze(0), scored_targets[r0 : r0 + n], v0,
+                           ignore_index, softcap, temperature, state[r0 : r0 + n])
+    fields = compare_finish(state, scored_targets, ignore_index)
+    return _scatter_compare(fields, rows, N)

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from . import _cuda_C, _env
-from ._chunked import Scored, chunked_linear_token_nll, chunked_linear_token_stats
+from ._chunked import (Scored, chunked_linear_compare, chunked_linear_token_nll,
+                       chunked_linear_token_stats)
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -125,3 +126,20 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     launcher = functools.partial(token_stats_forward, sm_count=_env.sm_count(hidden2.device))
     return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
                                       temperature, top_k, launcher=launcher)
+
+
+# compare / linear_compare have no CUDA C++ kernel yet: on CUDA tensors they run the Triton
+# kernel of pplfast.kernels.compare, and the hidden path is the chunked GEMM loop with that kernel
+# as its launcher (triton is imported only when a comparison is asked for, as for the statistics).
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    from .kernels.compare import compare_forward
+
+    return compare_forward(logits3_base, logits3_test, targets, ignore_index, softcap,
+                           temperature, sm_count=_env.sm_count(logits3_base.device))
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature):
+    return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
+                                  weight_test, bias_test, targets, ignore_index, softcap,
+                                  temperature, launcher=compare)

@@ -49,3 +49,24 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
         hidden2, weight, targets, bias=bias, top_k=top_k, ignore_index=ignore_index,
         softcap=softcap, temperature=temperature,
     ))
+
+
+def _compare_tuple(fields: dict):
+    return (fields["kl"].float(), fields["kl_reverse"].float(), fields["nll_base"].float(),
+            fields["nll_test"].float(), fields["argmax_base"], fields["argmax_test"])
+
+
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    V = logits3_base.shape[-1]
+    return _compare_tuple(reference.compare(
+        logits3_base.reshape(-1, V), logits3_test.reshape(-1, V), targets,
+        ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+    ))
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature):
+    return _compare_tuple(reference.linear_compare(
+        hidden2_base, weight_base, hidden2_test, weight_test, targets, bias_base=bias_base,
+        bias_test=bias_test, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+    ))

@@ -28,7 +28,9 @@ import functools
 import torch
 
 from . import _env
-from ._chunked import _select_scored, chunked_linear_token_nll, chunked_linear_token_stats
+from ._chunked import (_select_scored, chunked_linear_compare, chunked_linear_token_nll,
+                       chunked_linear_token_stats)
+from .kernels.compare import compare_forward
 from .kernels.linear_token_nll import linear_token_nll_forward
 from .kernels.token_nll import token_nll_forward
 from .kernels.token_stats import token_stats_forward
@@ -80,3 +82,17 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     launcher = functools.partial(token_stats_forward, sm_count=_sm_count(hidden2))
     return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
                                       temperature, top_k, launcher=launcher)
+
+
+def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
+    return compare_forward(logits3_base, logits3_test, targets, ignore_index, softcap,
+                           temperature, sm_count=_sm_count(logits3_base))
+
+
+def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+                   targets, ignore_index, softcap, temperature):
+    """Chunked GEMMs into two reused float32 buffers feeding the logits kernel
+    (``pplfast._chunked.chunked_linear_compare``); no fused two-GEMM kernel yet."""
+    return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
+                                  weight_test, bias_test, targets, ignore_index, softcap,
+                                  temperature, launcher=compare)

@@ -13,6 +13,8 @@ import sys
 # sub-command name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "score": ("pplfast.score", "perplexity of a Hugging Face causal LM on text files"),
+    "compare": ("pplfast.compare_cli", "compare a model with a base model token by token "
+                                       "(KL divergence, top-1 agreement, Δp)"),
     "score-corpus": ("pplfast.corpus_cli", "per-document perplexity of a corpus, streamed, resumable"),
     "filter": ("pplfast.corpus_cli", "keep the documents of a corpus inside a perplexity band"),
     "eval": ("pplfast.eval_cli", "lm-evaluation-harness with the pplfast model (all lm-eval options)"),
@@ -31,9 +33,10 @@ EPILOG = """\
 examples:
   pplfast score --model gpt2 --input wiki.test.jsonl --window 1024 --stride 512
   pplfast bench --path logits --dtypes bf16
+  pplfast compare --base ./model --model ./model-int8 --input wiki.test.jsonl --window 1024
 
-Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model
-(see the README).
+Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model,
+pplfast.compare, pplfast.compare_models (see the README).
 """
 
 

@@ -351,26 +351,41 @@ def _score_streams(model, streams: Sequence[torch.Tensor], schedules: Sequence[L
     return list(zip(out, scored))
 
 
+def window_inputs(streams, batch, first_token: Optional[int] = None):
+    """``(ids, mask, targets)`` of one pass over ``batch`` (a list of (stream, window) jobs), on
+    the CPU: right-padded ids, the attention mask (None when nothing is padded) and the targets,
+    IGNORE where a position is not scored. ``first_token``: replaces the first input token of
+    every window (llama.cpp mode); None keeps the stream's."""
+    length = max(w.input_length for _, w in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    mask = torch.zeros(len(batch), length, dtype=torch.long)
+    targets = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    for row, (doc, w) in enumerate(batch):
+        n = w.input_length
+        ids[row, :n] = streams[doc][w.start : w.stop - 1]
+        if first_token is not None:
+            ids[row, 0] = first_token
+        mask[row, :n] = 1
+        skip = w.score_start - w.start - 1  # outputs that only feed context
+        targets[row, skip:n] = streams[doc][w.score_start : w.stop]
+    # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
+    return ids, (mask if bool((mask == 0).any()) else None), targets
+
+
+def scored_hidden(head: _Head, ids, mask, keep) -> torch.Tensor:
+    """Final hidden states of the positions ``keep`` marks, on the output layer's device and in
+    its dtype (with the model split over devices, the output layer may sit apart from the body)."""
+    hidden = _last_hidden(_call(head.body, ids, mask))
+    return hidden[keep.to(hidden.device)].to(device=head.weight.device, dtype=head.weight.dtype)
+
+
 def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, device, out,
                  scored, bar, first_token=None, stats=None, top_k=0):
     for batch in _pack_jobs(jobs, batch_size, batch_tokens):
-        length = max(w.input_length for _, w in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length, dtype=torch.long)
-        targets = torch.full((len(batch), length), IGNORE, dtype=torch.long)
-        for row, (doc, w) in enumerate(batch):
-            n = w.input_length
-            ids[row, :n] = streams[doc][w.start : w.stop - 1]
-            if first_token is not None:
-                ids[row, 0] = first_token
-            mask[row, :n] = 1
-            skip = w.score_start - w.start - 1  # outputs that only feed context
-            targets[row, skip:n] = streams[doc][w.score_start : w.stop]
-        padded = bool((mask == 0).any())
+        ids, mask, targets = window_inputs(streams, batch, first_token)
         cpu_targets = targets
         ids, targets = ids.to(device), targets.to(device)
-        # right padding: real tokens never attend to the pads after them, positions stay 0..n-1
-        attn = mask.to(device) if padded else None
+        attn = None if mask is None else mask.to(device)
         # the targets are range-checked here, on the CPU where they were built, so the calls
         # below skip the check and its device sync (check_targets=False)
         if head is not None:
@@ -490,6 +505,31 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
     return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
 
 
+def documents(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    """``(ids2, docs, spans)``: ``input_ids`` as ``(B, T)`` on the CPU, each row's document (the
+    one contiguous run where ``attention_mask`` is 1) and its ``(lo, hi)`` span."""
+    ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
+    if attention_mask is None:
+        mask2 = torch.ones_like(ids2, dtype=torch.bool)
+    else:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        mask2 = attention_mask.reshape(ids2.shape).cpu().bool()
+    docs, spans = [], []
+    for b in range(ids2.shape[0]):
+        where = mask2[b].nonzero().flatten()
+        lo = int(where[0]) if len(where) else 0
+        hi = int(where[-1]) + 1 if len(where) else 0
+        if hi - lo != len(where):
+            raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
+        docs.append(ids2[b, lo:hi])
+        spans.append((lo, hi))
+    return ids2, docs, spans
+
+
 def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 window: Optional[int] = None, stride: Optional[int] = None, mode: str = "sliding",
                 prefix_token_id: Optional[int] = None, batch_size: int = 8, backend: str = "auto",
@@ -535,25 +575,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
                            token_nll=torch.zeros(input_ids.shape, dtype=torch.float32),
                            scored=torch.zeros(input_ids.shape, dtype=torch.bool))
     _check_ids("input_ids", input_ids, model)
-    ids2 = input_ids.reshape(-1, input_ids.shape[-1]).cpu().long()
-    if attention_mask is None:
-        mask2 = torch.ones_like(ids2, dtype=torch.bool)
-    else:
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        mask2 = attention_mask.reshape(ids2.shape).cpu().bool()
-    docs, spans = [], []
-    for b in range(ids2.shape[0]):
-        where = mask2[b].nonzero().flatten()
-        lo = int(where[0]) if len(where) else 0
-        hi = int(where[-1]) + 1 if len(where) else 0
-        if hi - lo != len(where):
-            raise ValueError(f"attention_mask row {b} is not one contiguous run of ones")
-        docs.append(ids2[b, lo:hi])
-        spans.append((lo, hi))
+    ids2, docs, spans = documents(input_ids, attention_mask)
     doc_stats = [] if stats else None
     per_doc = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,

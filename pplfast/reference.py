@@ -202,3 +202,120 @@ def linear_token_stats(
         z = _transform(z, softcap, temperature)
         parts.append(_stats_rows(z, flat_targets[start : start + step], ignore_index, top_k))
     return _stats_result(parts, lead, top_k)
+
+
+# ---- compare: two models' rows read together (README "Comparing two models") ------------------
+
+def _compare_rows(zp: torch.Tensor, zq: torch.Tensor, raw_p: torch.Tensor, raw_q: torch.Tensor,
+                  targets: torch.Tensor, ignore_index: int):
+    """float64 (kl, kl_reverse, nll_base, nll_test) and int64 (argmax_base, argmax_test) of rows.
+
+    ``zp``/``zq`` are the transformed float64 rows, ``raw_p``/``raw_q`` the logits before the
+    (monotone) transform, whose argmax is reported. Ignored rows get 0 and -1.
+    """
+    scored = targets != ignore_index
+    n = zp.shape[0]
+    lp = torch.log_softmax(zp, dim=-1)
+    lq = torch.log_softmax(zq, dim=-1)
+    p, q = lp.exp(), lq.exp()
+    # p_v = 0 contributes 0 (even where q_v = 0); p_v > 0 = q_v gives +inf; NaN stays NaN
+    kl = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1).clamp_min(0.0)
+    kl_rev = torch.where(q == 0, 0.0, q * (lq - lp)).sum(-1).clamp_min(0.0)
+    # +inf in either row: its softmax is undefined, both KLs are NaN
+    undefined = torch.isposinf(zp).any(-1) | torch.isposinf(zq).any(-1)
+    kl = torch.where(undefined, float("nan"), kl)
+    kl_rev = torch.where(undefined, float("nan"), kl_rev)
+    zero = torch.zeros(n, dtype=torch.float64, device=zp.device)
+    minus_one = torch.full((n,), -1, dtype=torch.int64, device=zp.device)
+    out = [torch.where(scored, x, zero) for x in
+           (kl, kl_rev, _nll_rows(zp, targets, ignore_index), _nll_rows(zq, targets, ignore_index))]
+    out += [torch.where(scored, torch.argmax(x, dim=-1), minus_one) for x in (raw_p, raw_q)]
+    return out
+
+
+_COMPARE_FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
+
+
+def _compare_chunks(rows, targets, ignore_index, lead, n, device, step):
+    """Run ``rows(start, stop) -> (zp, zq, raw_p, raw_q)`` chunk by chunk; dict of the fields."""
+    out = {name: torch.empty(n, dtype=torch.float64 if i < 4 else torch.int64, device=device)
+           for i, name in enumerate(_COMPARE_FIELDS)}
+    for start in range(0, n, step):
+        zp, zq, raw_p, raw_q = rows(start, start + step)
+        for name, value in zip(_COMPARE_FIELDS, _compare_rows(
+                zp, zq, raw_p, raw_q, targets[start : start + step], ignore_index)):
+            out[name][start : start + step] = value
+    return {name: value.reshape(lead) for name, value in out.items()}
+
+
+def compare(
+    logits_base: torch.Tensor,
+    logits_test: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> dict:
+    """float64 oracle of :func:`pplfast.compare`: a dict of the ``TokenComparison`` fields.
+
+    ``kl = Σ_v p_v (log p_v − log q_v)`` with ``p``, ``q`` the softmax of the transformed base and
+    test logits (terms with ``p_v = 0`` are 0; +inf in either row gives NaN), clamped at 0;
+    ``kl_reverse`` the mirror;
+    ``nll_*`` as :func:`token_nll`; ``argmax_*`` of the logits (lowest index on ties, the first
+    NaN where there is one, as ``torch.argmax``). Ignored positions: 0 and -1.
+    """
+    logits_base, _ = _shifted(logits_base, targets, shift)
+    logits_test, targets = _shifted(logits_test, targets, shift)
+    lead = targets.shape
+    V = logits_base.shape[-1]
+    base, test = logits_base.reshape(-1, V), logits_test.reshape(-1, V)
+    flat_targets = targets.reshape(-1).long()
+
+    def rows(start, stop):
+        a, b = base[start:stop].double(), test[start:stop].double()
+        return _transform(a, softcap, temperature), _transform(b, softcap, temperature), a, b
+
+    return _compare_chunks(rows, flat_targets, ignore_index, lead, base.shape[0], logits_base.device,
+                           _rows_per_chunk(3 * V))
+
+
+def linear_compare(
+    hidden_base: torch.Tensor,
+    weight_base: torch.Tensor,
+    hidden_test: torch.Tensor,
+    weight_test: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias_base: Optional[torch.Tensor] = None,
+    bias_test: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> dict:
+    """float64 oracle of :func:`pplfast.linear_compare`: :func:`compare` of the two models' logits
+    ``hidden @ weight.T + bias``, computed in float64 chunk by chunk."""
+    hidden_base, _ = _shifted(hidden_base, targets, shift)
+    hidden_test, targets = _shifted(hidden_test, targets, shift)
+    lead = targets.shape
+    V = weight_base.shape[0]
+    hb = hidden_base.reshape(-1, hidden_base.shape[-1])
+    ht = hidden_test.reshape(-1, hidden_test.shape[-1])
+    wb, wt = weight_base.double(), weight_test.double()
+    bb = None if bias_base is None else bias_base.double()
+    bt = None if bias_test is None else bias_test.double()
+    flat_targets = targets.reshape(-1).long()
+
+    def rows(start, stop):
+        a = hb[start:stop].double() @ wb.T
+        b = ht[start:stop].double() @ wt.T
+        if bb is not None:
+            a = a + bb
+        if bt is not None:
+            b = b + bt
+        return _transform(a, softcap, temperature), _transform(b, softcap, temperature), a, b
+
+    return _compare_chunks(rows, flat_targets, ignore_index, lead, hb.shape[0], hidden_base.device,
+                           _rows_per_chunk(3 * V))

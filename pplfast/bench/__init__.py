@@ -9,6 +9,10 @@ timestamp.
   when installed). Effective GB/s = bytes of logits / time; the fraction is taken of the
   machine's read bandwidth measured in the same run (CPU: ``torch.sum`` over a large float32
   buffer; GPU: a device-to-device copy, counting bytes read + written).
+- Compare path (``--path compare``): ``pplfast.compare`` of two logits tensors vs the PyTorch
+  expression (``log_softmax`` of both, ``F.kl_div(..., log_target=True, reduction="none")
+  .sum(-1)``, both argmaxes), next to ``pplfast.token_nll`` of one of the two tensors. GB/s counts
+  the bytes of both tensors.
 - Hidden-states path (``--path linear``): ``pplfast.linear_token_nll`` vs ``F.linear`` +
   ``F.cross_entropy``, ``F.linear_cross_entropy`` with chunking options (PyTorch >= 2.13) and, on
   GPU, Cut Cross-Entropy and Liger's fused linear cross entropy (forward only). TFLOP/s =

@@ -30,9 +30,15 @@ def _random(shape: Sequence[int], dtype: torch.dtype, device: torch.device, gene
 
 
 def make_inputs(path: str, shape: Sequence[int], dtype: str, device: torch.device, seed: int = 0):
-    """Inputs of one case: ``(logits, targets)`` or ``(hidden, weight, targets)``."""
+    """Inputs of one case: ``(logits, targets)``, ``(logits_base, logits_test, targets)`` or
+    ``(hidden, weight, targets)``."""
     gen = torch.Generator().manual_seed(seed)
     torch_dtype = DTYPES[dtype]
+    if path == "compare":
+        N, V = shape
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+        base = _random((N, V), torch_dtype, device, gen, scale=2.0)
+        return base, _random((N, V), torch_dtype, device, gen, scale=2.0), targets
     if path in ("logits", "stats"):
         N, V = shape
         targets = torch.randint(0, V, (N,), generator=gen).to(device)

@@ -18,11 +18,12 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-PATHS = ("logits", "linear", "all", "stats")
+PATHS = ("logits", "linear", "all", "stats", "compare")
 DEVICES = ("cpu", "cuda")
 
 DEFAULT_LOGITS_SHAPES = ((4096, 32000), (4096, 50257), (4096, 128256))
 DEFAULT_LOGITS_DTYPES = ("fp32", "bf16")
+DEFAULT_COMPARE_SHAPES = ((4096, 128256),)
 DEFAULT_LINEAR_SHAPES = {"cpu": ((4096, 1024, 128256),), "cuda": ((8192, 4096, 131072),)}
 DEFAULT_LINEAR_DTYPES = {"cpu": ("fp32",), "cuda": ("bf16",)}
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
@@ -53,10 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes, or --reps 1 --warmup 0, for a quick look."
     )
     parser.add_argument(
-        "--path", default="logits", metavar="{logits,linear,all,stats}",
+        "--path", default="logits", metavar="{logits,linear,all,stats,compare}",
         help="stats: token_stats (top_k 0 and 5) against the PyTorch log_softmax expression, on "
-        "NxV shapes; logits: token_nll on materialised logits (default); linear: linear_token_nll on "
-        "hidden states and the output layer; all: both",
+        "NxV shapes; compare: pplfast.compare of two logits tensors against log_softmax + kl_div "
+        "+ argmax (default shape 4096x128256); logits: token_nll on materialised logits "
+        "(default); linear: linear_token_nll on hidden states and the output layer; all: logits "
+        "and linear",
     )
     parser.add_argument(
         "--shapes", default=None, metavar="NxV,...",
@@ -166,7 +169,7 @@ def make_plan(args) -> Plan:
     paths = ("logits", "linear") if args.path == "all" else (args.path,)
     shapes = parse_shapes(args.shapes) if args.shapes is not None else None
     if shapes is not None:
-        if args.path in ("logits", "stats") and any(len(s) != 2 for s in shapes):
+        if args.path in ("logits", "stats", "compare") and any(len(s) != 2 for s in shapes):
             raise BenchError(f"--path {args.path} takes NxV shapes; NxDxV shapes need --path "
                              "linear or all")
         if args.path == "linear" and any(len(s) != 3 for s in shapes):
@@ -174,10 +177,11 @@ def make_plan(args) -> Plan:
     dtypes = parse_dtypes(args.dtypes) if args.dtypes is not None else None
     cases = []
     for path in paths:
-        logits_like = path in ("logits", "stats")
+        logits_like = path in ("logits", "stats", "compare")
         rank = 2 if logits_like else 3
         if shapes is None:
-            path_shapes = DEFAULT_LOGITS_SHAPES if logits_like else DEFAULT_LINEAR_SHAPES[kind]
+            path_shapes = {"compare": DEFAULT_COMPARE_SHAPES, "linear": DEFAULT_LINEAR_SHAPES[kind]
+                           }.get(path, DEFAULT_LOGITS_SHAPES)
         else:
             path_shapes = [s for s in shapes if len(s) == rank]
         if dtypes is None:

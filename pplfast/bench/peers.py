@@ -32,13 +32,21 @@ def implementations(path: str, device: torch.device, backend: str):
     try:
         from pplfast import _dispatch
 
-        op = {"logits": "token_nll", "stats": "token_stats"}.get(path, "linear_token_nll")
+        op = {"logits": "token_nll", "stats": "token_stats", "compare": "compare"}.get(
+            path, "linear_token_nll")
         resolved = _dispatch.resolve(backend, device, op)
     except Exception:  # the preflight call reports the real error
         resolved = backend
     label = f"pplfast[{resolved}]"
     if path == "stats":
         return _stats_implementations(label, backend), skipped
+    if path == "compare":
+        impls.append(Impl("pplfast", label, "pplfast",
+                          lambda a, b, t: pplfast.compare(a, b, t, backend=backend)))
+        impls.append(Impl("torch_kl", "log_softmax+kl_div+argmax", "baseline", _torch_compare))
+        impls.append(Impl("token_nll_one", f"token_nll[{resolved}] of one tensor", "baseline",
+                          lambda a, b, t: pplfast.token_nll(a, t, backend=backend)))
+        return impls, skipped
     if path == "logits":
         impls.append(Impl("pplfast", label, "pplfast",
                           lambda x, t: pplfast.token_nll(x, t, backend=backend)))
@@ -91,6 +99,13 @@ def implementations(path: str, device: torch.device, backend: str):
         skipped.append(("liger_fused_linear_cross_entropy", "GPU only"))
     impls.append(Impl("matmul", "matmul hidden@weight.T", "floor", lambda h, w, t: h @ w.T))
     return impls, skipped
+
+
+def _torch_compare(a, b, t):
+    """What a user writes today: both log-softmaxes, the KL per row, both argmaxes."""
+    lp, lq = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    kl = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    return kl, a.argmax(-1), b.argmax(-1)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -28,15 +28,19 @@ def render(record: Dict[str, object]) -> str:
     lines.append(f"{what} bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})")
     if s["memory"]:
         lines.append(f"peak memory: {s['memory_method']}")
-    for path in ("logits", "linear", "stats"):
+    for path in ("logits", "linear", "stats", "compare"):
         rows = [r for r in record["results"] if r["path"] == path]
         if not rows:
             continue
         lines.append("")
-        if path in ("logits", "stats"):
-            lines.append("logits path: token_nll(logits (N, V), targets (N,))" if path == "logits"
-                         else "statistics path: token_stats(logits (N, V), targets (N,)); "
-                         "speed-up over token_stats(top_k=0)")
+        if path in ("logits", "stats", "compare"):
+            lines.append({
+                "logits": "logits path: token_nll(logits (N, V), targets (N,))",
+                "stats": "statistics path: token_stats(logits (N, V), targets (N,)); "
+                         "speed-up over token_stats(top_k=0)",
+                "compare": "compare path: compare(logits_base (N, V), logits_test (N, V), "
+                           "targets (N,)); GB/s counts both tensors",
+            }[path])
             head = ["shape NxV", "dtype", "implementation", "ms", "GB/s", "%read-BW",
                     "pplfast speed-up", "peak extra MiB"]
         else:
@@ -54,7 +58,7 @@ def render(record: Dict[str, object]) -> str:
                             "error" if r.get("memory_error") else "-")
             if r.get("memory_note"):
                 mem_text += "*"
-            if path in ("logits", "stats"):
+            if path in ("logits", "stats", "compare"):
                 rate = [_fmt(r.get("gbps"), ".1f"), _fmt(100 * r["read_bw_fraction"], ".0f") + "%"]
             else:
                 frac = r.get("matmul_fraction")

@@ -53,13 +53,15 @@ def _preflight(plan: Plan) -> None:
 
     for path in dict.fromkeys(p for p, _, _ in plan.cases):
         for dtype in dict.fromkeys(d for p, _, d in plan.cases if p == path):
-            shape = (4, 64) if path in ("logits", "stats") else (4, 16, 64)
+            shape = (4, 16, 64) if path == "linear" else (4, 64)
             inputs = make_inputs(path, shape, dtype, plan.device, seed=1)
             try:
                 if path == "stats":
                     pplfast.token_stats(*inputs, top_k=5, backend=plan.backend)
                 elif path == "logits":
                     pplfast.token_nll(*inputs, backend=plan.backend)
+                elif path == "compare":
+                    pplfast.compare(*inputs, backend=plan.backend)
                 else:
                     pplfast.linear_token_nll(*inputs, backend=plan.backend)
             except Exception as exc:
@@ -159,14 +161,14 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
     """Ratios within one case: throughput, fraction of the floor, pplfast speed-up."""
     ref = next((r for r in case_rows if r["role"] == "pplfast" and r["ms"]), None)
     floor = next((r for r in case_rows if r["role"] == "floor" and r["ms"]), None)
-    nbytes = logits_bytes(shape, dtype)
+    nbytes = logits_bytes(shape, dtype) * (2 if path == "compare" else 1)  # compare reads two
     for r in case_rows:
         r["logits_bytes"] = nbytes
         ms = r["ms"]
         if not ms:
             continue
         r["pplfast_speedup"] = ms / ref["ms"] if ref else None
-        if path in ("logits", "stats"):
+        if path in ("logits", "stats", "compare"):
             r["gbps"] = nbytes / (ms * 1e-3) / 1e9
             r["read_bw_fraction"] = r["gbps"] / read_gbps
             r["floor_ms"] = nbytes / (read_gbps * 1e9) * 1e3

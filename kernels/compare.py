@@ -1,0 +1,258 @@
+"""Two models' logits compared in one pass: KL both ways, both NLLs, both argmaxes.
+
+Algorithm. Program (row, split) reads vocabulary entries [split * chunk, ...) of the base row a and
+the test row b together, in blocks of BLOCK_V. For each side it keeps the online log-sum-exp state
+of its own row, a running maximum ``m`` and BLOCK_V lane sums ``s`` of ``exp((z - m) / T)``, and
+BLOCK_V lane sums of
+
+    A = Σ_v exp((a_v - m_p) / T) · (a_v - b_v) / T      (and the mirror for the test side),
+
+both rescaled by ``exp((m_old - m_new) / T)`` when the maximum grows. Then
+``KL(p‖q) = A / s_p − lse_p + lse_q`` with ``lse = m / T + log(s)``. Terms whose ``a_v − b_v`` is
+not finite are left out of A: ``a_v = −inf`` is ``p_v = 0`` (term 0); for ``b_v = −inf`` the lane
+maximum of ``a_v`` there is kept, and the KL is +inf when that entry has ``p_v > 0``. NaN is
+found on the loaded values (before the softcap's tanh, which would hide it) and tracked as the
+index of the first NaN, which is also the row's argmax then (``torch.argmax``); otherwise the
+argmax is the lowest index of the largest raw logit, tracked per block.
+
+Each program writes its partial state (ten floats, four indices); the launcher merges the splits
+of a row and finishes in float64 with PyTorch (a few element-wise operations on ``rows x splits``
+numbers): rows < 2 x SM count are cut into several splits so that every SM has work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import capped, device_guard, finite_ref, rescale
+
+_LOG2E = 1.4426950408889634
+_FLOAT32_MAX = 3.4028234663852886e38
+_NO_INDEX = 2147483647
+_FLOATS, _INTS = 10, 4
+
+# (BLOCK_V, num_warps) on GPUs: two rows in flight per block, so half of token_nll's bf16 block
+_GPU_CONFIG = (2048, 8)
+_INTERPRETER_CONFIG = (128, 4)
+_SPLITS_PER_SM = 4
+_SPLIT_MIN_CHUNK, _SPLIT_ALIGN = 4096, 256
+_INTERPRETER_SM_COUNT, _INTERPRETER_MIN_CHUNK, _INTERPRETER_ALIGN = 4, 64, 16
+
+
+@triton.jit
+def _argmax_update(x, idx, run_max, run_arg, first_nan):
+    """Running (max, lowest index of it) of the raw logits, and the index of the first NaN."""
+    is_nan = x != x
+    first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, idx, 2147483647), axis=0))
+    x = tl.where(is_nan, -float("inf"), x)
+    block_max = tl.max(x, axis=0)
+    block_arg = tl.min(tl.where(x == block_max, idx, 2147483647), axis=0)
+    run_arg = tl.where(block_max > run_max, block_arg, run_arg)
+    return tl.maximum(run_max, block_max), run_arg, first_nan
+
+
+@triton.jit
+def _side_update(own, d, row_max, sums, a_sums, exp2_scale):
+    """Fold one block into one side's (max, lane sums of exp, lane sums of exp * d)."""
+    new_max = tl.maximum(row_max, tl.max(own, axis=0))
+    alpha = rescale(row_max, new_max, exp2_scale)
+    e = tl.exp2((own - finite_ref(new_max)) * exp2_scale)
+    finite = tl.abs(d) < float("inf")  # false for ±inf and NaN
+    return new_max, sums * alpha + e, a_sums * alpha + tl.where(finite, e * d, 0.0)
+
+
+@triton.jit
+def _compare_kernel(
+    base_ptr, test_ptr, targets_ptr, part_f_ptr, part_i_ptr,
+    T, V, sb_b, sb_t, sb_v, st_b, st_t, st_v, chunk, n_split, ignore_index,
+    softcap, inv_softcap, inv_temp, exp2_scale,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    target = tl.load(targets_ptr + row)
+    scored = target != ignore_index
+    b = row // T
+    t = row - b * T
+    base_row = base_ptr + b.to(tl.int64) * sb_b + t.to(tl.int64) * sb_t
+    test_row = test_ptr + b.to(tl.int64) * st_b + t.to(tl.int64) * st_t
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    end = tl.where(scored, end, start)  # an ignored row loads nothing
+
+    cols = tl.arange(0, BLOCK_V)
+    max_p = -float("inf")
+    max_q = -float("inf")
+    s_p = tl.zeros([BLOCK_V], dtype=tl.float32)
+    a_p = tl.zeros([BLOCK_V], dtype=tl.float32)
+    s_q = tl.zeros([BLOCK_V], dtype=tl.float32)
+    a_q = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # largest own value where the other row is -inf (p_v > 0 = q_v: the KL is +inf)
+    at_p = tl.full([BLOCK_V], -float("inf"), dtype=tl.float32)
+    at_q = tl.full([BLOCK_V], -float("inf"), dtype=tl.float32)
+    raw_max_p = -float("inf")
+    raw_max_q = -float("inf")
+    arg_p = start
+    arg_q = start
+    nan_p = start * 0 + 2147483647
+    nan_q = start * 0 + 2147483647
+    for k in range(start, end, BLOCK_V):
+        idx = k + cols
+        mask = idx < end
+        xa = tl.load(base_row + idx.to(tl.int64) * sb_v, mask=mask,
+                     other=-float("inf")).to(tl.float32)
+        xb = tl.load(test_row + idx.to(tl.int64) * st_v, mask=mask,
+                     other=-float("inf")).to(tl.float32)
+        raw_max_p, arg_p, nan_p = _argmax_update(xa, idx, raw_max_p, arg_p, nan_p)
+        raw_max_q, arg_q, nan_q = _argmax_update(xb, idx, raw_max_q, arg_q, nan_q)
+        za = capped(xa, mask, softcap, inv_softcap, HAS_SOFTCAP)
+        zb = capped(xb, mask, softcap, inv_softcap, HAS_SOFTCAP)
+        # NaN rows are decided from nan_p / nan_q; keep NaN out of the maxima
+        za = tl.where(xa != xa, -float("inf"), za)
+        zb = tl.where(xb != xb, -float("inf"), zb)
+        at_p = tl.maximum(at_p, tl.where(zb == -float("inf"), za, -float("inf")))
+        at_q = tl.maximum(at_q, tl.where(za == -float("inf"), zb, -float("inf")))
+        d = (za - zb) * inv_temp
+        max_p, s_p, a_p = _side_update(za, d, max_p, s_p, a_p, exp2_scale)
+        max_q, s_q, a_q = _side_update(zb, -d, max_q, s_q, a_q, exp2_scale)
+
+    part = row.to(tl.int64) * n_split + split
+    pf = part_f_ptr + part * 10
+    tl.store(pf + 0, max_p)
+    tl.store(pf + 1, tl.sum(s_p, axis=0))
+    tl.store(pf + 2, tl.sum(a_p, axis=0))
+    tl.store(pf + 3, tl.max(at_p, axis=0))
+    tl.store(pf + 4, raw_max_p)
+    tl.store(pf + 5, max_q)
+    tl.store(pf + 6, tl.sum(s_q, axis=0))
+    tl.store(pf + 7, tl.sum(a_q, axis=0))
+    tl.store(pf + 8, tl.max(at_q, axis=0))
+    tl.store(pf + 9, raw_max_q)
+    pi = part_i_ptr + part * 4
+    tl.store(pi + 0, arg_p.to(tl.int64))
+    tl.store(pi + 1, nan_p.to(tl.int64))
+    tl.store(pi + 2, arg_q.to(tl.int64))
+    tl.store(pi + 3, nan_q.to(tl.int64))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _merge_side(pf, pi, inv_temp):
+    """Merge the splits of one side: (lse, A / s, largest own value where the other is -inf,
+    argmax, has NaN), float64 / int64 per row."""
+    m, s, a, at, raw_max = (pf[..., k] for k in range(5))
+    arg, first_nan = pi[..., 0], pi[..., 1]
+    row_max = m.max(dim=1).values
+    ref = row_max.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).unsqueeze(1)
+    weight = torch.where(m == row_max.unsqueeze(1), 1.0, torch.exp((m - ref) * inv_temp))
+    s_total = (s * weight).sum(1)
+    a_total = (a * weight).sum(1)
+    lse = torch.where(torch.isfinite(row_max), row_max * inv_temp + torch.log(s_total), row_max)
+    nan_index = first_nan.min(dim=1).values
+    has_nan = nan_index != _NO_INDEX
+    best = raw_max.max(dim=1).values.unsqueeze(1)
+    argmax = torch.where(raw_max == best, arg, _NO_INDEX).min(dim=1).values
+    argmax = torch.where(has_nan, nan_index, argmax)
+    return lse, a_total / s_total, at.max(dim=1).values * inv_temp, argmax, has_nan, row_max
+
+
+def _kl(own, other):
+    lse, a_over_s, at, _, nan, row_max = own
+    lse_o, _, _, _, nan_o, row_max_o = other
+    kl = (a_over_s - lse + lse_o).clamp_min(0.0)
+    kl = torch.where(torch.exp(at - lse) > 0, float("inf"), kl)
+    undefined = nan | nan_o | ~torch.isfinite(row_max) | ~torch.isfinite(row_max_o)
+    return torch.where(undefined, float("nan"), kl)
+
+
+def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index, softcap,
+            temperature, block, warps):
+    has_softcap = softcap is not None
+    _compare_kernel[(part_f.shape[0], n_split)](
+        base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
+        chunk, n_split, ignore_index,
+        float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
+        1.0 / float(temperature), _LOG2E / float(temperature),
+        HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
+    )
+
+
+def compare_forward(
+    base3: torch.Tensor,
+    test3: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    temperature: float,
+    *,
+    sm_count: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    block_v: Optional[int] = None,
+):
+    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` of two ``(B, T, V)``
+    logits tensors (any strides, each its own dtype), one pass over both.
+
+    Equals ``pplfast.reference.compare`` (float64) cast to float32; ignored rows get 0 and -1 and
+    are not read. ``sm_count``: streaming multiprocessors of the device (required for CUDA
+    tensors unless ``num_splits`` is given); ``num_splits`` / ``block_v`` force the vocabulary
+    split and block size (tests, tuning).
+    """
+    if base3.ndim != 3 or base3.shape != test3.shape:
+        raise ValueError(f"base3 and test3 must be the same (B, T, V), got {tuple(base3.shape)} "
+                         f"and {tuple(test3.shape)}")
+    B, T, V = base3.shape
+    rows = B * T
+    device = base3.device
+    if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(f"targets must be a contiguous int64 tensor of shape ({rows},)")
+    if device.type == "cuda":
+        if sm_count is None and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
+        block, warps = _GPU_CONFIG
+        sms, min_chunk, align = sm_count or 1, _SPLIT_MIN_CHUNK, _SPLIT_ALIGN
+    else:
+        block, warps = _INTERPRETER_CONFIG
+        sms, min_chunk, align = _INTERPRETER_SM_COUNT, _INTERPRETER_MIN_CHUNK, _INTERPRETER_ALIGN
+    if block_v is not None:
+        block = block_v
+    if num_splits is None:
+        n_split = 1
+        if rows < 2 * sms:
+            n_split = max(1, min(_cdiv(V, min_chunk), _cdiv(_SPLITS_PER_SM * sms, rows)))
+    else:
+        n_split = num_splits
+    chunk = max(V, 1)
+    if n_split > 1:
+        chunk = _cdiv(_cdiv(V, n_split), align) * align
+        n_split = _cdiv(V, chunk)
+    block = min(block, max(16, triton.next_power_of_2(chunk)))
+    part_f = torch.empty((rows, n_split, _FLOATS), dtype=torch.float32, device=device)
+    part_i = torch.empty((rows, n_split, _INTS), dtype=torch.int64, device=device)
+    has_softcap = softcap is not None
+    if rows:
+        with device_guard(base3):
+            _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index,
+                    softcap, temperature, block, warps)
+    inv_temp = 1.0 / float(temperature)
+    pf = part_f.double()
+    p = _merge_side(pf[..., :5], part_i[..., :2], inv_temp)
+    q = _merge_side(pf[..., 5:], part_i[..., 2:], inv_temp)
+    scored = targets != ignore_index
+    safe = torch.where(scored, targets, 0).view(B, T, 1)
+    fields = [_kl(p, q), _kl(q, p)]
+    for side, logits in ((p, base3), (q, test3)):
+        z = logits.gather(2, safe).reshape(rows).double()
+        if has_softcap:
+            z = softcap * torch.tanh(z / softcap)
+        nll = side[0] - z * inv_temp
+        nll = torch.where(nll < 0, 0.0, nll)  # rounding of two large terms; NaN and inf kept
+        fields.append(torch.where(side[4], float("nan"), nll))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    out = [torch.where(scored, f, zero).float() for f in fields]
+    out += [torch.where(scored, side[3], -1) for side in (p, q)]
+    return tuple(out)

@@ -1,0 +1,294 @@
+"""``pplfast compare``: how far a test model moved from a base model, token by token.
+
+Both models score the same text on the same windows; their logits are never built (the
+hidden-states path of each, see :func:`pplfast.compare_models`). Output: llama.cpp-style blocks
+(perplexity, KL divergence, token probability statistics) or ``--json``; optionally every token's
+KL, NLLs and argmaxes (``--per-token``) and a plot of the KL along the position (``--plot``).
+The two models must share a tokenizer; base and test may sit on different devices.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+
+from ._dispatch import BACKENDS, BackendUnavailableError
+from .score import (DTYPES, FORMATS, ScoreError, _check_plot_path, _check_writable, _device,
+                    _finite, _first_line, _pyplot, atomic_open, atomic_path, human, load_model,
+                    read_documents, token_text)
+from .windows import MODES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True,
+                        help="the reference model: local directory or hub id")
+    parser.add_argument("--model", required=True,
+                        help="the model compared with it (quantized, pruned, fine-tuned, ...)")
+    parser.add_argument("--input", required=True,
+                        help="text file (one document) or JSON lines (one object per line); "
+                             ".txt, .jsonl, .json, each optionally .gz")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="input format; auto: from the file extension")
+    parser.add_argument("--text-field", default="text", help="field holding the text in JSON lines")
+    parser.add_argument("--window", type=int, default=None,
+                        help="most tokens per forward pass (default: the shorter context length "
+                             "of the two models)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding mode: tokens between window starts (default: window // 2)")
+    parser.add_argument("--mode", choices=MODES, default="sliding",
+                        help="window schedule for long documents")
+    parser.add_argument("--prefix-token-id", type=int, default=None,
+                        help="rolling mode: token the first token is predicted from "
+                             "(default: BOS, else EOS)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights of both models: auto = checkpoint dtype on GPU, float32 on "
+                             "CPU")
+    parser.add_argument("--device", default=None,
+                        help="torch device of --model, e.g. cpu, cuda, cuda:1 (default: cuda if "
+                             "available)")
+    parser.add_argument("--device-base", default=None,
+                        help="torch device of --base (default: the one of --model)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="pplfast backend")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help="print the figures as one JSON object (to FILE if given)")
+    parser.add_argument("--per-token", metavar="FILE.jsonl", default=None,
+                        help="write document, position, token, KL both ways, both NLLs and both "
+                             "argmaxes (id and text) per token")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="plot the KL along the position and its distribution")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class CompareError(ScoreError):
+    """A problem to report in one line, without a traceback."""
+
+
+def _check_options(args) -> None:
+    if args.window is not None and args.window < 2:
+        raise CompareError(f"--window must be at least 2 tokens, got {args.window}")
+    if args.stride is not None and args.stride < 1:
+        raise CompareError(f"--stride must be positive, got {args.stride}")
+    if args.batch_size < 1:
+        raise CompareError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.plot:
+        _check_plot_path(args.plot)
+    if args.per_token:
+        _check_writable("--per-token", args.per_token)
+    if args.json not in (None, "-"):
+        _check_writable("--json", args.json)
+
+
+def check_same_tokenizer(base_tok, test_tok, base_name: str, test_name: str) -> None:
+    """Refuse two tokenizers that map text to different ids (a comparison of their tokens would
+    compare different things)."""
+    vb, vt = base_tok.get_vocab(), test_tok.get_vocab()
+    if vb != vt:
+        diff = len(set(vb.items()) ^ set(vt.items()))
+        raise CompareError(
+            f"the tokenizers of --base {base_name!r} ({len(vb)} tokens) and --model "
+            f"{test_name!r} ({len(vt)} tokens) differ ({diff} entries not shared): both models "
+            "must use one tokenizer"
+        )
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(base_tok, name, None) != getattr(test_tok, name, None):
+            raise CompareError(f"the tokenizers of --base and --model differ in {name} "
+                               f"({getattr(base_tok, name, None)} vs "
+                               f"{getattr(test_tok, name, None)}): both models must use one "
+                               "tokenizer")
+
+
+def _tokenize(tokenizer, test_tokenizer, documents, add_special_tokens):
+    import torch
+
+    docs = []
+    for i, text in enumerate(documents):
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        if ids != test_tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]:
+            raise CompareError(f"the tokenizers of --base and --model split document {i} "
+                               "differently: both models must use one tokenizer")
+        docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+    length = max(1, max(len(d) for d in docs))
+    ids = torch.zeros(len(docs), length, dtype=torch.long)
+    mask = torch.zeros(len(docs), length, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = d
+        mask[i, : len(d)] = 1
+    return docs, ids, mask
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.3f}%"
+
+
+def summary(figures) -> str:
+    """llama.cpp-style blocks: perplexity, KL divergence, token probability statistics."""
+    f = figures
+    rows = [("====== Perplexity statistics ======", None),
+            ("Mean PPL(base)", f"{human(f['perplexity_base'], 6)} ± "
+                               f"{human(f['perplexity_base_stderr'], 6)}"),
+            ("Mean PPL(Q)", f"{human(f['perplexity_test'], 6)} ± "
+                            f"{human(f['perplexity_test_stderr'], 6)}"),
+            ("Cor(ln(PPL(Q)), ln(PPL(base)))", _pct(f["nll_correlation"])),
+            ("Mean ln(PPL(Q)/PPL(base))", f"{human(f['ln_ppl_ratio'], 6)} ± "
+                                          f"{human(f['ln_ppl_ratio_stderr'], 6)}"),
+            ("Mean PPL(Q)/PPL(base)", f"{human(f['ppl_ratio'], 6)} ± "
+                                      f"{human(f['ppl_ratio_stderr'], 6)}"),
+            ("", None), ("====== KL divergence statistics ======", None),
+            ("Mean    KLD", f"{human(f['kl_mean'], 6)} ± {human(f['kl_mean_stderr'], 6)}"),
+            ("Maximum KLD", human(f["kl_max"], 6))]
+    for pc, value in f["kl_percentiles"].items():
+        rows.append(("Median  KLD" if pc == 50.0 else f"{pc:4.1f}%   KLD", human(value, 6)))
+    rows += [("Minimum KLD", human(f["kl_min"], 6)),
+             ("", None), ("====== Token probability statistics ======", None),
+             ("Mean    Δp", f"{_pct(f['delta_p_mean'])} ± {_pct(f['delta_p_mean_stderr'])}")]
+    for pc, value in f["delta_p_percentiles"].items():
+        label = {100.0: "Maximum Δp", 50.0: "Median  Δp", 0.0: "Minimum Δp"}.get(
+            pc, f"{pc:4.1f}%   Δp")
+        rows.append((label, _pct(value)))
+    rows += [("RMS Δp", f"{_pct(f['delta_p_rms'])} ± {_pct(f['delta_p_rms_stderr'])}"),
+             ("Same top p", f"{_pct(f['top1_agreement'])} ± "
+                            f"{_pct(f['top1_agreement_stderr'])}"),
+             ("", None),
+             ("tokens compared", human(f["num_tokens"])),
+             ("windows", f"{f['mode']}, window {f['window']}"
+                         + (f", stride {f['stride']}" if f["mode"] == "sliding" else "")),
+             ("ran on", f"backend {f['backend']}; base on {f['device_base']}, "
+                        f"model on {f['device']}"),
+             ("seconds", human(f["seconds"], 2))]
+    width = max(len(k) for k, v in rows if v is not None)
+    return "\n".join(k if v is None else f"{k:<{width}} : {v}" for k, v in rows)
+
+
+def _write_per_token(path, tokenizer, docs, tokens, scored):
+    with atomic_open(path) as f:
+        for d, ids in enumerate(docs):
+            fields = {name: getattr(tokens, name)[d, : len(ids)].tolist()
+                      for name in ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base",
+                                   "argmax_test")}
+            ok = scored[d, : len(ids)].tolist()
+            for pos, tid in enumerate(ids.tolist()):
+                row = {"document": d, "position": pos, "token_id": tid,
+                       "token": token_text(tokenizer, tid)}
+                for name, values in fields.items():
+                    value = values[pos] if ok[pos] else None
+                    row[name] = _finite(value)
+                    if name.startswith("argmax") and value is not None:
+                        row[name + "_token"] = token_text(tokenizer, value)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _plot(path, tokens, scored, title, window):
+    import torch
+
+    plt = _pyplot()
+    kl = torch.where(scored, tokens.kl.double(), torch.zeros((), dtype=torch.float64))
+    count = scored.double().sum(0)
+    keep = count > 0
+    positions = torch.arange(kl.shape[1])[keep]
+    mean = kl.sum(0)[keep] / count[keep]
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    ax.plot(positions.numpy(), mean.numpy(), lw=0.6, label="mean KL over documents")
+    if window is not None and window < kl.shape[1]:
+        ax.axvline(window, color="grey", ls="--", lw=1, label=f"window ({window} tokens)")
+    ax.set_xlabel("token position in document")
+    ax.set_ylabel("KL(base ‖ model), nats")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    values = tokens.kl[scored].double()
+    values = values[torch.isfinite(values)]
+    floor = 1e-8
+    hist.hist(torch.log10(values.clamp_min(floor)).numpy(), bins=60)
+    hist.set_xlabel(f"log10 KL per token (values below {floor:g} at {math.log10(floor):g})")
+    hist.set_ylabel("tokens")
+    hist.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.rsplit(".", 1)[-1].lower())
+    except OSError as exc:
+        raise CompareError(f"cannot write plot {path!r}: {exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def _compare(args) -> int:
+    from . import __version__, _dispatch
+    from .hf import _context_length, _model_device
+
+    _check_options(args)
+    documents = read_documents(args.input, args.text_field, args.format)
+    device = _device(args.device)
+    device_base = _device(args.device_base) if args.device_base else device
+    base, base_tok = load_model(args.base, args.dtype, device_base)
+    model, test_tok = load_model(args.model, args.dtype, device)
+    check_same_tokenizer(base_tok, test_tok, args.base, args.model)
+    contexts = [c for c in (_context_length(base), _context_length(model)) if c]
+    window = args.window or (min(contexts) if contexts else None)
+    if window is None:
+        raise CompareError("the model configs state no context length: pass --window")
+    if contexts and window > min(contexts):
+        raise CompareError(f"--window {window} is longer than the context length "
+                           f"{min(contexts)} of one of the models: pass --window "
+                           f"{min(contexts)} or less")
+    stride = args.stride
+    if args.mode == "sliding" and stride is None:
+        stride = max(1, window // 2)
+    try:
+        backend = _dispatch.resolve(args.backend, _model_device(model), "linear_compare")
+    except (ValueError, BackendUnavailableError) as exc:
+        raise CompareError(_first_line(exc)) from None
+    docs, ids, mask = _tokenize(base_tok, test_tok, documents, args.mode != "rolling")
+    progress = not args.no_progress and importlib.util.find_spec("tqdm") is not None
+    from .hf_compare import compare_models
+
+    start = time.perf_counter()
+    try:
+        result = compare_models(base, model, ids, mask, window=window, stride=stride,
+                                mode=args.mode, prefix_token_id=args.prefix_token_id,
+                                batch_size=args.batch_size, backend=args.backend,
+                                progress=progress)
+    except (ValueError, TypeError, BackendUnavailableError) as exc:
+        raise CompareError(_first_line(exc)) from None
+    seconds = time.perf_counter() - start
+    figures = {
+        "pplfast_version": __version__, "base": args.base, "model": args.model,
+        "num_documents": len(documents), **result.as_dict(), "seconds": seconds,
+        "mode": args.mode, "window": window, "stride": stride if args.mode == "sliding" else None,
+        "device": str(device), "device_base": str(device_base), "backend": backend,
+    }
+    if args.json is None:
+        print(summary(figures), flush=True)
+    else:
+        text = json.dumps(_finite(figures), indent=2)
+        if args.json == "-":
+            print(text, flush=True)
+        else:
+            try:
+                with atomic_open(args.json) as f:
+                    f.write(text + "\n")
+            except OSError as exc:
+                raise CompareError(f"cannot write --json {args.json!r}: {exc}") from None
+    tokens, scored = result.token_comparison, result.scored
+    if args.per_token:
+        try:
+            _write_per_token(args.per_token, base_tok, docs, tokens, scored)
+        except OSError as exc:
+            raise CompareError(f"cannot write --per-token {args.per_token!r}: {exc}") from None
+    if args.plot:
+        _plot(args.plot, tokens, scored, f"{args.model} against {args.base}: KL per token",
+              window)
+    return 0
+
+
+def run(args) -> int:
+    try:
+        return _compare(args)
+    except ScoreError as exc:
+        print(f"pplfast compare: error: {exc}", file=sys.stderr)
+        return 1
