@@ -9,6 +9,37 @@ import torch
 LSE_RTOL = 2e-6
 
 
+def backend_device(backend: str) -> str:
+    """Where a backend's tests put their tensors: "cuda" for the CUDA backend, and for Triton
+    where a GPU exists (elsewhere Triton runs on CPU tensors in its interpreter)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def _to(x, device):
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), device)
+                                         for f in dataclasses.fields(x)})
+    if isinstance(x, tuple):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def on_backend(fn, backend: str, *args, **kwargs):
+    """``fn(*args, backend=backend, **kwargs)`` with every tensor argument on the backend's device
+    (:func:`backend_device`) and the result's tensors brought back to the CPU."""
+    device = backend_device(backend)
+    out = fn(*_to(args, device), backend=backend, **_to(kwargs, device))
+    return _to(out, "cpu")
+
+
 def row_lse(logits, *, softcap=None, temperature=1.0, shift=False) -> torch.Tensor:
     """float64 logsumexp of each (transformed) row, shaped like the NLL output."""
     z = logits.double()

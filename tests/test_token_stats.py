@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import reference
-from helpers import assert_nll_close, row_lse
+from helpers import assert_nll_close, backend_device, on_backend, row_lse
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -114,11 +114,12 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
 
 
 def _backends():
-    return ["reference", "cpu", "triton"]
+    return ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter),
+            pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _run(backend, logits, targets, **kw):
-    return pplfast.token_stats(logits, targets, backend=backend, **kw)
+    return on_backend(pplfast.token_stats, backend, logits, targets, **kw)
 
 
 def _targets(shape, V, ignored=()):
@@ -131,7 +132,7 @@ def _targets(shape, V, ignored=()):
 
 # cpu runs the real sizes; the reference and the interpreter small ones
 SIZES = {"cpu": [(1, 5), (507, 37), (50257, 9)], "reference": [(1, 5), (507, 37)],
-         "triton": [(1, 5), (67, 13)]}
+         "triton": [(1, 5), (67, 13)], "cuda": [(1, 5), (507, 37), (50257, 9)]}
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -209,8 +210,8 @@ def test_strided_and_shift(backend):
         stats = _run(backend, logits, targets, top_k=top_k, shift=True)
         assert stats.nll.shape == (3, 8)
         check_stats(stats, logits[:, :-1], targets[:, 1:], dtype=torch.float32, top_k=top_k)
-        assert torch.equal(stats.nll, pplfast.token_nll(logits, targets, shift=True,
-                                                         backend=backend))
+        assert torch.equal(stats.nll, on_backend(pplfast.token_nll, backend, logits, targets,
+                                                 shift=True))
     bf = base.bfloat16().transpose(0, 1)[:, :, :V]  # batch and time strides swapped
     t2 = _targets((9, 3), V)
     check_stats(_run(backend, bf, t2, top_k=5), bf, t2, dtype=torch.bfloat16, top_k=5)
@@ -251,7 +252,7 @@ def test_nll_is_token_nll_bit_for_bit_on_cpu():
                                                              **opts))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_matches_oracle(backend, dtype):
     N, D, V = 29, 123, 507 if backend != "triton" else 67
@@ -261,15 +262,15 @@ def test_linear_matches_oracle(backend, dtype):
     targets = _targets((N,), V, ignored=(0, 5))
     # the kernels' logits: an fp32 GEMM of the (exactly upcast) inputs; ties within its error
     logits = F.linear(hidden.float(), weight.float(), bias.float())
-    if backend == "triton" and dtype != torch.float32:
+    if backend == "triton" and backend_device(backend) == "cpu" and dtype != torch.float32:
         # the chunked GPU path on CPU tensors: PyTorch has no fp32-output GEMM there, so the
         # logits are those of F.linear in the input dtype
         logits = torch.mm(hidden, weight.t()).add_(bias).float()
     band = 1e-5 * (logits.abs() + 1)
     for top_k in (0, 5):
         for opts in ({}, {"softcap": 10.0, "temperature": 1.3}):
-            stats = pplfast.linear_token_stats(hidden, weight, targets, bias=bias, top_k=top_k,
-                                               backend=backend, **opts)
+            stats = on_backend(pplfast.linear_token_stats, backend, hidden, weight, targets,
+                               bias=bias, top_k=top_k, **opts)
             check_stats(stats, logits, targets, dtype=torch.float32, top_k=top_k, band=band,
                         **opts)
             if backend == "cpu":
