@@ -196,3 +196,45 @@ def test_a_lazy_import_that_dodges_a_cycle_is_found(tmp_path):
     assert cycle is not None and {e.source for e in cycle} == {"pkg.backend", "pkg.loop"}
     assert any(e.lazy for e in cycle) and "inside a function" in describe(cycle)
     assert Edge("pkg.kern", "pkg.loop", True, 2) in graph["pkg.kern"]
+
+
+# ---- a checkout's root on sys.path --------------------------------------------------------
+
+
+def _run_in_checkout(*args: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_checkout_root_does_not_shadow_an_installed_kernels_distribution():
+    # `python -m pytest` or `python -m pplfast` in the checkout puts its root first on sys.path,
+    # where kernels/ (the source of pplfast.kernels) would hide the unrelated `kernels`
+    # distribution that transformers imports (CI failed on exactly this)
+    import importlib.metadata
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed here")
+    run = _run_in_checkout("-c", "import kernels, pplfast.kernels.token_nll as t\n"
+                                 "print(kernels.__file__); print(t.__file__)")
+    assert run.returncode == 0, run.stderr
+    theirs, ours = (Path(line) for line in run.stdout.split())
+    assert ROOT not in theirs.parents, theirs
+    assert ours.name == "token_nll.py"
+
+
+def test_checkout_root_without_a_kernels_distribution_fails_as_if_absent():
+    # -S: no site-packages, so no `kernels` distribution; the folder must not pass for one
+    run = _run_in_checkout("-S", "-c", "import sys\ntry:\n    import kernels\n"
+                                       "except ModuleNotFoundError as e:\n"
+                                       "    print(e.name, 'kernels' in sys.modules)\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["kernels", "False"]
+
+
+def test_transformers_models_import_from_the_checkout_root():
+    pytest.importorskip("transformers")
+    run = _run_in_checkout("-c", "import transformers; transformers.LlamaForCausalLM")
+    assert run.returncode == 0, run.stderr[-2000:]

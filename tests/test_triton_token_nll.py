@@ -368,8 +368,11 @@ def test_kernels_import_nothing_from_the_package_and_read_no_environment():
             for name in names:
                 assert not name.startswith(("pplfast", "os", "..")), (path.name, name)
                 siblings = {"." + f.stem for f in files}  # kernels may share each other's code
-                assert name in siblings | {"__future__", "contextlib", "functools", "typing",
-                                           "torch", "triton", "triton.language"}, (path.name, name)
+                allowed = siblings | {"__future__", "contextlib", "functools", "typing",
+                                      "torch", "triton", "triton.language"}
+                if path.name == "__init__.py":  # hands a top-level `kernels` import over
+                    allowed |= {"importlib.machinery", "importlib.util", "pathlib", "sys"}
+                assert name in allowed, (path.name, name)
 
 
 # ---- compiled code for the real targets (no GPU needed) --------------------------------------
