@@ -3,10 +3,25 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pytest
 import torch
 
 # README "Accuracy": per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
 LSE_RTOL = 2e-6
+
+
+def backend_params(*names: str) -> list:
+    """``pytest.param`` per backend, id = its name: "triton" carries the ``interpreter`` mark
+    (it runs under TRITON_INTERPRET=1 where there is no GPU), "cuda" the ``cuda`` mark (skipped
+    where there is no GPU). Op tests parametrize ``backend`` over one of the lists below."""
+    marks = {"triton": pytest.mark.interpreter, "cuda": pytest.mark.cuda}
+    return [pytest.param(name, id=name, marks=marks.get(name, ())) for name in names]
+
+
+# every backend, the float64 reference included
+ALL_BACKENDS = backend_params("reference", "cpu", "triton", "cuda")
+# the kernel backends only (tests whose expectation is the reference itself)
+KERNEL_BACKENDS = backend_params("cpu", "triton", "cuda")
 
 
 def backend_device(backend: str) -> str:

@@ -11,11 +11,9 @@ import torch.multiprocessing as mp
 
 import pplfast
 from pplfast import reference
-from helpers import (LSE_RTOL, assert_nll_close, backend_device, compile_triton, nvidia_backend,
-                     on_backend, row_lse, run_json_child)
+from helpers import (ALL_BACKENDS, LSE_RTOL, assert_nll_close, backend_device, compile_triton,
+                     nvidia_backend, on_backend, row_lse, run_json_child)
 
-BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
 
@@ -58,7 +56,7 @@ OPTIONS = [{}, {"softcap": 4.0}, {"temperature": 0.7}, {"softcap": 30.0, "temper
            {"shift": True}]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items())
@@ -140,7 +138,7 @@ def special_rows(V=37):
     return list(edits), a, b, t
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opts", [{}, {"softcap": 5.0}, {"temperature": 0.5}],
                          ids=["plain", "softcap", "temperature"])
@@ -162,7 +160,7 @@ def test_special_values(backend, dtype, opts):
     assert got.argmax_base[names.index("ties")] == 10 and got.argmax_test[names.index("ties")] == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_linear_compare(backend, dtype):
     N, D, V = 63, 123, 507
@@ -226,7 +224,7 @@ def test_linear_compare_cpu_small_budget_and_ignored():
     assert_comparison_close(got, expected, lse_b, lse_t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_model_against_itself_is_zero(backend):
     a = torch.randn(3, 17, 211) * 5
     t = torch.randint(0, 211, (3, 17))

@@ -19,24 +19,11 @@ import torch.nn.functional as F
 import pplfast
 from pplfast import reference
 
-from helpers import assert_nll_close, row_lse
+from helpers import ALL_BACKENDS, assert_nll_close, backend_device, row_lse
 
 HAS_CUDA = torch.cuda.is_available()
 INF, NAN = float("inf"), float("nan")
 T, V, D = 5, 37, 16
-BACKENDS = [
-    pytest.param("reference", id="reference"),
-    pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
-
-
-def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
-        return "cuda"
-    return "cpu"
-
 
 def option_sets(with_bias):
     keys = ["softcap", "temperature", "shift"] + (["bias"] if with_bias else [])
@@ -123,14 +110,14 @@ def logit_case(case, shift):
     return x, rows.targets, -100
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", LOGIT_OPTIONS)
 @pytest.mark.parametrize("case", LOGIT_CASES)
 def test_logits_path(backend, opts, case):
     x, targets, ignore = logit_case(case, opts["shift"])
     kw = dict(softcap=opts["softcap"], temperature=opts["temperature"], shift=opts["shift"],
               ignore_index=ignore)
-    dev = device_for(backend)
+    dev = backend_device(backend)
     got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend, **kw)
     want = reference.token_nll(x, targets, **kw)
     lse = row_lse(x, softcap=opts["softcap"], temperature=opts["temperature"], shift=opts["shift"])
@@ -209,13 +196,13 @@ def hidden_params():
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts,case,via", hidden_params())
 def test_hidden_path(backend, opts, case, via):
     hidden, weight, bias, targets, ignore = hidden_case(case, via, opts["shift"], opts["bias"])
     kw = dict(softcap=opts["softcap"], temperature=opts["temperature"], shift=opts["shift"],
               ignore_index=ignore)
-    dev = device_for(backend)
+    dev = backend_device(backend)
     got = pplfast.linear_token_nll(hidden.to(dev), weight.to(dev), targets.to(dev),
                                    bias=None if bias is None else bias.to(dev), backend=backend,
                                    **kw)
@@ -238,7 +225,7 @@ CONFIDENT_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", CONFIDENT_OPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shift", [False, True], ids=["noshift", "shift"])
@@ -256,7 +243,7 @@ def test_confident_tokens_never_negative_logits(backend, opts, dtype, shift):
             x[0, r] -= 100.0
         x[0, r, lead[0, r]] = tops[r] if r < rows - 1 else -50.0
     x = x.to(dtype)
-    dev = device_for(backend)
+    dev = backend_device(backend)
     got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend, shift=shift, **opts)
     want = reference.token_nll(x, targets, shift=shift, **opts)
     lse = row_lse(x, shift=shift, **opts)
@@ -264,7 +251,7 @@ def test_confident_tokens_never_negative_logits(backend, opts, dtype, shift):
           f"token_nll[{backend}, {dtype}, {opts}, shift={shift}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", CONFIDENT_OPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
@@ -284,7 +271,7 @@ def test_confident_tokens_never_negative_hidden(backend, opts, dtype, with_bias)
         weight[7, 0] = 48.0  # exact in every dtype: z[:, 7] = 48 + O(1)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    dev = device_for(backend)
+    dev = backend_device(backend)
     got = pplfast.linear_token_nll(hidden.to(dev), weight.to(dev), targets.to(dev),
                                    bias=None if bias is None else bias.to(dev), backend=backend,
                                    **opts).cpu()
@@ -302,7 +289,7 @@ def test_confident_tokens_never_negative_hidden(backend, opts, dtype, with_bias)
 # ---- logits near FLT_MAX ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_logits_near_float_max(backend):
     """Rows of logits around 2.5e38, finite NLL (about log V). A kernel that keeps its running
     max as max * log2(e) (the CUDA kernel did) overflows to +inf there and returns +inf; the
@@ -313,7 +300,7 @@ def test_logits_near_float_max(backend):
     x[0, 1, ::2] = 1.0e38
     x[0, 2, 7] = -3.0e38
     targets = torch.tensor([[5, 1, 4]])
-    dev = device_for(backend)
+    dev = backend_device(backend)
     got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend)
     want = reference.token_nll(x, targets)
     assert bool(torch.isfinite(want).all())

@@ -9,15 +9,9 @@ import torch
 import pplfast
 from pplfast import reference
 
-from helpers import assert_nll_close, row_lse
+from helpers import KERNEL_BACKENDS, assert_nll_close, backend_device, row_lse
 
-HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
 OPTIONS = {
     "plain": {},
     "ignore": {"ignore_index": 3},
@@ -28,14 +22,6 @@ OPTIONS = {
 }
 # (leading shape, V): V = 1, tiny, not a multiple of any block, a real vocabulary
 SHAPES = [((2, 3), 1), ((1, 5), 7), ((3, 21), 507), ((2, 3), 50257)]
-
-
-def device_for(backend):
-    if backend == "cpu":
-        return "cpu"
-    if backend == "cuda" or HAS_CUDA:
-        return "cuda"
-    return "cpu"  # triton under the interpreter
 
 
 def make(lead, V, dtype, device, scale=3.0):
@@ -54,22 +40,22 @@ def check(logits, targets, backend, **options):
     return got
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("lead,V", SHAPES, ids=[f"N{l[0]}x{l[1]}-V{v}" for l, v in SHAPES])
 def test_matches_reference(backend, option, dtype, lead, V):
     options = OPTIONS[option]
-    logits, targets = make(lead, V, dtype, device_for(backend))
+    logits, targets = make(lead, V, dtype, backend_device(backend))
     if "ignore_index" in options:
         targets[..., ::2] = options["ignore_index"]
     check(logits, targets, backend, **options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_non_contiguous_layouts(backend, dtype):
-    device = device_for(backend)
+    device = backend_device(backend)
     base = (torch.randn(4, 6, 2 * 333) * 3).to(dtype).to(device)
     targets = torch.randint(0, 333, (4, 6), device=device)
     check(base[..., ::2], targets, backend)  # vocabulary stride 2
@@ -80,18 +66,18 @@ def test_non_contiguous_layouts(backend, dtype):
     check(base[1, 2, :333], targets[0, 0], backend)  # a single row: 0-dim output
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_int32_targets_and_more_dims(backend):
-    device = device_for(backend)
+    device = backend_device(backend)
     logits, targets = make((2, 2, 3), 129, torch.float32, device)
     got = check(logits, targets.int(), backend)
     assert got.shape == (2, 2, 3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_extremes(backend, dtype):
-    device = device_for(backend)
+    device = backend_device(backend)
     V = 300
     logits = torch.randn(8, V) * 3
     logits[0] *= 1e4 / 3  # large magnitudes
@@ -111,9 +97,9 @@ def test_extremes(backend, dtype):
         check(logits, targets.to(device), backend, **options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_nan_stays_local(backend):
-    device = device_for(backend)
+    device = backend_device(backend)
     logits, targets = make((6,), 1000, torch.float32, "cpu")
     logits[2, 10] = float("nan")
     logits[4, 999] = float("nan")
@@ -126,9 +112,9 @@ def test_nan_stays_local(backend):
     assert_nll_close(got[keep], want, row_lse(logits[keep]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_empty_and_all_ignored(backend):
-    device = device_for(backend)
+    device = backend_device(backend)
     empty = pplfast.token_nll(torch.randn(0, 5, 11, device=device),
                               torch.zeros(0, 5, dtype=torch.long, device=device), backend=backend)
     assert empty.shape == (0, 5) and empty.dtype == torch.float32
@@ -148,9 +134,9 @@ def test_empty_and_all_ignored(backend):
     assert got.shape == (2, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_perplexity(backend):
-    device = device_for(backend)
+    device = backend_device(backend)
     logits, targets = make((3, 17), 77, torch.bfloat16, device)
     targets[0, :5] = -100
     nll = reference.token_nll(logits.cpu(), targets.cpu(), shift=True)

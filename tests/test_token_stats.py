@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import reference
-from helpers import assert_nll_close, backend_device, on_backend, row_lse
+from helpers import ALL_BACKENDS, assert_nll_close, backend_device, on_backend, row_lse
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -113,11 +113,6 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
     return expected
 
 
-def _backends():
-    return ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
 def _run(backend, logits, targets, **kw):
     return on_backend(pplfast.token_stats, backend, logits, targets, **kw)
 
@@ -135,7 +130,7 @@ SIZES = {"cpu": [(1, 5), (507, 37), (50257, 9)], "reference": [(1, 5), (507, 37)
          "triton": [(1, 5), (67, 13)], "cuda": [(1, 5), (507, 37), (50257, 9)]}
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("top_k", TOP_KS)
 def test_matches_oracle(backend, dtype, top_k):
@@ -148,7 +143,7 @@ def test_matches_oracle(backend, dtype, top_k):
         check_stats(stats, logits, targets, dtype=dtype, top_k=top_k)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("softcap,temperature", [(None, 0.7), (15.0, 1.0), (30.0, 2.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_options(backend, softcap, temperature, dtype):
@@ -180,7 +175,7 @@ def _special_rows(V, dtype):
     return x.to(dtype), t
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (20.0, 1.5)])
 def test_special_values(backend, dtype, softcap, temperature):
@@ -200,7 +195,7 @@ def test_special_values(backend, dtype, softcap, temperature):
         # (a softcap maps -inf to -softcap: finite entries, a uniform row 1)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_strided_and_shift(backend):
     V = 507 if backend != "triton" else 67
     base = torch.randn(3, 9, 2 * V)
@@ -252,7 +247,7 @@ def test_nll_is_token_nll_bit_for_bit_on_cpu():
                                                              **opts))
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_matches_oracle(backend, dtype):
     N, D, V = 29, 123, 507 if backend != "triton" else 67
