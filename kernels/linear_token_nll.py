@@ -39,6 +39,46 @@ from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_
 
 
 @triton.jit
+def logits_tile(
+    h_rows, w_ptr, b_ptr, v0, V, D, stride_hd, stride_wv, stride_wd, softcap, inv_softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``(z, offs_v)``: the soft-capped float32 logits of BLOCK_N rows (``h_rows``, their row
+    pointers) and the BLOCK_V columns from ``v0``, -inf past V, and those columns' indices.
+
+    ``tl.dot`` over D in steps of BLOCK_D. DOT_FP32 converts the operand tiles to float32 first
+    (exact): Triton's interpreter multiplies bfloat16 tiles wrongly, so the statistics launcher
+    sets it for bfloat16 CPU tensors; on a GPU it stays off and the tensor cores read the input
+    dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    col_ok = offs_v < V
+    w_rows = w_ptr + tl.minimum(offs_v, V - 1).to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = (d0 + offs_d).to(tl.int64)
+        if EVEN_D:
+            h = tl.load(h_rows + d[None, :] * stride_hd)
+            w = tl.load(w_rows + d[None, :] * stride_wd)
+        else:
+            d_ok = (d0 + offs_d) < D
+            h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0)
+            w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    z = capped(acc, col_ok[None, :], softcap, inv_softcap, HAS_SOFTCAP)
+    z = tl.where(col_ok[None, :], z, float("-inf"))
+    return z, offs_v
+
+
+@triton.jit
 def _lse_partial_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, part_max_ptr, part_sum_ptr,
     n_rows, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
@@ -57,7 +97,6 @@ def _lse_partial_kernel(
         rows = tl.load(rows_ptr + safe_n)
     else:
         rows = safe_n
-    offs_d = tl.arange(0, BLOCK_D)
     h_rows = h_ptr + rows[:, None] * stride_hn
 
     # cols_per_split is a multiple of BLOCK_V, so tiles never straddle two splits
@@ -67,25 +106,9 @@ def _lse_partial_kernel(
     row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_N,), tl.float64)
     for v0 in range(v_lo, v_hi, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        col_ok = offs_v < V
-        w_rows = w_ptr + tl.minimum(offs_v, V - 1).to(tl.int64)[:, None] * stride_wv
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = (d0 + offs_d).to(tl.int64)
-            if EVEN_D:
-                h = tl.load(h_rows + d[None, :] * stride_hd)
-                w = tl.load(w_rows + d[None, :] * stride_wd)
-            else:
-                d_ok = (d0 + offs_d) < D
-                h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0)
-                w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)
-            acc += bias[None, :]
-        z = capped(acc, col_ok[None, :], softcap, inv_softcap, HAS_SOFTCAP)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
+        z, offs_v = logits_tile(h_rows, w_ptr, b_ptr, v0, V, D, stride_hd, stride_wv, stride_wd,
+                                softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_D, False,
+                                INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         tile_max = tl.max(z, 1)
         tile_sum = tl.sum(exp2_shifted(z, tile_max[:, None], exp2_scale), 1)
         row_max, row_sum = merge(row_max, row_sum, tile_max, tile_sum.to(tl.float64), exp2_scale)
@@ -93,6 +116,31 @@ def _lse_partial_kernel(
     part = pid_s.to(tl.int64) * n_rows + offs_n
     tl.store(part_max_ptr + part, row_max, mask=row_ok)
     tl.store(part_sum_ptr + part, row_sum, mask=row_ok)
+
+
+@triton.jit
+def target_logit(
+    h_ptr, w_ptr, b_ptr, rows, target, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    softcap, inv_softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Soft-capped ``z[target]`` of BLOCK_M rows (int64 ``rows``, ``target``): float32 products of
+    ``hidden_row`` and ``weight[target]`` summed per block of D, plus the bias. The statistics
+    kernel (``linear_token_stats.py``) takes its target logits from here too, so that both
+    report the same NLL."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_rows = w_ptr + target[:, None] * stride_wv
+    dot = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        d = (d0 + offs_d).to(tl.int64)
+        h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        dot += tl.sum(h * w, 1)
+    if HAS_BIAS:
+        dot += tl.load(b_ptr + target).to(tl.float32)
+    return capped(dot, True, softcap, inv_softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -127,20 +175,8 @@ def _finish_kernel(
         tile_sum = tl.sum(part_sum * weight, 1)
         row_max, row_sum = merge(row_max, row_sum, tile_max, tile_sum, exp2_scale)
 
-    # target logit: float32 products of hidden_i and weight[target_i], summed per block of D
-    offs_d = tl.arange(0, BLOCK_D)
-    h_rows = h_ptr + rows[:, None] * stride_hn
-    w_rows = w_ptr + target[:, None] * stride_wv
-    dot = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + offs_d) < D
-        d = (d0 + offs_d).to(tl.int64)
-        h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        dot += tl.sum(h * w, 1)
-    if HAS_BIAS:
-        dot += tl.load(b_ptr + target).to(tl.float32)
-    dot = capped(dot, True, softcap, inv_softcap, HAS_SOFTCAP)
+    dot = target_logit(h_ptr, w_ptr, b_ptr, rows, target, D, stride_hn, stride_hd, stride_wv,
+                       stride_wd, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_D)
     nll = nll_from_lse(row_max, row_sum, dot, inv_temp)
     tl.store(out_ptr + rows, nll, mask=ok)
 
@@ -191,6 +227,13 @@ def split_columns(V: int, splits: int, align: int) -> tuple:
     return triton.cdiv(V, cols), cols
 
 
+def scored_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """int64 indices of the rows whose target is not ``ignore_index``, None when that is every
+    row (one host sync: the launchers call it only when the caller did not say)."""
+    scored = targets != ignore_index
+    return None if bool(scored.all()) else scored.nonzero().squeeze(1)
+
+
 _autotuned = None
 
 
@@ -210,7 +253,7 @@ def _autotuned_kernel():
 def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
                              *, sm_count: Optional[int] = None, allow_tf32: bool = False,
                              autotune: bool = False, rows: Optional[torch.Tensor] = None,
-                             config: Optional[tuple] = None,
+                             all_scored: bool = False, config: Optional[tuple] = None,
                              splits: Optional[int] = None) -> torch.Tensor:
     """Fused Triton launcher behind ``linear_token_nll(..., backend="triton")``.
 
@@ -223,7 +266,10 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
             ``splits`` is given; CPU tensors under the interpreter: 1).
         allow_tf32: float32 inputs use TF32 tensor-core products (see the module notes).
         autotune: autotune the tile configuration per (V, D) instead of the fixed one.
-        rows: int64 indices of the scored rows when the caller has them (None: found here).
+        rows: int64 indices of the scored rows when the caller has them (None: found here,
+            one host sync, unless ``all_scored``).
+        all_scored: the caller knows that every row is scored (``rows`` is then None): no
+            search, no sync.
         config: ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)`` to override the fixed one.
         splits: number of vocabulary ranges per token block (default: chosen to fill the GPU).
 
@@ -241,9 +287,10 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
             raise ValueError("sm_count is required for CUDA tensors (or pass splits)")
         sm_count = 1
     out = torch.zeros(N, dtype=torch.float32, device=device)
-    if rows is None:
-        scored = targets != ignore_index
-        rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
+    if all_scored and rows is not None:
+        raise ValueError("pass either rows or all_scored=True, not both")
+    if rows is None and not all_scored:
+        rows = scored_rows(targets, ignore_index)
     n = N if rows is None else rows.numel()
     if n == 0 or V == 0:
         return out

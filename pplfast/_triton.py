@@ -69,7 +69,7 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     return linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap,
                                     temperature, sm_count=_sm_count(hidden2),
                                     allow_tf32=allow_tf32, autotune=_env.autotune(),
-                                    rows=scored[0])
+                                    rows=scored[0], all_scored=scored[0] is None)
 
 
 def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):

@@ -236,6 +236,25 @@ def test_backend_routing(dtype, tf32, path, monkeypatch):
     assert calls == [(path, tf32 if path == "fused" else None)]
 
 
+def test_launcher_trusts_the_callers_scored_rows(monkeypatch):
+    # the scored rows are counted once per call (pplfast._ops); with every row scored the backend
+    # says so, and the launcher must not search again (a second host sync on a GPU)
+    calls = []
+    find = kernel.scored_rows
+    monkeypatch.setattr(kernel, "scored_rows", lambda *a: calls.append(a) or find(*a))
+    hidden, weight, _, targets = make_inputs(9, 32, 40, torch.float16)
+    out = pplfast.linear_token_nll(hidden, weight, targets, backend="triton")
+    assert calls == []
+    check(out, hidden, weight, None, targets)
+    # called without rows, the launcher finds them itself
+    targets[2] = -100
+    out = fused(hidden, weight, None, targets)
+    assert len(calls) == 1 and out[2] == 0
+    check(out, hidden, weight, None, targets)
+    with pytest.raises(ValueError, match="all_scored"):
+        fused(hidden, weight, None, targets, rows=torch.arange(3, device=DEVICE), all_scored=True)
+
+
 @pytest.mark.cuda
 def test_fused_gpu_real_vocabulary_fp32():
     # fp16/bf16 on GPU: the three-way rule in test_linear_token_nll.py
