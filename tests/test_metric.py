@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import pplfast
 from pplfast import Perplexity, reference
 from helpers import assert_nll_close, row_lse
 
@@ -128,7 +129,7 @@ def test_nan_and_single_token():
     assert math.isnan(metric.compute().perplexity)
 
 
-def _sync_worker(rank, world, init_file, out_dir, batches):
+def _sync_worker(rank, world, init_file, out_dir, batches, stats=False):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -136,7 +137,7 @@ def _sync_worker(rank, world, init_file, out_dir, batches):
         metric = Perplexity()
         for i, (logits, targets) in enumerate(batches):
             if i % world == rank:
-                metric.update(logits, targets, num_bytes=3 + i, num_words=1 + i)
+                metric.update(logits, targets, num_bytes=3 + i, num_words=1 + i, stats=stats)
         local = metric.compute().num_tokens
         metric.sync()
         metric.sync()  # idempotent: the local sums are kept
@@ -146,14 +147,17 @@ def _sync_worker(rank, world, init_file, out_dir, batches):
         dist.destroy_process_group()
 
 
-def test_sync_over_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("stats", [False, True], ids=["nll", "stats"])
+def test_sync_over_two_gloo_processes(tmp_path, stats):
     batches = make_batches(5)
     single = Perplexity()
     for i, (logits, targets) in enumerate(batches):
-        single.update(logits, targets, num_bytes=3 + i, num_words=1 + i)
+        single.update(logits, targets, num_bytes=3 + i, num_words=1 + i, stats=stats)
     expected = single.compute().as_dict()
+    assert (expected["mean_entropy"] is not None) == stats
     # spawn, not fork: a forked child can deadlock on the parent's OpenMP thread pool
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path), batches), nprocs=2)
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path), batches, stats),
+             nprocs=2)
     locals_ = []
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -164,3 +168,37 @@ def test_sync_over_two_gloo_processes(tmp_path):
             else:
                 assert got["synced"][key] == value, key
     assert 0 < locals_[0] < expected["num_tokens"] and sum(locals_) == expected["num_tokens"]
+
+
+def test_metric_stats_fields_merge():
+    """``stats=True``: mean entropy and top-1 accuracy over the scored tokens, against float64;
+    merged halves (one through ``update_linear``) give the same figures; without statistics
+    both are None."""
+    V = 50
+    logits = torch.randn(2, 9, V)
+    ids = torch.randint(0, V, (2, 9))
+    ids[:, 1::2] = logits[:, :-1:2].argmax(-1)  # about half the tokens are the model's guess
+    ids[0, 3] = -100
+    whole = Perplexity()
+    out = whole.update(logits, ids, shift=True, stats=True)
+    assert isinstance(out, pplfast.TokenStats)
+    result = whole.compute()
+    z = logits[:, :-1].double()
+    t = ids[:, 1:]
+    scored = t != -100
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert result.mean_entropy == pytest.approx(entropy[scored].mean().item(), rel=1e-6)
+    top1 = (z.argmax(-1) == t)[scored].double().mean().item()
+    assert 0.3 < top1 < 0.9
+    assert result.top1_accuracy == pytest.approx(top1, abs=1e-12)
+    # two halves merged give the same figures; the linear update adds the same way
+    a, b = Perplexity(), Perplexity()
+    a.update(logits[:1], ids[:1], shift=True, stats=True)
+    b.update_linear(logits[1:], torch.eye(V), ids[1:], shift=True, stats=True)
+    merged = a.merge(b).compute()
+    assert merged.mean_entropy == pytest.approx(result.mean_entropy, rel=1e-6)
+    assert merged.top1_accuracy == pytest.approx(result.top1_accuracy, abs=1e-12)
+    plain = Perplexity()
+    plain.update(logits, ids, shift=True)
+    assert plain.compute().mean_entropy is None and plain.compute().top1_accuracy is None
