@@ -399,7 +399,8 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
             head_kw = dict(bias=head.bias, softcap=head.softcap, temperature=head.temperature,
                            backend=backend)
             if stats is not None:
-                window_stats = linear_token_stats(*head_args, top_k=top_k, **head_kw)
+                window_stats = linear_token_stats(*head_args, top_k=top_k, check_targets=False,
+                                                  **head_kw)
                 nll = window_stats.nll.cpu()
             else:
                 nll = linear_token_nll(*head_args, check_targets=False, **head_kw).cpu()
@@ -409,7 +410,7 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
                                      count=False)
             if stats is not None:
                 window_stats = token_stats(logits, targets.to(logits.device), ignore_index=IGNORE,
-                                           top_k=top_k, backend=backend)
+                                           top_k=top_k, backend=backend, check_targets=False)
                 nll = window_stats.nll.cpu()
             else:
                 nll = token_nll(logits, targets.to(logits.device), ignore_index=IGNORE,

@@ -302,6 +302,55 @@ def test_score_texts_documents_and_corpus(models, tokenizer, mode):
         score_texts(model, tokenizer, [""])
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
+def test_score_model_and_texts_stats(models, tokenizer, kind):
+    """``stats=True``: a TokenStats per token against the float64 oracle on the model's own
+    logits (Gemma 2: soft-capped), aligned like ``token_nll``, and the summary figures."""
+    model = models[kind]
+    ids = encode(tokenizer, seed=3, lines=3)[:60]
+    with torch.no_grad():  # every third token the model's own guess, so top-1 accuracy is not 0
+        for t in range(2, len(ids), 3):
+            ids[t] = model(ids[None, :t]).logits[0, -1].argmax()
+    res = score_model(model, ids, stats=True, top_k=3)
+    plain = score_model(model, ids)
+    assert torch.equal(res.token_nll, plain.token_nll)
+    st = res.stats
+    assert st.entropy.shape == ids.shape and st.top_k_ids.shape == (*ids.shape, 3)
+    with torch.no_grad():
+        logits = model(ids.unsqueeze(0)).logits[0]
+    expected = pplfast.reference.token_stats(logits[:-1], ids[1:], top_k=3)
+    lse = torch.logsumexp(logits[:-1].double(), -1)
+    assert_nll_close(st.entropy[1:], expected.entropy.float(), lse, rtol=RTOL, what="entropy")
+    assert_nll_close(st.max_logprob[1:], expected.max_logprob.float(), lse, rtol=RTOL,
+                     what="max_logprob")
+    assert torch.equal(st.argmax[1:], expected.argmax) and torch.equal(st.rank[1:], expected.rank)
+    assert torch.equal(st.top_k_ids[1:], expected.top_k_ids)
+    assert int(st.argmax[0]) == -1 and float(st.entropy[0]) == 0.0  # the unscored first token
+    assert bool(res.scored[1:].all())
+    assert res.mean_entropy == pytest.approx(expected.entropy.mean().item(), rel=RTOL)
+    top1 = (expected.argmax == ids[1:]).double().mean().item()
+    assert top1 >= 19 / 59
+    assert res.top1_accuracy == pytest.approx(top1, abs=1e-12)
+
+    texts = ["the quick brown fox jumps", "river stone light über café"]
+    out = score_texts(model, tokenizer, texts, stats=True, top_k=2)
+    entropies, hits, n = [], 0, 0
+    for doc in out.documents:
+        assert torch.equal(doc.stats.nll, doc.token_nll)
+        assert doc.stats.top_k_ids.shape == (len(doc.token_ids), 2)
+        entropies.append(doc.stats.entropy[doc.scored])
+        hits += int((doc.stats.argmax == doc.token_ids)[doc.scored].sum())
+        n += int(doc.scored.sum())
+    assert out.corpus.mean_entropy == pytest.approx(torch.cat(entropies).double().mean().item(),
+                                                    rel=1e-6)
+    assert out.corpus.top1_accuracy == pytest.approx(hits / n, abs=1e-12)
+    assert score_texts(model, tokenizer, texts).corpus.mean_entropy is None
+    with pytest.raises(ValueError, match="top_k"):
+        score_model(model, ids, top_k=2)  # top_k without stats
+    with pytest.raises(ValueError, match="top_k"):
+        score_model(model, ids, stats=True, top_k=65)
+
+
 def test_bfloat16_model_no_worse_than_its_own_loss(models, tokenizer):
     """Three-way rule: error against a float64 head on the same bf16 hidden states is no larger
     than that of the model's own bf16 logits + float32 cross-entropy."""
@@ -385,7 +434,7 @@ def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, 
     from pplfast import hf
 
     calls = []
-    for name in ("linear_token_nll", "token_nll"):
+    for name in ("linear_token_nll", "token_nll", "linear_token_stats", "token_stats"):
         original = getattr(hf, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -399,6 +448,13 @@ def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, 
     calls.clear()
     score_model(LogitsOnly(models["llama"]), ids, window=16, stride=8)
     assert calls and all(call == ("token_nll", False) for call in calls), calls
+    calls.clear()  # the statistics path skips the check too
+    score_model(models["llama"], torch.stack([ids, ids]), window=16, stride=8, batch_size=2,
+                stats=True, top_k=2)
+    assert calls and all(call == ("linear_token_stats", False) for call in calls), calls
+    calls.clear()
+    score_model(LogitsOnly(models["llama"]), ids, window=16, stride=8, stats=True)
+    assert calls and all(call == ("token_stats", False) for call in calls), calls
     bad = ids.clone()
     bad[5] = len(tokenizer)
     with pytest.raises(ValueError, match=re.escape(f"input_ids[5] = {len(tokenizer)} is outside")):
@@ -412,3 +468,6 @@ def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, 
         score_model(models["llama"], bad)
     with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
         score_model(LogitsOnly(models["llama"]), bad)
+    for model in (models["llama"], LogitsOnly(models["llama"])):
+        with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
+            score_model(model, bad, stats=True)
