@@ -155,3 +155,48 @@ def test_console_script_missing_model_no_traceback(tmp_path):
     assert proc.stderr.strip().startswith("pplfast score: error: model directory")
     assert "does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---- --stats / --top-k (README "Token statistics") ----------------------------------------
+
+
+def test_cli_score_stats(saved, capsys, tmp_path):
+    """--stats adds the per-token statistics to the per-token file and mean entropy / top-1
+    accuracy to the JSON and the table, equal to score_texts(..., stats=True)."""
+    root, model, tokenizer, texts = saved
+    per_token = tmp_path / "tokens.jsonl"
+    argv = ["--model", root / "model", "--input", root / "docs.jsonl", "--window", 32,
+            "--no-progress"]
+    rc, out, err = run_cli(capsys, *argv, "--json", "--stats", "--top-k", 3,
+                           "--per-token", per_token)
+    assert rc == 0, err
+    figures = json.loads(out)
+    expected = score_texts(model, tokenizer, texts, window=32, stride=16, stats=True, top_k=3)
+    assert expected.corpus.mean_entropy > 0
+    assert figures["mean_entropy"] == pytest.approx(expected.corpus.mean_entropy, rel=1e-6)
+    assert figures["top1_accuracy"] == pytest.approx(expected.corpus.top1_accuracy, abs=1e-12)
+    rows = [json.loads(line) for line in per_token.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == sum(len(d.token_ids) for d in expected.documents)
+    for row in rows:
+        doc = expected.documents[row["document"]]
+        p = row["position"]
+        if not doc.scored[p]:
+            assert row["entropy"] is None and row["top_k"] is None
+            continue
+        assert row["entropy"] == pytest.approx(float(doc.stats.entropy[p]), rel=1e-6)
+        assert row["max_logprob"] == pytest.approx(float(doc.stats.max_logprob[p]), rel=1e-6)
+        assert row["argmax"] == int(doc.stats.argmax[p]) and row["rank"] == int(doc.stats.rank[p])
+        assert [t["id"] for t in row["top_k"]] == doc.stats.top_k_ids[p].tolist()
+        assert row["top_k"][0]["token"] == tokenizer.decode([row["top_k"][0]["id"]]) or \
+            "\\x" in row["top_k"][0]["token"]
+        assert row["top_k"][0]["logprob"] == pytest.approx(row["max_logprob"], abs=1e-5)
+    # the table gains two lines; without --stats the JSON carries nulls
+    rc, out, err = run_cli(capsys, *argv, "--stats")
+    assert rc == 0, err
+    assert "mean entropy" in out and "top-1 accuracy" in out
+    rc, out, err = run_cli(capsys, *argv, "--json")
+    assert rc == 0, err
+    plain = json.loads(out)
+    assert plain["mean_entropy"] is None and plain["top1_accuracy"] is None
+    rc, out, err = run_cli(capsys, *argv, "--top-k", 65)
+    assert rc == 1 and "--top-k" in err
