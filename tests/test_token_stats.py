@@ -100,16 +100,27 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
             held = z[r][row_ids]
             assert bool((held >= kth - tie[r][row_ids]).all()), f"row {r}: ids below the k-th"
         # each id's log-probability is its own: z[id] - lse
-        at_ids = z.gather(1, ids.clamp_min(0)) - lse.reshape(-1, 1)
+        at_ids = z.gather(1, ids.clamp(0, V - 1)) - lse.reshape(-1, 1)  # range: checked apart
         assert_nll_close(torch.where(rows_ok, lp, 0.0), torch.where(rows_ok, at_ids, 0.0),
                          flat_lse, what="top_k_logprobs at top_k_ids")
     else:
         assert actual.top_k_ids is None and actual.top_k_logprobs is None
-    # NaN rows: NaN in the float fields, integer fields in range
+    # NaN rows: NaN in the float fields (top-k log-probabilities included); the integer fields
+    # are unspecified but in range: argmax in [0, V), rank in [0, V], top-k ids in [-1, V)
     nan_rows = scored & torch.isnan(z).any(-1)
     for name in ("nll", "entropy", "max_logprob"):
         assert bool(torch.isnan(getattr(actual, name).reshape(-1)[nan_rows]).all()), name
-    assert bool(((argmax[nan_rows] >= 0) & (argmax[nan_rows] < V)).all())
+    bad = nan_rows & ~((argmax >= 0) & (argmax < V))
+    assert not bool(bad.any()), f"NaN rows {bad.nonzero().flatten().tolist()}: argmax out of range"
+    bad = nan_rows & ~((rank >= 0) & (rank <= V))
+    assert not bool(bad.any()), f"NaN rows {bad.nonzero().flatten().tolist()}: rank out of range"
+    if top_k:
+        bad = nan_rows & ~((ids >= -1) & (ids < V)).all(-1)
+        assert not bool(bad.any()), (
+            f"NaN rows {bad.nonzero().flatten().tolist()}: top_k_ids out of range")
+        bad = nan_rows & ~torch.isnan(lp).all(-1)
+        assert not bool(bad.any()), (
+            f"NaN rows {bad.nonzero().flatten().tolist()}: top_k_logprobs not all NaN")
     return expected
 
 
