@@ -1,5 +1,6 @@
 """CPU hidden-states path: extra peak memory stays within the chunk budget, measured in a fresh
-process from its own VmHWM, with a live control (the naive logits path) exceeding the bound."""
+process from its own VmHWM, with a live control (the naive logits path) exceeding the bound; the
+same for the statistics (``linear_token_stats``), whose running state is O(N * top_k)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,11 @@ SCRIPT = textwrap.dedent(
     def run(h, w, t):
         if mode == "naive":
             return F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
+        if mode == "naive_stats":  # what a user writes today for the statistics
+            logp = F.linear(h, w).float().log_softmax(-1)
+            return -(logp.exp() * logp).sum(-1) + logp.topk(5, -1).values[:, 0]
+        if mode.startswith("stats"):  # "stats<top_k>"
+            return pplfast.linear_token_stats(h, w, t, top_k=int(mode[5:]), backend="cpu").entropy
         if mode == "shift":  # (4, N / 4, D): scored by row index, hidden[:, :-1] is not copied
             return pplfast.linear_token_nll(h.view(4, -1, D), w, t.view(4, -1), shift=True,
                                             backend="cpu")
@@ -66,4 +72,24 @@ def test_cpu_extra_peak_memory_within_budget():
         assert ours["extra"] <= bound, (
             f"{mode} {dtype}: extra peak {ours['extra'] / 2**20:.1f} MiB > {bound / 2**20:.0f} MiB "
             f"(naive path: {naive['extra'] / 2**20:.0f} MiB)"
+        )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_cpu_linear_token_stats_extra_peak_memory_within_budget():
+    bound = (BUDGET_MB + SLACK_MB) << 20
+    naive = measure("naive_stats", "float32")
+    assert naive["finite"]
+    assert naive["extra"] > 4 * bound, naive
+    for mode, dtype, ignore in (("stats0", "float32", 0), ("stats5", "bfloat16", 5),
+                                ("stats64", "float32", 0)):
+        top_k = int(mode[5:])
+        # plus the top-k themselves, O(N * top_k): running state, scored rows' and full outputs
+        # (an int64 id and a float32 value each)
+        bound_k = bound + 3 * N * top_k * (8 + 4)
+        ours = measure(mode, dtype, ignore)
+        assert ours["finite"]
+        assert ours["extra"] <= bound_k, (
+            f"{mode} {dtype}: extra peak {ours['extra'] / 2**20:.1f} MiB > "
+            f"{bound_k / 2**20:.1f} MiB (naive path: {naive['extra'] / 2**20:.0f} MiB)"
         )
