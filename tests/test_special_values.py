@@ -196,21 +196,52 @@ def hidden_params():
     return out
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("opts,case,via", hidden_params())
-def test_hidden_path(backend, opts, case, via):
+def run_hidden_case(backend, opts, case, via, dtype=torch.float32):
     hidden, weight, bias, targets, ignore = hidden_case(case, via, opts["shift"], opts["bias"])
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     kw = dict(softcap=opts["softcap"], temperature=opts["temperature"], shift=opts["shift"],
               ignore_index=ignore)
     dev = backend_device(backend)
     got = pplfast.linear_token_nll(hidden.to(dev), weight.to(dev), targets.to(dev),
                                    bias=None if bias is None else bias.to(dev), backend=backend,
                                    **kw)
+    # the reference on the same (rounded) inputs
     want = reference.linear_token_nll(hidden, weight, targets, bias=bias, **kw)
     z = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
     lse = row_lse(z, softcap=opts["softcap"], temperature=opts["temperature"], shift=opts["shift"])
     scored = (targets[:, 1:] if opts["shift"] else targets) != ignore
-    check(got, want, lse, scored, f"linear_token_nll[{backend}, {case} via {via}, {kw}]")
+    check(got, want, lse, scored,
+          f"linear_token_nll[{backend}, {dtype}, {case} via {via}, {kw}]")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts,case,via", hidden_params())
+def test_hidden_path(backend, opts, case, via):
+    run_hidden_case(backend, opts, case, via)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts,case,via", hidden_params())
+def test_hidden_path_fused_triton(opts, case, via, monkeypatch):
+    """The same matrix through the fused Triton kernel. backend="triton" sends float32 hidden
+    states without TF32 to the chunked path (what ``test_hidden_path`` exercises), so these run
+    in float16, which always takes the fused kernel: products exact in float32, only the
+    accumulation rounds, so the bound is the same. A spy proves the fused kernel ran."""
+    from pplfast import _triton
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
+    fused = _triton.linear_token_nll_forward
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(_triton, "linear_token_nll_forward", spy)
+    run_hidden_case("triton", opts, case, via, dtype=torch.float16)
+    assert calls == [torch.float16], f"fused kernel calls: {calls}"
 
 
 # ---- confident tokens: the NLL is ~0 and never negative -----------------------------------
