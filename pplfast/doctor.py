@@ -17,10 +17,12 @@ Checks are a table of (op, case): one :class:`Case` entry adds one check on ever
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -70,7 +72,7 @@ def _options(dtype, dev, gen):
     return (x.to(dtype).to(dev), t.to(dev)), dict(softcap=5.0, temperature=0.7, shift=True)
 
 
-def _special(dtype, dev, gen):
+def _special(dtype, dev, gen, softcap=None, temperature=1.0):
     x = _logits(7, 129, gen)
     t = _targets(7, 129, gen)
     x[0, 3] = NAN                      # NaN in a row
@@ -81,7 +83,7 @@ def _special(dtype, dev, gen):
     x[4, int(t[4])] = -INF             # target at -inf: NLL +inf
     t[5] = -100                        # ignored
     x[6] *= 3000                       # extremes around ±1e4
-    return (x.to(dtype).to(dev), t.to(dev)), dict(softcap=None)
+    return (x.to(dtype).to(dev), t.to(dev)), dict(softcap=softcap, temperature=temperature)
 
 
 def _split(dtype, dev, gen):
@@ -116,25 +118,39 @@ def _linear_options(dtype, dev, gen):
     return (h.reshape(2, 5, 64), w, t), dict(bias=b, softcap=4.0, temperature=0.8, shift=True)
 
 
-def _linear_special(dtype, dev, gen):
+def _linear_special(dtype, dev, gen, softcap=None, temperature=1.0):
     h, w, b = _hidden(5, 32, 257, gen, dtype, dev, bias=True)
     t = _targets(5, 257, gen).to(dev)
     b[int(t[0]) % 257 ^ 1] = INF  # +inf logit in every row, at one vocabulary entry
     h[1, 4] = NAN                 # NaN row
     t[2] = -100
-    return (h, w, t), dict(bias=b)
+    return (h, w, t), dict(bias=b, softcap=softcap, temperature=temperature)
 
+
+# the special values again under softcap and temperature: the transform must not hide a NaN
+# (a tanh maps NaN to +-1 when the NaN check comes after it)
+_CAPPED = dict(softcap=30.0, temperature=0.7)
 
 CASES: List[Case] = [
     Case("token_nll", "plain", _plain),
     Case("token_nll", "softcap+temperature+shift+ignored", _options),
     Case("token_nll", "special values", _special),
+    Case("token_nll", "special values, softcap+temperature",
+         functools.partial(_special, **_CAPPED)),
     Case("token_nll", "vocabulary split (few rows, long V)", _split),
     Case("token_nll", "strided view", _strided),
     Case("linear_token_nll", "plain", _linear_plain),
     Case("linear_token_nll", "bias+softcap+temperature+shift", _linear_options),
     Case("linear_token_nll", "special values", _linear_special),
+    Case("linear_token_nll", "special values, softcap+temperature",
+         functools.partial(_linear_special, **_CAPPED)),
 ]
+
+
+def case_seed(case: Case, dtype_name: str) -> int:
+    """The generator seed of one check: a stable hash of its names, the same in every process
+    (Python's ``hash`` of a string changes per process), so a failure can be reproduced."""
+    return zlib.crc32(f"{case.op}/{case.name}/{dtype_name}".encode())
 
 
 def _reference_nll(case: Case, args, opts) -> torch.Tensor:
@@ -193,20 +209,41 @@ def compare(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> Optio
     return None
 
 
+def _no_gpu() -> str:
+    """Why this process has no CUDA device, and what to do about it."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build, so no tensor can live on "
+                "a GPU: install a CUDA build of PyTorch on a machine with an NVIDIA GPU (pick a "
+                "CUDA version in PyTorch's install instructions)")
+    return (f"PyTorch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no GPU: check "
+            "that an NVIDIA GPU and its driver are present (`nvidia-smi`) and that "
+            "CUDA_VISIBLE_DEVICES does not hide it")
+
+
 def _backend_status(device_kind: str) -> Dict[str, Optional[str]]:
     """Backend -> None when it can run on this machine's tensors, else why not and how to fix."""
     status: Dict[str, Optional[str]] = {}
     device = torch.device("cuda" if device_kind == "cuda" else "cpu")
     for name in ("cpu", "triton", "cuda"):
+        problems = []
+        if name != "cpu" and device.type != "cuda":
+            if name == "cuda":
+                problems.append(f"the CUDA kernels need a GPU: {_no_gpu()}")
+            elif not _env.interpreting():
+                problems.append(f"the Triton kernels need a GPU: {_no_gpu()}; or set "
+                                f"{_env.TRITON_INTERPRET}=1 to run them on CPU tensors in "
+                                "Triton's interpreter (slow, for testing)")
         try:
-            if name == "cpu":
-                _dispatch.resolve(name, torch.device("cpu"), "token_nll")
-            else:
-                _dispatch.resolve(name, device, "token_nll")
-            _dispatch.module(name)
-            status[name] = None
-        except Exception as exc:  # unavailable: say why
-            status[name] = str(exc).splitlines()[0]
+            _dispatch.module(name)  # the extension or triton itself, with how to install it
+        except Exception as exc:
+            problems.append(str(exc).splitlines()[0])
+        if not problems:
+            try:
+                _dispatch.resolve(name, device if name != "cpu" else torch.device("cpu"),
+                                  "token_nll")
+            except Exception as exc:
+                problems.append(str(exc).splitlines()[0])
+        status[name] = "; ".join(problems) or None
     return status
 
 
@@ -249,7 +286,7 @@ def run_checks(backends: List[str], device: torch.device, cases=CASES) -> List[d
                 if (backend == "triton" and on.type == "cpu" and dtype == torch.bfloat16
                         and case.op == "linear_token_nll"):
                     continue  # bf16 tl.dot is wrong in Triton's interpreter
-                gen = torch.Generator().manual_seed(hash((case.op, case.name, dname)) % 2**31)
+                gen = torch.Generator().manual_seed(case_seed(case, dname))
                 args, opts = case.make(dtype, on, gen)
                 row = {"backend": backend, "op": case.op, "case": case.name, "dtype": dname,
                        "ok": False, "detail": ""}
@@ -305,8 +342,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _doctor(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     status = _backend_status(device.type)
-    if _env.interpreting() and status.get("triton") is not None and device.type == "cpu":
-        status["triton"] = None
     wanted = args.backend or [b for b, why in status.items() if why is None]
     for b in wanted:
         if status.get(b) is not None:
