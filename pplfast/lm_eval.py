@@ -1,17 +1,25 @@
 """An lm-evaluation-harness model, ``pplfast``, that never builds the ``(batch, T, V)`` logits.
 
 Importing this module registers the model name ``pplfast`` with lm-evaluation-harness
-(``pip install "pplfast[lm-eval]"``). It is lm-eval's Hugging Face model (``HFLM``, same
-``model_args``: ``pretrained=``, ``dtype=``, ``device=``, ``batch_size=``, ...) with one method
-replaced: ``_loglikelihood_tokens``, behind both ``loglikelihood`` (multiple choice, ...) and
-``loglikelihood_rolling`` (perplexity tasks; lm-eval batches the rolling windows of all requests
-together). Per request, the model body gives the final hidden states and only the continuation's
-rows reach the output layer, inside :func:`pplfast.linear_token_nll`: the log-likelihood is the
-float64 sum of float32 per-token log-probabilities, and ``is_greedy`` compares each continuation
-token with the argmax of its row, found over vocabulary tiles (never a full row of logits per
-token of a batch). ``generate_until`` is HFLM's own. Models whose body and output layer pplfast
-cannot use (the probe of :mod:`pplfast.hf` fails, or a seq2seq model) fall back to HFLM's code,
-with a warning.
+(``pip install "pplfast[lm-eval]"``, lm-eval 0.4.10 or later). It is lm-eval's Hugging Face
+model (``HFLM``, same ``model_args``: ``pretrained=``, ``dtype=``, ``device=``, ``batch_size=``,
+``backend=`` (its model type), ...) plus ``pplfast_backend=`` (pplfast's kernel backend, default
+``auto``), with ``_loglikelihood_tokens`` replaced: it is behind both ``loglikelihood`` (multiple
+choice, ...) and ``loglikelihood_rolling`` (perplexity tasks; lm-eval batches the rolling windows
+of all requests together). Per request, the model body gives the final hidden states and only
+the continuation's rows reach the output layer, inside one call of
+:func:`pplfast.linear_token_stats` (``top_k=0``): the log-likelihood is the float64 sum of its
+float32 per-token NLL (``linear_token_nll``'s numbers), and ``is_greedy`` compares each
+continuation token with its ``argmax`` from the same pass. Rolling windows, which never use
+``is_greedy``, go through :func:`pplfast.linear_token_nll`. ``generate_until`` is HFLM's own.
+Models whose body and output layer pplfast cannot use (the probe of :mod:`pplfast.hf` fails, or
+a seq2seq model) fall back to HFLM's code, with a warning.
+
+``batch_size=auto`` (and ``auto:N``) is sized as HFLM sizes it (accelerate's
+``find_executable_batch_size``, from ``max_batch_size`` down on out-of-memory errors, again at
+the start of each of N runs of the longest-first requests), but by trying pplfast's own pass (the
+body and the output layer over every position of a full batch) instead of the ``(batch, T, V)``
+logits and their log-softmax: the batch found is as large as pplfast's memory allows.
 
 Inputs are built exactly as HFLM builds them (left truncation to ``max_length + 1`` tokens, the
 last one dropped, right padding, no attention mask), so results equal HFLM's within float32
@@ -19,14 +27,17 @@ rounding.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ._dispatch import BACKENDS
 from ._optional import require
 from .api import linear_token_nll
-from .hf import _PROBE, _call, _last_hidden, _model_head
+from .hf import _PROBE, IGNORE, _model_head, scored_hidden
+from .stats import linear_token_stats
 
 _lm_eval = require("lm_eval", extra="lm-eval", feature="pplfast.lm_eval")
 require("lm_eval.models.huggingface", extra="lm-eval", feature="pplfast.lm_eval")
@@ -34,36 +45,35 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 MODEL_NAME = "pplfast"
-_ARGMAX_TILE = 8192  # vocabulary entries per tile of the greedy check
-
-
-def continuation_argmax(hidden: torch.Tensor, head) -> torch.Tensor:
-    """Index of the largest logit of each row of ``hidden @ weight.T + bias`` (lowest index on
-    ties), over vocabulary tiles of :data:`_ARGMAX_TILE` entries. Softcap and temperature are
-    monotonic, so they do not move the argmax. ``hidden``: ``(n, D)``; returns ``(n,)`` int64."""
-    weight, bias = head.weight, head.bias
-    best = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
-    index = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    h = hidden.float()
-    for v0 in range(0, weight.shape[0], _ARGMAX_TILE):
-        z = h @ weight[v0 : v0 + _ARGMAX_TILE].float().T
-        if bias is not None:
-            z += bias[v0 : v0 + _ARGMAX_TILE].float()
-        value, arg = z.max(dim=-1)
-        better = value > best  # strict: an earlier tile wins ties, as torch.argmax does
-        best = torch.where(better, value, best)
-        index = torch.where(better, arg + v0, index)
-    return index
+_HFLM_BACKENDS = ("default", "causal", "seq2seq")  # HFLM's own backend= (the model type)
+_AUTO_PASSES = 2  # passes per size tried by batch_size=auto: a second one meets fragmentation
+_log = logging.getLogger(__name__)
 
 
 @register_model(MODEL_NAME)
 class PplfastLM(HFLM):
-    """lm-eval's ``HFLM`` with log-likelihoods from pplfast's hidden-states path."""
+    """lm-eval's ``HFLM`` with log-likelihoods from pplfast's hidden-states path.
 
-    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+    Args:
+        pplfast_backend: pplfast's kernel backend (``auto``, ``cpu``, ``triton``, ``cuda``,
+            ``reference``), passed to :func:`pplfast.linear_token_stats` /
+            :func:`pplfast.linear_token_nll`.
+        *args, **kwargs: HFLM's, unchanged (``backend=`` is HFLM's model type: ``default``,
+            ``causal`` or ``seq2seq``).
+    """
+
+    def __init__(self, *args, pplfast_backend: str = "auto", **kwargs) -> None:
+        if pplfast_backend not in BACKENDS:
+            raise ValueError(f"pplfast_backend must be one of {BACKENDS}, got {pplfast_backend!r}")
+        backend = kwargs.get("backend", "default")
+        if backend not in _HFLM_BACKENDS and backend in BACKENDS:
+            raise ValueError(f"backend={backend!r}: backend= is lm-eval's model type "
+                             f"{_HFLM_BACKENDS}; pplfast's kernel backend is "
+                             f"pplfast_backend={backend}")
         super().__init__(*args, **kwargs)
-        self.pplfast_backend = backend
+        self.pplfast_backend = pplfast_backend
         self._head = _PROBE  # found and probed on the first request
+        self._auto_batch_sizes = {}  # batch_size=auto: input length -> rows per pass
 
     def _pplfast_head(self, tokens: Sequence[int]):
         if self._head is _PROBE:
@@ -78,6 +88,69 @@ class PplfastLM(HFLM):
                                   "scoring with lm-eval's own HFLM code")
         return self._head
 
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        if self.batch_size != "auto" or not requests:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        text = requests[0].args[0]
+        head = self._pplfast_head([self.prefix_token_id, *self.tok_encode(text[:256])])
+        if head is None:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        # HFLM would size its batch of full windows by their (batch, T, V) logits: size it by
+        # pplfast's pass, for the length of those windows
+        auto = self.batch_size_per_gpu
+        self.batch_size_per_gpu = self._auto_batch_size(head, self.max_length)
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.batch_size_per_gpu = auto
+
+    def _input_length(self, request) -> int:
+        _, context_enc, continuation_enc = request
+        return len((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
+
+    def _auto_batch_size(self, head, length: int) -> int:
+        """Most rows of ``length`` tokens one pass fits: accelerate's
+        ``find_executable_batch_size`` from ``max_batch_size`` down, as HFLM, each size tried on
+        pplfast's own pass (the body, then the output layer over every position)."""
+        length = max(1, min(int(length), self.max_length))
+        if length in self._auto_batch_sizes:
+            return self._auto_batch_sizes[length]
+        from accelerate import find_executable_batch_size
+
+        @find_executable_batch_size(starting_batch_size=int(self.max_batch_size or 64))
+        def fits(batch_size: int) -> int:
+            ids = torch.ones((batch_size, length), dtype=torch.long)
+            for _ in range(_AUTO_PASSES):
+                self._score_positions(head, ids, ids, greedy=True)
+            return batch_size
+
+        try:
+            size = fits()
+        except RuntimeError as exc:
+            if "No executable batch size found" not in str(exc):
+                raise
+            size = 1
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            # every rank runs the same batches: the smallest size found wins
+            smallest = torch.tensor([size], device=self.device)
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+            size = int(smallest)
+        _log.info("pplfast: batch_size=auto: %d rows of %d tokens per pass", size, length)
+        self._auto_batch_sizes[length] = size
+        return size
+
+    def _rows_per_pass(self, head, requests, order, pos, override_bs, runs) -> int:
+        if override_bs:
+            return int(override_bs)
+        if self.batch_size != "auto":
+            return max(1, int(self.batch_size))
+        # auto:N, as HFLM: sized again at the start of each of N runs of the requests (longest
+        # first, so the first request of a run is its longest)
+        run = pos // max(1, int(len(order) / self.batch_schedule))
+        if run not in runs:
+            runs[run] = self._auto_batch_size(head, self._input_length(requests[order[pos]]))
+        return runs[run]
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               override_bs: Optional[int] = None) -> List[Tuple[float, bool]]:
         if not requests:
@@ -87,8 +160,6 @@ class PplfastLM(HFLM):
         if head is None:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm,
                                                  override_bs=override_bs)
-        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
-        batch_size = max(1, int(batch_size))
         # longest first, as HFLM orders them: similar lengths share a batch, little padding
         order = sorted(range(len(requests)),
                        key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
@@ -97,15 +168,33 @@ class PplfastLM(HFLM):
 
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="pplfast loglikelihood")
-        for b in range(0, len(order), batch_size):
-            chunk = [requests[i] for i in order[b : b + batch_size]]
-            for i, answer in zip(order[b : b + batch_size], self._score_chunk(chunk, head)):
+        pos, runs = 0, {}
+        while pos < len(order):
+            batch = order[pos : pos + self._rows_per_pass(head, requests, order, pos,
+                                                          override_bs, runs)]
+            for i, answer in zip(batch, self._score_chunk([requests[i] for i in batch], head)):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(chunk))
+            bar.update(len(batch))
+            pos += len(batch)
         bar.close()
         return results
+
+    def _score_positions(self, head, ids: torch.Tensor, targets: torch.Tensor, greedy: bool):
+        """One pass over right-padded ``ids`` (no attention mask, as HFLM): float32 NLL of the
+        positions whose target is not ignored (row-major), and with ``greedy`` whether each
+        target is its row's argmax (else None), both from one call of pplfast's op."""
+        with torch.no_grad():
+            keep = targets != IGNORE
+            rows = scored_hidden(head, ids.to(self.device), None, keep)
+            flat_targets = targets[keep].to(head.weight.device)
+            options = dict(bias=head.bias, softcap=head.softcap, temperature=head.temperature,
+                           backend=self.pplfast_backend)
+            if not greedy:
+                return linear_token_nll(rows, head.weight, flat_targets, **options), None
+            stats = linear_token_stats(rows, head.weight, flat_targets, top_k=0, **options)
+            return stats.nll, stats.argmax == flat_targets
 
     def _score_chunk(self, chunk, head) -> List[Tuple[float, bool]]:
         inputs, conts = [], []
@@ -117,29 +206,18 @@ class PplfastLM(HFLM):
             conts.append(continuation_enc)
         length = max(len(x) for x in inputs)
         ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        targets = torch.full((len(chunk), length), -100, dtype=torch.long)
+        targets = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
         for row, (inp, cont) in enumerate(zip(inputs, conts)):
             ids[row, : len(inp)] = torch.tensor(inp)
             # the last len(cont) outputs predict the continuation
             targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont)
-        ids = ids.to(self.device)
-        with torch.no_grad():
-            # right padding and no mask, as HFLM: real tokens never attend to the pads after them
-            hidden = _last_hidden(_call(head.body, ids, None))
-            keep = (targets != -100).to(hidden.device)
-            rows = hidden[keep].to(device=head.weight.device, dtype=head.weight.dtype)
-            flat_targets = targets[keep.cpu()].to(head.weight.device)
-            nll = linear_token_nll(rows, head.weight, flat_targets, bias=head.bias,
-                                   softcap=head.softcap, temperature=head.temperature,
-                                   backend=self.pplfast_backend)
-            scoring = [r for r in range(len(chunk)) if chunk[r][0] is not None]
-            greedy = None
-            if scoring:  # rolling windows (no request string) never use is_greedy
-                greedy = continuation_argmax(rows, head) == flat_targets
+        # rolling windows (no request string) never use is_greedy
+        greedy_wanted = any(request[0] is not None for request in chunk)
+        nll, greedy = self._score_positions(head, ids, targets, greedy_wanted)
         nll = nll.double().cpu()
         greedy = None if greedy is None else greedy.cpu()
         answers, offset = [], 0
-        for row, cont in enumerate(conts):
+        for cont in conts:
             n = len(cont)
             logprob = -float(nll[offset : offset + n].sum())
             is_greedy = bool(greedy[offset : offset + n].all()) if greedy is not None else False
