@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="sliding",
                         help="window schedule for long documents")
     parser.add_argument("--prefix-token-id", type=int, default=None,
-                        help="rolling mode: token the first token is predicted from "
-                             "(default: BOS, else EOS)")
+                        help="rolling mode: token the first token is predicted from (default: "
+                             "BOS, else EOS); llamacpp mode: token put first in every chunk "
+                             "(default: BOS when the tokenizer adds one, else none)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights of both models: auto = checkpoint dtype on GPU, float32 on "
@@ -219,7 +220,7 @@ def _plot(path, tokens, scored, title, window):
 
 def _compare(args) -> int:
     from . import __version__, _dispatch
-    from .hf import _context_length, _model_device
+    from .hf import _context_length, _llamacpp_bos, _model_device
 
     _check_options(args)
     documents = read_documents(args.input, args.text_field, args.format)
@@ -244,13 +245,20 @@ def _compare(args) -> int:
     except (ValueError, BackendUnavailableError) as exc:
         raise CompareError(_first_line(exc)) from None
     docs, ids, mask = _tokenize(base_tok, test_tok, documents, args.mode != "rolling")
+    prefix_token_id = args.prefix_token_id
+    if args.mode == "llamacpp":
+        # as pplfast score: llama.cpp's BOS first in every chunk when the tokenizer adds one
+        try:
+            prefix_token_id = _llamacpp_bos(base, base_tok, prefix_token_id)
+        except ValueError as exc:
+            raise CompareError(_first_line(exc)) from None
     progress = not args.no_progress and importlib.util.find_spec("tqdm") is not None
     from .hf_compare import compare_models
 
     start = time.perf_counter()
     try:
         result = compare_models(base, model, ids, mask, window=window, stride=stride,
-                                mode=args.mode, prefix_token_id=args.prefix_token_id,
+                                mode=args.mode, prefix_token_id=prefix_token_id,
                                 batch_size=args.batch_size, backend=args.backend,
                                 progress=progress)
     except (ValueError, TypeError, BackendUnavailableError) as exc:

@@ -56,7 +56,9 @@ def compare_models(base_model, test_model, input_ids: torch.Tensor,
             base model's output layer is copied there once when the devices differ).
         input_ids, attention_mask, window, stride, mode, prefix_token_id, batch_size, backend,
             progress: as in :func:`pplfast.score_model` (default window: the shorter context of
-            the two models).
+            the two models). With ``mode="llamacpp"``, ``prefix_token_id`` replaces the first
+            input token of every chunk, as llama.cpp puts BOS there when its tokenizer adds one:
+            pass the tokenizer's BOS id then (``pplfast compare`` does).
 
     Returns:
         :class:`ComparisonResult` with ``token_comparison`` (a :class:`TokenComparison` shaped
@@ -82,7 +84,8 @@ def compare_models(base_model, test_model, input_ids: torch.Tensor,
         streams = [torch.cat([prefix, d]) for d in docs]
     else:
         streams = list(docs)
-        if mode == "llamacpp":  # as score_model: prefix_token_id first in every chunk
+        if mode == "llamacpp":  # as score_model (no tokenizer): prefix_token_id first in every
+            # chunk when given; the command line passes the tokenizer's BOS when it adds one
             first_token = _llamacpp_bos(base_model, None, prefix_token_id)
     modes = [(m, getattr(m, "training", False)) for m in (base_model, test_model)]
     for m, training in modes:

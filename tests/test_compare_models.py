@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -84,6 +85,61 @@ def test_matches_logits_path_and_score_model(tokenizer, kind):
     agree = (tc.argmax_base[:, 1:32] == ref["argmax_base"]).float().mean()
     assert agree == 1.0
     assert 0.0 < res.kl_mean and 0.0 < res.top1_agreement <= 1.0
+
+
+def scaled(model, factor):
+    """``model`` whose logits are multiplied by ``factor``: a final transform pplfast does not
+    know, so its body and output layer cannot stand for it."""
+    import transformers as tf
+
+    class Scaled(tf.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * factor
+            return out
+
+    out = Scaled(model.config).eval()
+    out.load_state_dict(model.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("case", ["unknown-transform", "different-softcap"])
+def test_logits_fallback_with_warning(tokenizer, case):
+    """Models the hidden-states path cannot compare are compared from their own logits, with a
+    warning; the result is the float64 comparison of those logits within the kernel bound."""
+    from helpers import LSE_RTOL
+
+    if case == "unknown-transform":
+        base = build_model("llama", len(tokenizer), context=64)
+        test = scaled(rounded_copy(base), 1.25)
+        warning = "scoring Scaled from its logits: logits differ"
+    else:
+        base = build_model("gemma2", len(tokenizer), context=64)
+        test = build_model("gemma2", len(tokenizer), context=64, seed=1)
+        test.config.final_logit_softcapping = 6.0  # base caps at 4.0
+        warning = r"their final logit transforms differ \(softcap, temperature: \(4.0, 1.0\)"
+    ids = torch.stack([ids_for(tokenizer, 6)[:41], ids_for(tokenizer, 7)[:41]])
+    with pytest.warns(UserWarning, match=warning):
+        res = pplfast.compare_models(base, test, ids, window=64, batch_size=2)
+    assert torch.equal(res.scored[:, 1:], torch.ones(2, 40, dtype=torch.bool))
+    with torch.no_grad():  # the one pass compare_models runs: both windows, 40 input tokens
+        lb, lt = base(ids[:, :-1]).logits, test(ids[:, :-1]).logits
+    ref = pplfast.reference.compare(lb, lt, ids[:, 1:])
+    lse_b, lse_t = (torch.logsumexp(x.double(), -1).abs() for x in (lb, lt))
+    bound = LSE_RTOL * torch.maximum(lse_b, lse_t).clamp_min(1)
+    tc = res.token_comparison
+    for field, rows_bound in (("kl", bound), ("kl_reverse", bound),
+                              ("nll_base", LSE_RTOL * lse_b.clamp_min(1)),
+                              ("nll_test", LSE_RTOL * lse_t.clamp_min(1))):
+        err = (getattr(tc, field)[:, 1:].double() - ref[field]).abs()
+        assert bool((err <= rows_bound).all()), (field, float(err.max()))
+    for field in ("argmax_base", "argmax_test"):
+        assert torch.equal(getattr(tc, field)[:, 1:], ref[field]), field
+    assert float(tc.kl[:, 1:].min()) >= 0 and res.kl_mean > 1e-3  # the models do differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # score_model warns about the unknown transform too
+        alone = pplfast.score_model(test, ids, window=64)
+    torch.testing.assert_close(tc.nll_test, alone.token_nll, rtol=0, atol=2e-5)
 
 
 def test_bad_inputs(pair, tokenizer):

@@ -100,3 +100,58 @@ def test_too_short_is_a_clear_error(setup):
     model, _, ids = setup
     with pytest.raises(ValueError, match="llamacpp"):
         pplfast.score_model(model, ids[:50], window=32, mode="llamacpp")
+
+
+@pytest.mark.parametrize("bos", [None, 0])
+def test_compare_models_scores_what_score_model_scores(setup, bos):
+    """compare_models in llamacpp mode: the tokens score_model scores, from the same chunks
+    (prefix_token_id first in each), each model's NLL that of the loop."""
+    model, tokenizer, ids = setup
+    test = build_model("llama", len(tokenizer), context=64, seed=1)
+    res = pplfast.compare_models(model, test, ids, window=32, mode="llamacpp",
+                                 prefix_token_id=bos, batch_size=3)
+    for m, nll in ((model, res.token_comparison.nll_base), (test, res.token_comparison.nll_test)):
+        want = pplfast.score_model(m, ids, window=32, mode="llamacpp", prefix_token_id=bos,
+                                   batch_size=3)
+        assert torch.equal(res.scored, want.scored)
+        torch.testing.assert_close(nll, want.token_nll, rtol=0, atol=2e-5)
+        loop = torch.tensor(llamacpp_loop(m, ids, 32, bos), dtype=torch.float64)
+        torch.testing.assert_close(nll[res.scored].double(), loop, rtol=1e-4, atol=1e-4)
+    assert res.num_tokens == (len(ids) // 32) * (32 - 1 - 32 // 2)
+
+
+def test_compare_cli_puts_bos_first_when_the_tokenizer_adds_it(setup, tmp_path, capsys):
+    """pplfast compare --mode llamacpp: BOS first in every chunk, as pplfast score (score_texts)
+    does with a tokenizer that adds BOS."""
+    import json
+
+    from tokenizers import processors
+
+    from pplfast.cli import main
+
+    model, _, _ = setup
+    bos_tok = train_tokenizer()
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos_tok.convert_tokens_to_ids("<s>"))])
+    test = build_model("llama", len(bos_tok), context=64, seed=1)
+    for name, m in (("base", model), ("test", test)):
+        m.save_pretrained(tmp_path / name)
+        bos_tok.save_pretrained(tmp_path / name)
+    text = " ".join(corpus(30, seed=5))
+    (tmp_path / "doc.txt").write_text(text)
+    rc = main(["compare", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "test"),
+               "--input", str(tmp_path / "doc.txt"), "--mode", "llamacpp", "--window", "32",
+               "--json", "--no-progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    figures = json.loads(out)
+    ids = torch.tensor(bos_tok(text)["input_ids"])
+    for key, m in (("perplexity_base", model), ("perplexity_test", test)):
+        want = llamacpp_loop(m, ids, 32, bos_tok.bos_token_id)
+        assert figures["num_tokens"] == len(want)
+        assert figures[key] == pytest.approx(math.exp(sum(want) / len(want)), rel=1e-5)
+        scored = pplfast.score_texts(m, bos_tok, [text], window=32, mode="llamacpp").corpus
+        assert figures[key] == pytest.approx(scored.perplexity, rel=1e-5)
+    # without BOS in the chunks the figure would differ
+    plain = llamacpp_loop(model, ids, 32, None)
+    assert figures["perplexity_base"] != pytest.approx(math.exp(sum(plain) / len(plain)), rel=1e-5)
