@@ -30,7 +30,7 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine or on these tensors."""
 
 
-def _auto(device: torch.device, op: str) -> str:
+def _auto(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton"
     return "cpu"
@@ -53,7 +53,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{_env.BACKEND} must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            backend = _auto(device, op)
+            backend = _auto(device)
     if backend == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(
             f'backend="cpu" needs CPU tensors, got tensors on {device}; '

@@ -1,10 +1,11 @@
 """``pplfast doctor``: is every backend on this machine giving the right numbers?
 
 Run it after installing on a new machine (and first on a new GPU). It prints the machine, which
-backends can run and, for those that cannot, why; then it runs every available backend on small
-inputs of each dtype — logits and hidden paths, the options, the special values, a row split
-over the vocabulary, a strided view — against the float64 reference, one line per check, and
-times one medium shape per backend. Exit code 0 when every check passes, 1 on any mismatch, 2
+backends can run and, for those that cannot, why and how to fix it; then it runs every
+available backend on small inputs of each dtype — logits and hidden paths, the options, the
+special values (also under softcap and temperature), a row split over the vocabulary, a strided
+view — against the float64 reference, one line per check, and times one medium shape per
+backend. Exit code 0 when every check passes, 1 on any mismatch, 2
 for a usage mistake.
 
 Tolerances (the README's "Accuracy"): logits path, ``2e-6 * max(1, |logsumexp of the row|)``;

@@ -24,6 +24,7 @@ from .cases import make_inputs
 from .options import AUTO_REPS, MiB
 from .peers import _one_line, implementations
 
+
 def _auto_reps(kind: str, first_s: float) -> int:
     budget, low, high = AUTO_REPS[kind]
     return int(min(high, max(low, math.ceil(budget / max(first_s, 1e-9)))))
