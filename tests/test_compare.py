@@ -519,11 +519,11 @@ def test_compare_has_no_vocabulary_sized_temporary(dtype):
 def test_compare_kernel_compiles_for_sm80_and_sm90():
     from pplfast.kernels.compare import _GPU_CONFIG
 
-    block, warps = _GPU_CONFIG
     specs = []
     for arch in (80, 90):
         for dtype in ("bf16", "fp16", "fp32"):
             for cap in (False, True):
+                block, warps = _GPU_CONFIG[cap]
                 sig = dict(base_ptr="*" + dtype, test_ptr="*" + dtype, targets_ptr="*i64",
                            part_f_ptr="*fp32", part_i_ptr="*i64", T="i32", V="i32", sb_b="i64",
                            sb_t="i64", sb_v="i32", st_b="i64", st_t="i64", st_v="i32",
