@@ -132,3 +132,67 @@ def test_unusable_backend_reports_library_error_without_traceback():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert 'backend="cuda" needs CUDA tensors' in lines[0]
+
+
+# ---- the fused Triton kernel in IEEE float32, beside pplfast's routing (GPU only) ---------
+
+FUSED_FP32 = "pplfast_triton_fused_fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_fused_fp32_peer_is_skipped_without_a_gpu(capsys):
+    from pplfast.bench import implementations
+
+    impls, skipped = implementations("linear", torch.device("cpu"), "cpu")
+    assert FUSED_FP32 not in {impl.name for impl in impls}
+    assert (FUSED_FP32, "GPU only") in skipped
+    record, table = bench_json(capsys, "--path", "linear", "--shapes", "8x16x100",
+                               "--dtypes", "fp32", "--backend", "cpu", "--no-memory")
+    assert {"impl": FUSED_FP32, "reason": "GPU only"} in record["skipped"]
+    assert FUSED_FP32 not in {r["impl"] for r in record["results"]}
+    assert f"{FUSED_FP32} (GPU only)" in table
+
+
+@pytest.mark.cuda
+def test_fused_fp32_peer_is_timed_on_a_gpu(capsys):
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
+    record, table = bench_json(capsys, "--path", "linear", "--shapes", "64x128x5000",
+                               "--dtypes", "fp32", "--backend", "triton", "--device", "cuda")
+    rows = {r["impl"]: r for r in record["results"]}
+    fused = rows[FUSED_FP32]
+    assert fused["error"] is None and fused["ms"] > 0 and fused["role"] == "baseline", fused
+    assert fused["label"] == "pplfast[triton-fused-fp32]" and "pplfast[triton-fused-fp32]" in table
+    assert fused["pplfast_speedup"] == pytest.approx(fused["ms"] / rows["pplfast"]["ms"])
+
+
+@pytest.mark.interpreter
+def test_fused_fp32_peer_computes_the_nll(monkeypatch):
+    """The peer's call (below pplfast's routing) on small float32 inputs: the fused kernel, asked
+    for IEEE products, against the float64 reference. Under the interpreter where there is no
+    GPU."""
+    from pplfast import reference
+    from pplfast.bench import peers
+    from pplfast.kernels import linear_token_nll as fused_module
+
+    from helpers import assert_nll_close, backend_device, row_lse
+
+    real = fused_module.linear_token_nll_forward
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["allow_tf32"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "linear_token_nll_forward", spy)
+    device = backend_device("triton")
+    N, D, V = 7, 24, 301
+    hidden = torch.randn(N, D)
+    weight = torch.randn(V, D) / D**0.5 * 3
+    targets = torch.randint(0, V, (N,))
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    got = peers.fused_fp32_nll(hidden.to(device), weight.to(device), targets.to(device),
+                               sm_count=sm_count)
+    assert calls == [False]
+    want = reference.linear_token_nll(hidden, weight, targets)
+    assert_nll_close(got.cpu(), want, row_lse(hidden.double() @ weight.double().T))

@@ -16,7 +16,10 @@ timestamp.
 - Hidden-states path (``--path linear``): ``pplfast.linear_token_nll`` vs ``F.linear`` +
   ``F.cross_entropy``, ``F.linear_cross_entropy`` with chunking options (PyTorch >= 2.13) and, on
   GPU, Cut Cross-Entropy and Liger's fused linear cross entropy (forward only). TFLOP/s =
-  2*N*D*V / time, next to the rate of a plain ``hidden @ weight.T`` of the same shape.
+  2*N*D*V / time, next to the rate of a plain ``hidden @ weight.T`` of the same shape. On a GPU
+  also ``pplfast[triton-fused-fp32]``: the fused Triton kernel with IEEE float32 products, which
+  pplfast's routing does not take for float32 without TF32 (it takes the chunked cuBLAS path);
+  its float32 rows decide that rule (``pplfast._triton``).
 - Statistics path (``--path stats``): ``pplfast.token_stats`` with ``top_k`` 0 and 5, next to
   ``pplfast.token_nll``, vs the PyTorch expression a user writes today: ``log_softmax`` in
   float32, then entropy ``-(p * logp).sum(-1)``, ``max``/``argmax``, the target's rank

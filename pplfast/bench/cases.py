@@ -8,6 +8,7 @@ import torch
 
 from .options import DTYPES
 
+
 def _random(shape: Sequence[int], dtype: torch.dtype, device: torch.device, generator,
             scale: float = 1.0) -> torch.Tensor:
     """Standard-normal-like values, cheap to make for multi-GiB tensors on CPU.

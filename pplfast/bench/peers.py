@@ -7,6 +7,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+
 @dataclass
 class Impl:
     name: str  # stable key (JSON, memory worker)
@@ -70,6 +71,11 @@ def implementations(path: str, device: torch.device, backend: str):
 
     impls.append(Impl("pplfast", label, "pplfast",
                       lambda h, w, t: pplfast.linear_token_nll(h, w, t, backend=backend)))
+    fused, why_not = _fused_fp32_impl(device)
+    if fused is not None:
+        impls.append(fused)
+    else:
+        skipped.append((FUSED_FP32, why_not))
     impls.append(Impl("linear_cross_entropy_unfused", "F.linear+F.cross_entropy", "baseline",
                       lambda h, w, t: F.cross_entropy(F.linear(h, w), t, reduction="none")))
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -101,6 +107,38 @@ def implementations(path: str, device: torch.device, backend: str):
     return impls, skipped
 
 
+FUSED_FP32 = "pplfast_triton_fused_fp32"
+
+
+def fused_fp32_nll(hidden, weight, targets, *, sm_count):
+    """The fused Triton hidden-states kernel with IEEE float32 products (no TF32), called below
+    pplfast's routing, which sends float32 without TF32 to the chunked cuBLAS path instead
+    (``pplfast._triton``). On float32 rows its ratio to ``pplfast[triton]`` is the measurement
+    that decides that rule; on float16/bfloat16 rows it is the path pplfast takes anyway."""
+    from .. import _env
+    from ..kernels.linear_token_nll import linear_token_nll_forward
+
+    return linear_token_nll_forward(hidden, weight, None, targets, -100, None, 1.0,
+                                    sm_count=sm_count, allow_tf32=False,
+                                    autotune=_env.autotune())
+
+
+def _fused_fp32_impl(device: torch.device):
+    """``(Impl, None)`` for :func:`fused_fp32_nll` where it can run, else ``(None, why)``."""
+    if device.type != "cuda":
+        return None, "GPU only"
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return None, "the fused kernel needs CUDA capability >= 8.0"
+    try:
+        from .. import _env
+        from ..kernels import linear_token_nll  # noqa: F401  (imports triton)
+    except Exception as exc:
+        return None, f"triton not importable ({_one_line(exc)})"
+    sm_count = _env.sm_count(device)
+    return Impl(FUSED_FP32, "pplfast[triton-fused-fp32]", "baseline",
+                lambda h, w, t: fused_fp32_nll(h, w, t, sm_count=sm_count)), None
+
+
 def _torch_compare(a, b, t):
     """What a user writes today: both log-softmaxes, the KL per row, both argmaxes."""
     lp, lq = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
@@ -111,7 +149,6 @@ def _torch_compare(a, b, t):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
 
 
 def _torch_stats(x, t, top_k=0):
