@@ -1,11 +1,13 @@
-"""Peak memory of ``loglikelihood_rolling`` at a 128k vocabulary: lm-eval's ``hf`` model builds the
-``(batch, T, V)`` logits and their float32 log-softmax; the ``pplfast`` model has no such term.
+"""Peak memory of ``loglikelihood_rolling`` and ``loglikelihood`` at a 128k vocabulary: lm-eval's
+``hf`` model builds the ``(batch, T, V)`` logits and their float32 log-softmax; the ``pplfast``
+model has no such term, with a fixed batch size or ``batch_size=auto``.
 
 Each model is measured in a fresh process (VmHWM before and after the call, after a warm-up
 request). Run as a script for the benchmark figures (time and peak growth of both models):
 
     python tests/test_lm_eval_memory.py --model pplfast --batch-size 8 --kib 200
     python tests/test_lm_eval_memory.py --model hf --batch-size 8 --kib 200
+    python tests/test_lm_eval_memory.py --model pplfast --batch-size auto --requests loglikelihood
 """
 import argparse
 import json
@@ -20,7 +22,8 @@ VOCAB = 128256
 CONTEXT = 256
 
 
-def measure(name: str, batch_size: int, kib: float, vocab: int = VOCAB) -> dict:
+def measure(name: str, batch_size, kib: float, vocab: int = VOCAB, requests: str = "rolling",
+            max_batch_size: int = 64) -> dict:
     import tempfile
 
     import torch
@@ -43,34 +46,46 @@ def measure(name: str, batch_size: int, kib: float, vocab: int = VOCAB) -> dict:
     tf.LlamaForCausalLM(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
     cls = pplfast.lm_eval.PplfastLM if name == "pplfast" else HFLM
-    lm = cls(pretrained=root, device="cpu", dtype="float32", batch_size=batch_size)
+    lm = cls(pretrained=root, device="cpu", dtype="float32", batch_size=batch_size,
+             max_batch_size=max_batch_size)
     text, seed = "", 0
     while len(text) < kib * 1024:
         text += " ".join(corpus(50, seed=seed)) + "\n"
         seed += 1
     docs = [text[i : i + 8192] for i in range(0, len(text), 8192)]
 
-    def requests(texts):
-        return [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
-                for i, t in enumerate(texts)]
+    if requests == "rolling":
+        def run(texts):
+            return lm.loglikelihood_rolling(
+                [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                 for i, t in enumerate(texts)], disable_tqdm=True)
+    else:  # multiple-choice style: a long context (left-truncated to the window), 4 endings
+        def run(texts):
+            out = lm.loglikelihood(
+                [Instance(request_type="loglikelihood", doc={}, idx=i,
+                          arguments=(t[:-400], " " + " ".join(t[-400:].split()[k : k + 12])))
+                 for i, t in enumerate(texts) for k in range(4)], disable_tqdm=True)
+            return [lp for lp, _ in out]
 
-    lm.loglikelihood_rolling(requests([docs[0][:2000]]), disable_tqdm=True)  # warm-up
+    run([docs[0][:2000]])  # warm-up
     if not reset_peak():
         raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs")
     before = status_bytes("VmHWM")
     start = time.perf_counter()
-    out = lm.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    out = run(docs)
     seconds = time.perf_counter() - start
     growth = status_bytes("VmHWM") - before
-    return {"model": name, "batch_size": batch_size, "vocab": vocab, "context": CONTEXT,
-            "text_bytes": len(text), "seconds": seconds, "peak_growth": growth,
-            "sum_loglikelihood": float(sum(out)),
-            "logits_bytes": batch_size * CONTEXT * vocab * 4}
+    rows = max_batch_size if batch_size == "auto" else batch_size
+    return {"model": name, "batch_size": batch_size, "requests": requests, "vocab": vocab,
+            "context": CONTEXT, "text_bytes": len(text), "seconds": seconds,
+            "peak_growth": growth, "sum_loglikelihood": float(sum(out)),
+            "logits_bytes": rows * CONTEXT * vocab * 4}
 
 
-def run_measurement(name, batch_size, kib):
+def run_measurement(name, batch_size, kib, requests="rolling", max_batch_size=64):
     return run_json_child([os.path.abspath(__file__), "--model", name, "--batch-size", batch_size,
-                           "--kib", kib], timeout=1800)
+                           "--kib", kib, "--requests", requests, "--max-batch-size",
+                           max_batch_size], timeout=1800)
 
 
 def test_peak_memory_has_no_batch_by_time_by_vocab_term():
@@ -83,11 +98,27 @@ def test_peak_memory_has_no_batch_by_time_by_vocab_term():
     assert ours["peak_growth"] <= logits / 4, ours
 
 
+def test_loglikelihood_and_auto_batch_size_have_no_such_term():
+    """loglikelihood requests (one statistics pass) with batch_size=auto (sized on pplfast's pass,
+    at most 4 rows here) against hf at 4 rows a pass."""
+    pytest.importorskip("lm_eval")
+    ours = run_measurement("pplfast", "auto", 4, "loglikelihood", max_batch_size=4)
+    control = run_measurement("hf", 4, 4, "loglikelihood")
+    assert ours["sum_loglikelihood"] == pytest.approx(control["sum_loglikelihood"], rel=1e-5)
+    logits = control["logits_bytes"]
+    assert control["peak_growth"] >= logits, control
+    assert ours["peak_growth"] <= logits / 4, ours
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("pplfast", "hf"), default="pplfast")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=8,
+                        help="rows per pass, or auto")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the most auto tries")
+    parser.add_argument("--requests", choices=("rolling", "loglikelihood"), default="rolling")
     parser.add_argument("--kib", type=float, default=200)
     parser.add_argument("--vocab", type=int, default=VOCAB)
     args = parser.parse_args()
-    print(json.dumps(measure(args.model, args.batch_size, args.kib, args.vocab)))
+    print(json.dumps(measure(args.model, args.batch_size, args.kib, args.vocab, args.requests,
+                             args.max_batch_size)))
