@@ -66,17 +66,26 @@ def _scatter_scored(out: torch.Tensor, rows: Optional[torch.Tensor],
     return out.index_copy_(0, rows, nll)
 
 
-def _scatter_compare(fields, rows: Optional[torch.Tensor], N: int):
-    """The six comparison fields of the scored rows scattered into ``(N,)`` tensors: 0 (float)
-    and -1 (int64) at the ignored rows."""
+def _scatter_fields(fields, rows: Optional[torch.Tensor], N: int) -> tuple:
+    """Per-row fields of the scored rows (``(n, ...)`` tensors, or None) scattered into
+    ``(N, ...)`` tensors: 0 (float) and -1 (int64) at the ignored rows; None stays None."""
     if rows is None:
         return tuple(fields)
     out = []
     for f in fields:
+        if f is None:
+            out.append(None)
+            continue
         fill = -1 if f.dtype == torch.int64 else 0
-        full = torch.full((N,), fill, dtype=f.dtype, device=f.device)
+        full = torch.full((N, *f.shape[1:]), fill, dtype=f.dtype, device=f.device)
         out.append(full.index_copy_(0, rows, f))
     return tuple(out)
+
+
+def _scatter_compare(fields, rows: Optional[torch.Tensor], N: int):
+    """The six comparison fields of the scored rows scattered into ``(N,)`` tensors: 0 (float)
+    and -1 (int64) at the ignored rows."""
+    return _scatter_fields(fields, rows, N)
 
 
 def fp32_out_gemm_available() -> bool:
@@ -195,43 +204,49 @@ def _chunk_logits(hidden2, weight, bias, rows, n_scored: int, step: int,
 
 
 def chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
-                               top_k, *, launcher: Callable, budget_mb: Optional[float] = None):
-    """Statistics of ``F.linear(hidden2, weight, bias)`` on the GPU chunked path: the rows are cut
-    into chunks, each chunk's logits come from one GEMM into a reused buffer (float32 where
-    PyTorch has the fp32-output GEMM, as :func:`chunked_linear_token_nll`) and ``launcher``
-    (the ``token_stats`` launcher interface) reduces them. Ignored rows are computed and then
-    reset to the ignored values by the launcher. Extra memory: one chunk plus O(N · top_k)."""
+                               top_k, *, launcher: Callable, budget_mb: Optional[float] = None,
+                               scored: Optional[Scored] = None):
+    """Statistics of ``F.linear(hidden2, weight, bias)`` on the GPU chunked path: the chunk loop
+    of :func:`_chunk_loop` over the scored rows (ignored rows cost no GEMM), each chunk's logits
+    from one GEMM into a reused buffer (float32 where PyTorch has the fp32-output GEMM, see the
+    module docstring) reduced by ``launcher``, the ``token_stats`` launcher interface
+    ``launcher(logits3, targets, ignore_index, softcap, temperature, top_k)``. ``scored``: as in
+    :func:`chunked_linear_token_nll`. Extra memory: one chunk plus O(N · top_k).
+
+    Returns ``(nll, entropy, max_logprob, argmax, rank, top_k_ids, top_k_logprobs)``, ``(N,)``
+    and ``(N, top_k)`` (None when ``top_k == 0``); ignored rows 0 (float) and -1 (int64).
+    """
     budget = _env.budget_bytes(_env.GPU_CHUNK_MB, _env.DEFAULT_GPU_CHUNK_MB, budget_mb)
+    device = hidden2.device
     N = hidden2.shape[0]
     V = weight.shape[0]
-    device = hidden2.device
-    mixed = hidden2.dtype != torch.float32 and fp32_out_gemm_available()
-    dtype = torch.float32 if (mixed or hidden2.dtype == torch.float32) else hidden2.dtype
-    step = gpu_chunk_rows(V, torch.empty((), dtype=dtype).element_size(), budget)
-    buf = torch.empty(min(step, N) * V, dtype=dtype, device=device)
-    wt = weight.t()
-    parts = []
-    for r0 in range(0, N, step):
-        n = min(step, N - r0)
-        h = hidden2[r0 : r0 + n]
-        z = buf[: n * V].view(n, V)
-        if mixed:
-            try:
-                torch.mm(h, wt, out_dtype=torch.float32, out=z)
-            except (RuntimeError, TypeError, NotImplementedError):
-                if r0 != 0:
-                    raise
-                # no fp32-output GEMM for these tensors: logits in the input dtype, as F.linear
-                mixed, buf = False, buf.to(hidden2.dtype)
-                z = buf[: n * V].view(n, V)
-                torch.mm(h, wt, out=z)
-        else:
-            torch.mm(h, wt, out=z)
-        if bias is not None:
-            z.add_(bias.to(z.dtype))
-        parts.append(launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
-                              temperature, top_k))
-    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+    rows, targets = scored if scored is not None else _select_scored(targets, ignore_index)
+    n_scored = targets.shape[0]
+    f32 = dict(dtype=torch.float32, device=device)
+    i64 = dict(dtype=torch.int64, device=device)
+    k = (top_k,) if top_k else None
+    outs = [torch.empty(n_scored, **f32) for _ in range(3)]
+    outs += [torch.empty(n_scored, **i64) for _ in range(2)]
+    outs += [None, None] if k is None else [torch.empty((n_scored, *k), **i64),
+                                            torch.empty((n_scored, *k), **f32)]
+    fp32_out = hidden2.dtype == torch.float32 or fp32_out_gemm_available()
+    dtype = torch.float32 if fp32_out else hidden2.dtype
+    while n_scored:
+        step = gpu_chunk_rows(V, torch.empty((), dtype=dtype).element_size(), budget)
+        chunks = _chunk_logits(hidden2, weight, bias, rows, n_scored, step, dtype,
+                               refusable=dtype != hidden2.dtype)
+        try:
+            for z, r0, n in chunks:
+                fields = launcher(z.unsqueeze(0), targets[r0 : r0 + n], ignore_index, softcap,
+                                  temperature, top_k)
+                for out, f in zip(outs, fields):
+                    if out is not None:
+                        out[r0 : r0 + n] = f
+            break
+        except _Fp32OutGemmRefused:
+            # no fp32-output GEMM for these tensors: logits in the input dtype, as F.linear
+            dtype = hidden2.dtype
+    return _scatter_fields(outs, rows, N)
 
 
 def chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
