@@ -20,6 +20,19 @@ Hidden-states op, paths:
   yet: change this rule when one says otherwise (``pplfast bench`` on a GPU with float32 hidden
   states, timing ``linear_token_nll_forward`` against this path).
   GPUs below capability 8.0 have no tensor-core path the fused kernel is tuned for.
+
+``linear_token_stats`` follows the same rule (:func:`fused_supported`) with
+``kernels/linear_token_stats.py``, the NLL kernel's tiling with the statistics folded per tile
+(entropy, max log-probability, argmax, rank; the NLL as the NLL kernel computes it), for
+``top_k=0``.
+Top-k is not folded into that kernel (a sorted k-list per row, k <= 64, merged per tile and per
+split, would crowd out the tile's registers): ``top_k > 0`` takes the chunked GEMM path with the
+logits statistics kernel, which reads each chunk's logits once more for ``torch.topk``.
+
+Scored rows are counted once per call (``pplfast._chunked._select_scored``, by
+``pplfast._ops`` or, for the statistics, here) and handed to either path, to the fused launchers
+with ``all_scored`` when every row is scored, so that no launcher counts again (a second host
+sync).
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ from ._chunked import (_select_scored, chunked_linear_compare, chunked_linear_to
                        chunked_linear_token_stats)
 from .kernels.compare import compare_forward
 from .kernels.linear_token_nll import linear_token_nll_forward
+from .kernels.linear_token_stats import linear_token_stats_forward
 from .kernels.token_nll import token_nll_forward
 from .kernels.token_stats import token_stats_forward
 
@@ -77,11 +91,23 @@ def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
                                sm_count=_sm_count(logits3))
 
 
-def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
-    """The chunked GEMM path with the statistics kernel (no fused statistics kernel yet)."""
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
+                       *, scored=None):
+    """The fused statistics kernel for ``top_k=0`` where :func:`fused_supported`, the chunked
+    GEMM path with the logits statistics kernel otherwise (module notes); ``scored`` as in
+    :func:`linear_token_nll`."""
+    allow_tf32 = _env.allow_tf32()
+    if scored is None:
+        scored = _select_scored(targets, ignore_index)
+    if top_k == 0 and fused_supported(hidden2, allow_tf32):
+        fields = linear_token_stats_forward(hidden2, weight, bias, targets, ignore_index, softcap,
+                                            temperature, sm_count=_sm_count(hidden2),
+                                            allow_tf32=allow_tf32, rows=scored[0],
+                                            all_scored=scored[0] is None)
+        return (*fields, None, None)
     launcher = functools.partial(token_stats_forward, sm_count=_sm_count(hidden2))
     return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
-                                      temperature, top_k, launcher=launcher)
+                                      temperature, top_k, launcher=launcher, scored=scored)
 
 
 def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperature):
