@@ -267,13 +267,16 @@ def test_linear_matches_oracle(backend, dtype):
     bias = torch.randn(V).to(dtype)
     targets = _targets((N,), V, ignored=(0, 5))
     # the kernels' logits: an fp32 GEMM of the (exactly upcast) inputs; ties within its error
-    logits = F.linear(hidden.float(), weight.float(), bias.float())
-    if backend == "triton" and backend_device(backend) == "cpu" and dtype != torch.float32:
-        # the chunked GPU path on CPU tensors: PyTorch has no fp32-output GEMM there, so the
-        # logits are those of F.linear in the input dtype
-        logits = torch.mm(hidden, weight.t()).add_(bias).float()
-    band = 1e-5 * (logits.abs() + 1)
+    exact = F.linear(hidden.float(), weight.float(), bias.float())
     for top_k in (0, 5):
+        logits = exact
+        if (backend == "triton" and backend_device(backend) == "cpu" and dtype != torch.float32
+                and top_k):
+            # top_k > 0 takes the chunked GPU path, here on CPU tensors where PyTorch has no
+            # fp32-output GEMM: the logits are those of F.linear in the input dtype (top_k = 0
+            # runs the fused kernel, whose tiles stay float32)
+            logits = F.linear(hidden, weight, bias).float()
+        band = 1e-5 * (logits.abs() + 1)
         for opts in ({}, {"softcap": 10.0, "temperature": 1.3}):
             stats = on_backend(pplfast.linear_token_stats, backend, hidden, weight, targets,
                                bias=bias, top_k=top_k, **opts)
