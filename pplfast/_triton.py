@@ -17,8 +17,9 @@ Hidden-states op, paths:
   for them while Triton lowers ``tl.dot(..., input_precision="ieee")`` to a generic FMA loop,
   expected to reach a fraction of SGEMM's rate; the chunk buffer costs one extra read and write
   of float32 logits, small beside an FMA-bound GEMM. No GPU measurement has compared the two
-  yet: change this rule when one says otherwise (``pplfast bench`` on a GPU with float32 hidden
-  states, timing ``linear_token_nll_forward`` against this path).
+  yet: change this rule when one says otherwise (``pplfast bench --path linear --dtypes fp32
+  --backend triton`` on a GPU times this path as ``pplfast[triton]`` beside the fused kernel
+  with IEEE products as ``pplfast[triton-fused-fp32]``).
   GPUs below capability 8.0 have no tensor-core path the fused kernel is tuned for.
 
 ``linear_token_stats`` follows the same rule (:func:`fused_supported`) with
