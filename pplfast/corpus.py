@@ -65,6 +65,8 @@ def load_model(name_or_path, *, device=None, dtype="auto", tokenizer=True):
 
     transformers = require("transformers", extra="hf", feature="loading a model by name")
     transformers.logging.set_verbosity_error()
+    # transformers' "Loading weights" bar would interleave with pplfast's own bar
+    transformers.utils.logging.disable_progress_bar()
     device = resolve_device(device)
     if dtype == "auto":
         torch_dtype = "auto" if device.type == "cuda" else torch.float32

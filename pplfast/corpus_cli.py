@@ -22,9 +22,10 @@ import numpy as np
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .corpus import DTYPES, NUM_EXTREME, SCORE_COLUMNS, STATS_COLUMNS, ModelLoadError, RunStats
 from .corpus_io import (
-    CorpusIOError, IdIndex, RowAppender, atomic_output, dump_row, expand_inputs, iter_documents,
-    iter_score_rows, repair_tail, write_parquet,
+    JSON_SUFFIXES, CorpusIOError, IdIndex, RowAppender, atomic_output, dump_row, expand_inputs,
+    iter_documents, iter_score_rows, remove_stale_temporaries, repair_tail, write_parquet,
 )
+from .score import ScoreError, _check_model_dir
 from .windows import MODES
 
 _BUFFER_DOCUMENTS = 1024
@@ -137,6 +138,15 @@ def _check_score_args(args):
         raise CorpusError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
 
 
+def _check_model(name):
+    """``pplfast score``'s line for a missing or unsaved model directory (not transformers'
+    "Repo id must be in the form ..."); a hub id is left to transformers."""
+    try:
+        _check_model_dir(name)
+    except ScoreError as exc:
+        raise CorpusError(str(exc)) from None
+
+
 def _make_scorer(args, model):
     from .corpus import CorpusScorer
 
@@ -162,10 +172,9 @@ def _score_corpus(args) -> int:
     elif os.path.exists(args.output) or os.path.exists(rows_path):
         existing = args.output if os.path.exists(args.output) else rows_path
         raise CorpusError(f"{existing!r} exists: pass --resume to continue that run, or remove it")
-    if args.no_progress and importlib.util.find_spec("transformers") is not None:
-        import transformers
-
-        transformers.logging.disable_progress_bar()
+    _check_model(args.model)
+    for path in (args.output, rows_path):
+        remove_stale_temporaries(path)  # left by a run killed while it renamed its output
     scorer = _make_scorer(args, args.model)
     scorer.model  # load now: a bad model is reported before any document is read
     columns = _score_columns(args.stats)
@@ -311,29 +320,48 @@ def _print_summary(args, summary):
 
 
 def _score_corpus_ray(args, files):
-    """``--ray``: read with Ray Data's readers, score on an actor pool, write with Ray's writers."""
+    """``--ray``: read with Ray Data (Ray's readers with ``--id-field``, else pplfast's reader in
+    Ray tasks for the default ids), score on an actor pool, write with Ray's writers."""
     if args.resume:
         raise CorpusError("--resume is not supported with --ray: write to a new --output directory")
-    if not args.id_field:
-        raise CorpusError("--ray needs --id-field: Ray's readers do not number the lines of a file")
-    if any(f.lower().endswith(".txt") for f in files):
-        raise CorpusError("--ray reads .jsonl, .jsonl.gz and .parquet inputs, not .txt files")
+    if args.id_field and any(f.lower().endswith(".txt") for f in files):
+        raise CorpusError("--ray with --id-field reads .jsonl, .jsonl.gz and .parquet inputs with "
+                          "Ray's readers, not .txt files: leave --id-field out to read them")
+    if not args.id_field and args.text_field == "id":
+        raise CorpusError("--text-field id is the name of the id column: pass --id-field")
     if os.path.exists(args.output):
         raise CorpusError(f"{args.output!r} exists: choose a new --output directory")
     from ._optional import require
-    from .ray import add_outlier_flags, read_corpus, score_dataset
 
     try:
         ray = require("ray", extra="ray", feature="--ray")
     except ImportError as exc:
         raise CorpusError(str(exc)) from None
     _make_scorer(args, args.model)  # bad options fail here, before Ray starts
+    _check_model(args.model)  # and a missing model directory
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not args.no_progress
+    try:
+        return _run_ray(args, files, ray)
+    except ray.exceptions.RayError as exc:
+        # a worker's error (an unreadable file, a model that does not load): its own first line
+        cause = getattr(exc, "cause", None) or exc
+        raise CorpusError(_first_line(cause)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run_ray(args, files, ray):
+    from .ray import add_outlier_flags, read_corpus, score_dataset
+
     start = time.perf_counter()
+    id_column = args.id_field or "id"
     ds = read_corpus(files, text_field=args.text_field, id_field=args.id_field)
     columns = _score_columns(args.stats)
     scored = score_dataset(
@@ -342,9 +370,9 @@ def _score_corpus_ray(args, files):
         text_field=args.text_field, stats=args.stats, device=args.device, dtype=args.dtype,
         backend=args.backend,
     )
-    scored = scored.select_columns([args.id_field] + columns)
-    if args.id_field != "id":
-        scored = scored.rename_columns({args.id_field: "id"})
+    scored = scored.select_columns([id_column] + columns)
+    if id_column != "id":
+        scored = scored.rename_columns({id_column: "id"})
     scored = scored.materialize()  # score rows only (no text): read twice below
     stats = RunStats()
     for batch in scored.iter_batches(batch_format="numpy",
@@ -359,10 +387,11 @@ def _score_corpus_ray(args, files):
             count += 1
             item = (float(z[i]), str(batch["id"][i]))
             (heapq.heappush if len(extreme) < NUM_EXTREME else heapq.heappushpop)(extreme, item)
+    output = os.path.abspath(args.output)  # Ray's writers run in workers, elsewhere
     if args.output.lower().endswith(".parquet"):
-        final.write_parquet(args.output)
+        final.write_parquet(output)
     else:
-        final.write_json(args.output, double_precision=15)  # pandas' default keeps 10 digits
+        final.write_json(output, double_precision=15)  # pandas' default keeps 10 digits
     seconds = time.perf_counter() - start
     summary = stats.summary(num_outliers=count, outliers=[i for _, i in sorted(extreme, reverse=True)],
                             seconds=seconds, documents=stats.num_documents, tokens=stats.num_tokens)
@@ -388,9 +417,26 @@ def _band(args):
     return ("max", None, value) if args.max_perplexity is not None else ("min", value, None)
 
 
+def _check_filter_output(flag, path):
+    if not path.lower().endswith(JSON_SUFFIXES):
+        raise CorpusError(f"{flag} {path!r}: filter writes JSON lines; name it .jsonl or "
+                          ".jsonl.gz (.json and .json.gz are read as JSON lines too)")
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CorpusError(f"{flag} {path!r} is a directory")
+    if not os.path.isdir(directory):
+        raise CorpusError(f"{flag} {path!r}: directory {directory!r} does not exist")
+
+
 def _filter(args) -> int:
     kind, lo, hi = _band(args)
+    for flag, path in (("--output", args.output), ("--rejected", args.rejected)):
+        if path is not None:
+            _check_filter_output(flag, path)
     files = expand_inputs(args.input)
+    for path in (args.output, args.rejected):
+        if path is not None:
+            remove_stale_temporaries(path)  # left by a run killed while it renamed its output
     scores = {}
     for path in expand_inputs(args.scores):
         for row in iter_score_rows(path):

@@ -10,7 +10,10 @@ Outputs are append-safe: rows are written as whole lines, a bounded buffer at a 
 Ctrl-C held back during each write, so after any kill every complete line of the file is a valid
 row; a torn last line (a kill during a write) is cut off before a resumed run appends. Files
 that are produced in one go (a finished score file, a filtered corpus) are written to a
-temporary name in the same directory and renamed into place.
+temporary name in the same directory (``.NAME.tmp-PID``) and renamed into place; a writer
+killed before the rename (SIGKILL, power loss) leaves that temporary file behind, and the next
+run that writes ``NAME`` removes it (:func:`remove_stale_temporaries`: only those of processes
+that no longer run on this machine).
 """
 from __future__ import annotations
 
@@ -109,8 +112,9 @@ def _id_of(record: dict, id_field: str, where: str) -> str:
     return str(value)
 
 
-def _iter_json_lines(path: str):
-    """(line number, object) of a JSON-lines file; blank lines skipped."""
+def _iter_json_lines(path: str, name: Optional[str] = None):
+    """(line number, object) of a JSON-lines file; blank lines skipped (and counted)."""
+    name = path if name is None else name
     try:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -119,15 +123,16 @@ def _iter_json_lines(path: str):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise CorpusIOError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    raise CorpusIOError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
-                    raise CorpusIOError(f"{path}:{lineno}: not a JSON object")
+                    raise CorpusIOError(f"{name}:{lineno}: not a JSON object")
                 yield lineno, record
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise CorpusIOError(f"cannot read {path!r}: {exc}") from None
+        raise CorpusIOError(f"cannot read {name!r}: {exc}") from None
 
 
-def _iter_parquet(path: str, columns=None):
+def _iter_parquet(path: str, columns=None, name: Optional[str] = None):
+    name = path if name is None else name
     pq = require("pyarrow.parquet", extra="parquet", feature="reading .parquet files")
     try:
         pfile = pq.ParquetFile(path)
@@ -140,29 +145,38 @@ def _iter_parquet(path: str, columns=None):
                 row += 1
                 yield row, record
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise CorpusIOError(f"cannot read {path!r}: {str(exc).splitlines()[0]}") from None
+        raise CorpusIOError(f"cannot read {name!r}: {str(exc).splitlines()[0]}") from None
 
 
 def iter_documents(files: Sequence[str], *, text_field: str = "text", id_field: Optional[str] = None,
-                   keep_record: bool = False) -> Iterator[Document]:
-    """Stream the documents of ``files`` (from :func:`expand_inputs`), in order."""
-    for path in files:
+                   keep_record: bool = False, names: Optional[Sequence[str]] = None) -> Iterator[Document]:
+    """Stream the documents of ``files`` (from :func:`expand_inputs`), in order.
+
+    ``names``: the name of each file in default ids and messages (default: the path itself),
+    so that a worker that opens a file by its absolute path gives the ids of the run that named
+    it relatively.
+    """
+    if names is None:
+        names = files
+    elif len(names) != len(files):
+        raise ValueError(f"names has {len(names)} entries for {len(files)} files")
+    for path, name in zip(files, names):
         suffix = _suffix(path)
         if suffix == ".txt":
             try:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
             except (OSError, UnicodeDecodeError) as exc:
-                raise CorpusIOError(f"cannot read {path!r}: {exc}") from None
-            yield Document(path, text, path, {text_field: text} if keep_record else None)
+                raise CorpusIOError(f"cannot read {name!r}: {exc}") from None
+            yield Document(name, text, name, {text_field: text} if keep_record else None)
             continue
         if suffix == ".parquet":
             columns = None if keep_record else [text_field] + ([id_field] if id_field else [])
-            rows = _iter_parquet(path, columns)
+            rows = _iter_parquet(path, columns, name)
         else:
-            rows = _iter_json_lines(path)
+            rows = _iter_json_lines(path, name)
         for lineno, record in rows:
-            where = f"{path}:{lineno}"
+            where = f"{name}:{lineno}"
             text = record.get(text_field)
             if text is None and text_field in record:
                 text = ""  # a null text is an empty document
@@ -316,6 +330,49 @@ class RowAppender:
                 self._fd = -1
 
 
+def _temporary_name(path: str, pid: int) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{pid}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> List[str]:
+    """Remove the temporary files of :func:`atomic_output` that writers of ``path`` killed
+    before their rename left behind: ``.NAME.tmp-PID`` whose process no longer runs on this
+    machine (a live writer's file is kept). Returns the removed paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}.tmp-"
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for entry in sorted(entries):
+        pid = entry[len(prefix):]
+        if not entry.startswith(prefix) or not pid.isdigit() or int(pid) <= 0:
+            continue
+        if int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        stale = os.path.join(directory, entry)
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CorpusIOError(f"cannot remove the stale temporary file {stale!r}: "
+                                f"{exc.strerror}") from None
+        removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "w"):
     """Write ``path`` through a temporary file in its directory, renamed into place on success.
@@ -326,7 +383,7 @@ def atomic_output(path: str, mode: str = "w"):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CorpusIOError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = _temporary_name(path, os.getpid())
     try:
         if mode == "path":
             yield tmp

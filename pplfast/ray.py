@@ -6,7 +6,8 @@ which come back with the score columns appended. ``pplfast score-corpus --ray`` 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -64,18 +65,59 @@ def score_dataset(ds, model, *, concurrency: int = 1, num_gpus: float = 0, batch
     )
 
 
-def read_corpus(files: Sequence[str], *, text_field: str, id_field: str):
-    """A dataset of ``text_field`` and ``id_field`` from JSON-lines (``.gz`` too) and parquet files."""
+def read_corpus(files: Sequence[str], *, text_field: str, id_field: Optional[str] = None):
+    """A dataset of ``text_field`` and the documents' ids, from the files of
+    :func:`pplfast.corpus_io.expand_inputs`.
+
+    With ``id_field``: JSON-lines (``.gz`` too) and parquet files read by Ray Data's
+    ``read_json`` / ``read_parquet``, ids from that column (as strings). Without: pplfast's own
+    reader runs in Ray tasks, one file per task, read from start to end, so the ids are the
+    single-process run's ``<file>:<line>`` (``<file>:<row>`` for parquet, ``<file>`` for
+    ``.txt``), in an ``id`` column, however Ray then splits the rows into blocks. Ray's
+    readers cannot give these ids: a row does not carry its line in the file (blank lines are
+    skipped, and a file's rows may be split over blocks that reach later stages in any order).
+    Files are opened by absolute path, so on a cluster every worker must see them at the same
+    path (a shared file system).
+    """
     ray = _ray()
-    json_files = [f for f in files if not f.lower().endswith(".parquet")]
-    parquet_files = [f for f in files if f.lower().endswith(".parquet")]
-    parts = []
-    if json_files:
-        parts.append(ray.data.read_json(json_files, lines=True).select_columns([text_field, id_field]))
-    if parquet_files:
-        parts.append(ray.data.read_parquet(parquet_files).select_columns([text_field, id_field]))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.map_batches(_ids_as_strings, fn_kwargs={"id_field": id_field}, batch_format="numpy")
+    if id_field:
+        if any(f.lower().endswith(".txt") for f in files):
+            raise ValueError("with id_field, Ray's readers read .jsonl, .jsonl.gz and .parquet "
+                             "files, not .txt files (leave id_field out to read them)")
+        json_files = [f for f in files if not f.lower().endswith(".parquet")]
+        parquet_files = [f for f in files if f.lower().endswith(".parquet")]
+        parts = []
+        if json_files:
+            parts.append(ray.data.read_json(json_files, lines=True).select_columns([text_field, id_field]))
+        if parquet_files:
+            parts.append(ray.data.read_parquet(parquet_files).select_columns([text_field, id_field]))
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return ds.map_batches(_ids_as_strings, fn_kwargs={"id_field": id_field}, batch_format="numpy")
+    if text_field == "id":
+        raise ValueError("text_field 'id' is the name of the id column: pass id_field")
+    items = [{"path": os.path.abspath(f), "name": f} for f in files]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_read_files, fn_kwargs={"text_field": text_field}, batch_size=1,
+                          batch_format="numpy")
+
+
+_READ_BATCH = 1024  # documents handed to Ray at a time (it gathers them into blocks)
+
+
+def _read_files(batch, text_field):
+    """Ray task: the documents of the files in ``batch``, a bounded batch at a time."""
+    from .corpus_io import iter_documents
+
+    paths, names = [str(p) for p in batch["path"]], [str(n) for n in batch["name"]]
+    ids, texts = [], []
+    for doc in iter_documents(paths, text_field=text_field, names=names):
+        ids.append(doc.id)
+        texts.append(doc.text)
+        if len(ids) >= _READ_BATCH:
+            yield {"id": np.array(ids, dtype=object), text_field: np.array(texts, dtype=object)}
+            ids, texts = [], []
+    if ids:
+        yield {"id": np.array(ids, dtype=object), text_field: np.array(texts, dtype=object)}
 
 
 def _ids_as_strings(batch, id_field):

@@ -249,6 +249,61 @@ def test_ctrl_c_exits_130_and_keeps_finished_rows(saved, big, tmp_path):
     assert 10 <= len(rows) < total and all(r["outlier"] is None for r in rows)
 
 
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_files_are_removed(saved, scored, capsys, tmp_path):
+    from pplfast.corpus_io import dump_row
+
+    root = saved[0]
+    # a run killed while it rewrote its output with the outlier flags: every row is in the
+    # output (outlier still null), a half-written temporary file lies beside it
+    finished = read_rows(scored[0])
+    out = tmp_path / "s.jsonl"
+    out.write_text("".join(dump_row({**r, "outlier": None}) for r in finished), encoding="utf-8")
+    dead = dead_pid()
+    stale = tmp_path / f".s.jsonl.tmp-{dead}"
+    stale.write_text(dump_row(finished[0]) + '{"id": "d0', encoding="utf-8")
+    live_proc = subprocess.Popen(["sleep", "600"])  # another writer, still running: kept
+    live = tmp_path / f".s.jsonl.tmp-{live_proc.pid}"
+    live.write_text("")
+    try:
+        rc, stdout, err = run(capsys, "score-corpus", "--model", root / "model", "--input",
+                              root / "c.jsonl", "--output", out, "--id-field", "doc", "--resume",
+                              "--json", *OPTS)
+        assert rc == 0, err
+        assert json.loads(stdout)["documents_this_run"] == 0
+        assert not stale.exists() and live.exists()
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in finished]
+    assert [r["outlier"] for r in rows] == [r["outlier"] for r in finished]
+    # filter, both outputs
+    kept, rejected = tmp_path / "kept.jsonl", tmp_path / "rejected.jsonl.gz"
+    stale = [tmp_path / f".kept.jsonl.tmp-{dead}", tmp_path / f".rejected.jsonl.gz.tmp-{dead}"]
+    for path in stale:
+        path.write_bytes(b"half")
+    rc, _, err = run(capsys, "filter", "--input", root / "c.jsonl", "--scores", out, "--output", kept,
+                     "--rejected", rejected, "--max-perplexity", "1e9", "--id-field", "doc")
+    assert rc == 0, err
+    assert not any(p.exists() for p in stale) and kept.exists() and rejected.exists()
+    # a new run (no --resume) to parquet: the final file's and the row file's temporaries
+    fresh = tmp_path / "fresh.parquet"
+    stale = [tmp_path / f".fresh.parquet.tmp-{dead}", tmp_path / f".fresh.parquet.partial.jsonl.tmp-{dead}"]
+    for path in stale:
+        path.write_bytes(b"PAR1")
+    rc, _, err = run(capsys, "score-corpus", "--model", root / "model", "--input",
+                     root / "c.jsonl", "--output", fresh, *OPTS)
+    assert rc == 0, err
+    assert not any(p.exists() for p in stale) and len(read_rows(fresh)) == len(finished)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
+
+
 def test_stats_columns_match_the_models_own_distributions(saved, capsys, tmp_path):
     # documents shorter than the window: each token's distribution is the model's own logits
     # at the previous position, so entropy and top-1 hits follow from one forward pass
@@ -276,15 +331,19 @@ def test_stats_columns_match_the_models_own_distributions(saved, capsys, tmp_pat
                                                rel=1e-4)
 
 
-@pytest.mark.parametrize("case", ["missing-model", "missing-input", "bad-jsonl", "no-field",
-                                  "bad-backend", "bad-window", "bad-output", "ray-no-id",
-                                  "duplicate-id", "bad-resume-file"])
+@pytest.mark.parametrize("case", ["missing-model", "model-without-config", "missing-input",
+                                  "bad-jsonl", "no-field", "bad-backend", "bad-window",
+                                  "bad-output", "ray-txt-with-id-field", "duplicate-id",
+                                  "bad-resume-file"])
 def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
     root = saved[0]
     model, inp, out = root / "model", root / "c.jsonl", tmp_path / "s.jsonl"
-    extra = []
-    if case == "missing-model":
-        model = tmp_path / "no-model"
+    extra, needles = [], []
+    if case == "missing-model":  # pplfast score's line, not transformers' "Repo id must be..."
+        model, needles = tmp_path / "no-model", ["model directory", "does not exist"]
+    elif case == "model-without-config":
+        model, needles = tmp_path / "empty-model", ["no config.json"]
+        model.mkdir()
     elif case == "missing-input":
         inp = tmp_path / "absent.jsonl"
     elif case == "bad-jsonl":
@@ -298,8 +357,8 @@ def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
         extra = ["--window", "0"]
     elif case == "bad-output":
         out = tmp_path / "s.csv"
-    elif case == "ray-no-id":
-        extra = ["--ray"]
+    elif case == "ray-txt-with-id-field":
+        inp, extra, needles = root / "txt", ["--ray", "--id-field", "doc"], ["not .txt files"]
     elif case == "duplicate-id":
         extra = ["--id-field", "dup"]
         inp = tmp_path / "dup.jsonl"
@@ -312,7 +371,29 @@ def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
     assert rc == 1 and stdout == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pplfast score-corpus: error: "), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Repo id" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_transformers_loading_bar_is_silenced(saved, capsys, tmp_path):
+    # transformers' bar state is global: turn it on, as in a fresh process, with a control
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    root = saved[0]
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        transformers.AutoModelForCausalLM.from_pretrained(root / "model")
+        assert "Loading weights" in capsys.readouterr().err  # the control: the bar exists
+        hf_logging.enable_progress_bar()
+        rc, _, err = run(capsys, "score-corpus", "--model", root / "model", "--input",
+                         root / "c.jsonl", "--output", tmp_path / "s.jsonl", *OPTS[:-1])
+        assert rc == 0, err
+        assert "Loading weights" not in err
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
 # ---------------------------------------------------------------- filter
@@ -385,17 +466,32 @@ def test_filter_thresholds_txt_corpus_and_default_ids(saved, capsys, tmp_path):
         assert all(ok(r["pplfast"]["perplexity"]) for r in rows)
 
 
-@pytest.mark.parametrize("case", ["other-corpus", "missing-ids", "duplicate-scores", "bad-band",
-                                  "reversed-band", "negative", "no-scores-file", "wrong-id-field"])
+@pytest.mark.parametrize("case", ["other-corpus", "unknown-ids", "missing-ids", "duplicate-scores",
+                                  "bad-band", "reversed-band", "negative", "no-scores-file",
+                                  "wrong-id-field", "parquet-output", "bad-rejected",
+                                  "output-dir-missing"])
 def test_filter_errors_are_one_line(saved, scored, capsys, tmp_path, case):
     root = saved[0]
     scores_path, scores = scored
     inp, band = root / "c.jsonl", ["--percentile-band", "30:60"]
-    extra = ["--id-field", "doc"]
-    if case == "other-corpus":
+    extra, needles = ["--id-field", "doc"], []
+    output = tmp_path / "kept.jsonl"
+    if case == "unknown-ids":  # every document scored, and more: only the unknown-id error
+        inp = tmp_path / "subset.jsonl"
+        write_jsonl(inp, saved[4][:12])
+        needles = [f"{len(scores) - 12} score rows have ids not in the corpus"]
+    elif case == "parquet-output":
+        output, needles = tmp_path / "kept.parquet", ["--output", "kept.parquet", ".jsonl"]
+    elif case == "bad-rejected":
+        extra += ["--rejected", str(tmp_path / "rejected.csv")]
+        needles = ["--rejected", "rejected.csv", ".jsonl.gz"]
+    elif case == "output-dir-missing":
+        output, needles = tmp_path / "nope" / "kept.jsonl", ["--output", "does not exist"]
+    elif case == "other-corpus":
         inp = tmp_path / "other.jsonl"
         write_jsonl(inp, [{"text": "x", "doc": f"d{i:02d}"} for i in range(len(scores) + 2)])
     elif case == "missing-ids":
+        needles = ["have no score row"]
         scores_path = tmp_path / "part.jsonl"
         lines = open(scored[0], encoding="utf-8").read().splitlines(True)
         scores_path.write_text("".join(lines[:10]), encoding="utf-8")
@@ -413,12 +509,17 @@ def test_filter_errors_are_one_line(saved, scored, capsys, tmp_path, case):
         scores_path = tmp_path / "none.jsonl"
     elif case == "wrong-id-field":
         extra = []
+    if case in ("parquet-output", "bad-rejected", "output-dir-missing"):
+        scores_path = tmp_path / "never-read.jsonl"  # refused before any file is read
+    before = set(os.listdir(tmp_path))
     rc, out, err = run(capsys, "filter", "--input", inp, "--scores", scores_path, "--output",
-                       tmp_path / "kept.jsonl", *band, *extra)
+                       output, *band, *extra)
     assert rc == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pplfast filter: error: "), err
-    assert not (tmp_path / "kept.jsonl").exists()  # nothing half-written
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert set(os.listdir(tmp_path)) == before  # nothing written, not even a temporary file
 
 
 # ---------------------------------------------------------------- memory

@@ -102,7 +102,84 @@ def test_cli_ray_equals_single_process_run(local_ray, saved, tmp_path, capsys):
     assert ray_summary["perplexity_percentiles"] == pytest.approx(single_summary["perplexity_percentiles"], rel=1e-5)
 
 
-def test_bad_arguments_and_missing_extra(saved, monkeypatch):
+def write_mixed_corpus(directory, records):
+    """The records over four formats, read by their default ids: JSON lines with blank lines
+    (numbered all the same), gzip, parquet and two .txt files; returns the names, relative."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps(r) + "\n" for r in records[:14]]
+    lines[3:3] = ["\n", "  \n"]
+    lines.insert(0, "\n")
+    (directory / "a.jsonl").write_text("".join(lines), encoding="utf-8")
+    with gzip.open(directory / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records[14:26])
+    pq.write_table(pa.Table.from_pylist(records[26:38]), directory / "c.parquet", row_group_size=5)
+    (directory / "txt").mkdir()
+    for i, r in enumerate(records[38:40]):
+        (directory / "txt" / f"d{i}.txt").write_text(r["text"], encoding="utf-8")
+    return ["a.jsonl", "b.jsonl.gz", "c.parquet", "txt"]
+
+
+def test_read_corpus_default_ids_are_the_single_process_ids(local_ray, saved, tmp_path, monkeypatch):
+    from pplfast.corpus_io import CorpusIOError, expand_inputs, iter_documents
+    from pplfast.ray import read_corpus
+
+    records = saved[3]
+    names = write_mixed_corpus(tmp_path, records)
+    monkeypatch.chdir(tmp_path)  # relative names: the workers open the absolute paths
+    files = expand_inputs(names)
+    want = [(d.id, d.text) for d in iter_documents(files)]
+    assert want[0][0] == "a.jsonl:2" and "a.jsonl:7" in dict(want)  # blank lines counted
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "target_max_block_size", 512)  # a few rows per block
+    ds = read_corpus(files, text_field="text").materialize()
+    assert ds.num_blocks() > len(files)  # files split over blocks: the ids are numbered before
+    got = [(row["id"], row["text"]) for row in ds.take_all()]
+    assert sorted(got) == sorted(want)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{nope\n')
+    with pytest.raises(CorpusIOError, match="bad.jsonl:3: not valid JSON"):
+        read_corpus(["bad.jsonl"], text_field="text").materialize()
+
+
+def test_cli_ray_default_ids_equal_single_process_run(local_ray, saved, tmp_path, capsys, monkeypatch):
+    from pplfast.cli import main
+
+    root, _, _, records = saved
+    names = write_mixed_corpus(tmp_path, records)
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(root / "model"), "--input", *names, "--window", "32",
+              "--batch-tokens", "128", "--json", "--no-progress"]
+    assert main(["score-corpus", *common, "--output", "single.jsonl"]) == 0
+    single_summary = json.loads(capsys.readouterr().out)
+    assert main(["score-corpus", *common, "--ray", "--output", "ray-out"]) == 0
+    ray_summary = json.loads(capsys.readouterr().out)
+    single = {r["id"]: r for r in iter_score_rows("single.jsonl")}
+    rows = [r for f in sorted(os.listdir("ray-out")) for r in iter_score_rows(os.path.join("ray-out", f))]
+    assert len(single) == 40 and sorted(r["id"] for r in rows) == sorted(single)
+    assert {"a.jsonl:2", "b.jsonl.gz:12", "c.parquet:12", os.path.join("txt", "d1.txt")} <= set(single)
+    for row in rows:
+        ref = single[row["id"]]
+        assert list(row) == list(ref)
+        assert row["num_tokens"] == ref["num_tokens"] and row["outlier"] == ref["outlier"]
+        assert row["num_bytes"] == ref["num_bytes"]
+        for key in ("sum_nll", "perplexity"):
+            if math.isnan(ref[key]):
+                assert math.isnan(row[key])
+            else:
+                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["id"], key)
+    for key in ("num_documents", "num_tokens", "num_outliers"):
+        assert ray_summary[key] == single_summary[key]
+    # a worker's error is one line too
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{nope\n')
+    assert main(["score-corpus", *common[:2], "--input", "bad.jsonl", "--ray", "--no-progress",
+                 "--output", "bad-out"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("pplfast score-corpus: error: bad.jsonl:2: not valid "
+                                            "JSON (Expecting property name enclosed in double quotes)")
+
+
+def test_bad_arguments_and_missing_extra(local_ray, saved, monkeypatch):
     from pplfast import ray as pplfast_ray
 
     root = saved[0]
