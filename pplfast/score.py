@@ -20,6 +20,9 @@ import os
 import sys
 import tempfile
 import time
+from typing import NamedTuple, Optional
+
+import numpy as np
 
 from ._dispatch import BACKENDS, BackendUnavailableError
 from ._optional import require
@@ -408,43 +411,61 @@ def _token_stats_rows(tokenizer, stats):
     return row
 
 
-def _plot(path, documents, title, window):
-    import torch
+class PlotData(NamedTuple):
+    """What ``--plot`` draws, position by position (positions no document scores are left out)."""
 
-    plt = _pyplot()
+    positions: np.ndarray  # token positions in the document, int64
+    mean: np.ndarray  # mean NLL over the documents scored at each position, float64
+    documents: np.ndarray  # how many documents are scored at each position, int64
+    smooth: np.ndarray  # moving average of ``mean`` over ``width`` positions, float64
+    width: int  # ~2% of the scored positions, at least 1, at most 512
+    window: Optional[int]  # where the first window ends, when a document runs past it
+
+
+def plot_data(documents, window: Optional[int]) -> PlotData:
+    """The curves of ``--plot`` from the scored documents (``token_ids``, ``token_nll``,
+    ``scored`` each): the mean NLL at each position over the documents scored there, how many
+    those are (the tail averages few documents and is noisy, not rising), and a moving average
+    whose width follows the length (per-token NLL is too noisy to read raw)."""
     length = max(len(doc.token_ids) for doc in documents)
-    total = torch.zeros(length, dtype=torch.float64)
-    count = torch.zeros(length, dtype=torch.float64)
+    total = np.zeros(length, dtype=np.float64)
+    count = np.zeros(length, dtype=np.int64)
     for doc in documents:
-        n = len(doc.token_ids)
-        total[:n] += torch.where(doc.scored, doc.token_nll.double(),
-                                 torch.zeros(n, dtype=torch.float64))
-        count[:n] += doc.scored.double()
+        scored = doc.scored.cpu().numpy().astype(bool)
+        nll = doc.token_nll.cpu().double().numpy()
+        n = len(scored)
+        total[:n] += np.where(scored, nll, 0.0)
+        count[:n] += scored
     keep = count > 0
-    positions = torch.arange(length)[keep]
     mean = total[keep] / count[keep]
-    # moving average over ~2% of the scored positions (at least 1, at most 512 tokens):
-    # per-token NLL is too noisy to read raw, and the width follows the length
     width = int(min(512, max(1, len(mean) // 50)))
-    kernel = torch.ones(width, dtype=torch.float64) / width
-    padded = torch.cat([mean[:1].repeat(width // 2), mean,
-                        mean[-1:].repeat(width - 1 - width // 2)])
-    smooth = torch.nn.functional.conv1d(padded.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
+    # edges padded with the first and last values, so the average keeps its length
+    padded = np.concatenate([np.repeat(mean[:1], width // 2), mean,
+                             np.repeat(mean[-1:], width - 1 - width // 2)])
+    smooth = np.convolve(padded, np.full(width, 1.0 / width), mode="valid")
+    return PlotData(positions=np.flatnonzero(keep), mean=mean, documents=count[keep],
+                    smooth=smooth, width=width,
+                    window=window if window is not None and window < length else None)
+
+
+def plot_figure(data: PlotData, title: str):
+    """The matplotlib figure of ``--plot`` (the caller closes it)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    ax.plot(positions.numpy(), mean.numpy(), lw=0.5, alpha=0.3, label="mean over documents")
-    ax.plot(positions.numpy(), smooth.numpy(), lw=1.5,
-            label=f"moving average ({width} token{'s' if width > 1 else ''})")
-    if window is not None and window < length:
-        ax.axvline(window, color="grey", ls="--", lw=1, label=f"window ({window} tokens)")
+    ax.plot(data.positions, data.mean, lw=0.5, alpha=0.3, label="mean over documents")
+    ax.plot(data.positions, data.smooth, lw=1.5,
+            label=f"moving average ({data.width} token{'s' if data.width > 1 else ''})")
+    if data.window is not None:
+        ax.axvline(data.window, color="grey", ls="--", lw=1, label=f"window ({data.window} tokens)")
     ax.set_xlabel("token position in document")
     ax.set_ylabel("NLL (nats)")
     ax.grid(alpha=0.3)
     # how many documents reach each position: the tail averages few documents and is noisy
     docs_ax = ax.twinx()
-    docs_ax.fill_between(positions.numpy(), count[keep].numpy(), step="mid", color="tab:green",
+    docs_ax.fill_between(data.positions, data.documents, step="mid", color="tab:green",
                          alpha=0.12, label="documents at this position")
     docs_ax.set_ylabel("documents at this position")
-    docs_ax.set_ylim(0, float(count.max()) * 1.05)
+    docs_ax.set_ylim(0, float(data.documents.max()) * 1.05)
     ax.set_zorder(docs_ax.get_zorder() + 1)
     ax.patch.set_visible(False)
     handles = ax.get_legend_handles_labels()
@@ -452,6 +473,12 @@ def _plot(path, documents, title, window):
     ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right", fontsize="small")
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def _plot(path, documents, title, window):
+    plt = _pyplot()
+    fig = plot_figure(plot_data(documents, window), title)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower())
