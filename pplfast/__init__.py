@@ -9,8 +9,7 @@ from .metric import Perplexity, PerplexityResult
 from .stats import TokenStats, linear_token_stats, token_stats
 from .windows import Window, make_windows
 from . import reference  # the float64 oracle, pplfast.reference
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BACKENDS",

@@ -53,7 +53,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="pplfast", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=_Formatter)

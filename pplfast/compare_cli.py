@@ -219,7 +219,8 @@ def _plot(path, tokens, scored, title, window):
 
 
 def _compare(args) -> int:
-    from . import __version__, _dispatch
+    from . import _dispatch
+    from ._version import __version__
     from .hf import _context_length, _llamacpp_bos, _model_device
 
     _check_options(args)

@@ -16,8 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+from . import _models
 from ._dispatch import BACKENDS
-from ._optional import require
+from ._models import ModelLoadError, load_tokenizer  # noqa: F401  (ModelLoadError: part of this module's API)
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -29,10 +30,6 @@ SCORE_COLUMNS = (
     ("bits_per_byte", np.float64),
 )
 STATS_COLUMNS = (("sum_entropy", np.float64), ("top1_hits", np.int64))
-
-
-class ModelLoadError(ValueError):
-    """The model or tokenizer named by a scorer cannot be loaded."""
 
 
 def _positive_int(name, value, *, allow_none=False):
@@ -56,35 +53,14 @@ def resolve_device(device):
 
 
 def load_model(name_or_path, *, device=None, dtype="auto", tokenizer=True):
-    """Load a causal LM (and its tokenizer) with transformers, in eval mode on ``device``.
+    """Load a causal LM (and its tokenizer) with transformers, in eval mode on ``device``
+    (None: cuda when available, else cpu).
 
     ``dtype="auto"``: the checkpoint's dtype on GPU, float32 on CPU. Raises
     :class:`ModelLoadError` (one line) when the model cannot be loaded or moved.
     """
-    import torch
-
-    transformers = require("transformers", extra="hf", feature="loading a model by name")
-    transformers.logging.set_verbosity_error()
-    # transformers' "Loading weights" bar would interleave with pplfast's own bar
-    transformers.utils.logging.disable_progress_bar()
-    device = resolve_device(device)
-    if dtype == "auto":
-        torch_dtype = "auto" if device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(name_or_path) if tokenizer else None
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **{dtype_kw: torch_dtype})
-    except Exception as exc:  # OSError, ValueError, ...: all mean "this model cannot be loaded"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {str(name_or_path)!r}: {first}") from None
-    try:
-        model = model.to(device).eval()
-    except Exception as exc:
-        raise ModelLoadError(f"cannot move the model to {device}: {exc}") from None
-    return model, tok
+    return _models.load_model(name_or_path, device=resolve_device(device), dtype=dtype,
+                              tokenizer=tokenizer)
 
 
 class CorpusScorer:
@@ -181,9 +157,9 @@ class CorpusScorer:
         if self._tokenizer is None:
             self.model  # loads the model's own tokenizer with it
             if self._tokenizer is None:  # a loaded model given without one
-                self._tokenizer = _load_tokenizer(self._source)
+                self._tokenizer = load_tokenizer(self._source)
         elif isinstance(self._tokenizer, str):
-            self._tokenizer = _load_tokenizer(self._tokenizer)
+            self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer
 
     def __call__(self, batch):
@@ -265,15 +241,6 @@ def _as_text(value, row):
     if not isinstance(value, str):
         raise TypeError(f"document {row} must be a string, got {type(value).__name__}")
     return value
-
-
-def _load_tokenizer(name_or_path):
-    transformers = require("transformers", extra="hf", feature="loading a tokenizer by name")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load tokenizer {str(name_or_path)!r}: {first}") from None
 
 
 # ---------------------------------------------------------------- run figures and outliers

@@ -20,12 +20,13 @@ import time
 import numpy as np
 
 from ._dispatch import BACKENDS, BackendUnavailableError
-from .corpus import DTYPES, NUM_EXTREME, SCORE_COLUMNS, STATS_COLUMNS, ModelLoadError, RunStats
+from ._models import ModelLoadError, check_model_dir
+from ._models import first_line as _first_line
+from .corpus import DTYPES, NUM_EXTREME, SCORE_COLUMNS, STATS_COLUMNS, RunStats
 from .corpus_io import (
     JSON_SUFFIXES, CorpusIOError, IdIndex, RowAppender, atomic_output, dump_row, expand_inputs,
     iter_documents, iter_score_rows, remove_stale_temporaries, repair_tail, write_parquet,
 )
-from .score import ScoreError, _check_model_dir
 from .windows import MODES
 
 _BUFFER_DOCUMENTS = 1024
@@ -138,15 +139,6 @@ def _check_score_args(args):
         raise CorpusError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
 
 
-def _check_model(name):
-    """``pplfast score``'s line for a missing or unsaved model directory (not transformers'
-    "Repo id must be in the form ..."); a hub id is left to transformers."""
-    try:
-        _check_model_dir(name)
-    except ScoreError as exc:
-        raise CorpusError(str(exc)) from None
-
-
 def _make_scorer(args, model):
     from .corpus import CorpusScorer
 
@@ -172,7 +164,7 @@ def _score_corpus(args) -> int:
     elif os.path.exists(args.output) or os.path.exists(rows_path):
         existing = args.output if os.path.exists(args.output) else rows_path
         raise CorpusError(f"{existing!r} exists: pass --resume to continue that run, or remove it")
-    _check_model(args.model)
+    check_model_dir(args.model)
     for path in (args.output, rows_path):
         remove_stale_temporaries(path)  # left by a run killed while it renamed its output
     scorer = _make_scorer(args, args.model)
@@ -247,7 +239,6 @@ def _score_buffer(scorer, buffer, columns, writer, bar) -> int:
     tokens = int(scores["num_tokens"].sum())
     if bar is not None:
         bar.update(len(buffer))
-        rate = bar.format_dict.get("rate") or 0
         elapsed = bar.format_dict.get("elapsed") or 0
         bar.total_tokens = getattr(bar, "total_tokens", 0) + tokens
         if elapsed > 0:
@@ -338,7 +329,7 @@ def _score_corpus_ray(args, files):
     except ImportError as exc:
         raise CorpusError(str(exc)) from None
     _make_scorer(args, args.model)  # bad options fail here, before Ray starts
-    _check_model(args.model)  # and a missing model directory
+    check_model_dir(args.model)  # and a missing model directory
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -350,11 +341,6 @@ def _score_corpus_ray(args, files):
         # a worker's error (an unreadable file, a model that does not load): its own first line
         cause = getattr(exc, "cause", None) or exc
         raise CorpusError(_first_line(cause)) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _run_ray(args, files, ray):

@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from ._optional import require
-from .score import ScoreError, _check_model_dir
+from ._models import ModelLoadError, check_model_dir
 
 _SUBCOMMANDS = ("run", "ls", "validate")
 _MODEL_FLAGS = ("--model", "-M")
@@ -76,7 +76,7 @@ def pretrained_of(argv: List[str]) -> Optional[str]:
 
 
 def check_model(argv: List[str]) -> None:
-    """:class:`ScoreError` when ``pretrained=`` names a local directory that is missing or holds
+    """:class:`ModelLoadError` when ``pretrained=`` names a local directory that is missing or holds
     no saved model (for the Hugging Face models; hub ids are left to transformers)."""
     if argv[:1] != ["run"]:
         return
@@ -84,7 +84,7 @@ def check_model(argv: List[str]) -> None:
     model = models[-1][0] if models and models[-1] else "pplfast"
     pretrained = pretrained_of(argv)
     if model in _CHECKED_MODELS and pretrained is not None:
-        _check_model_dir(pretrained)
+        check_model_dir(pretrained)
 
 
 def run(args) -> int:
@@ -98,7 +98,7 @@ def run(args) -> int:
         transformers = require("transformers", extra="lm-eval", feature="pplfast eval")
         import pplfast.lm_eval  # noqa: F401  (registers the model)
         from lm_eval.__main__ import cli_evaluate
-    except (ImportError, ScoreError) as exc:
+    except (ImportError, ModelLoadError) as exc:
         print(f"pplfast eval: error: {exc}", file=sys.stderr)
         return 1
     # as pplfast score: transformers' loading bars and notices would interleave with lm-eval's

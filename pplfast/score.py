@@ -24,9 +24,12 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from . import _models
 from ._dispatch import BACKENDS, BackendUnavailableError
+from ._models import first_line as _first_line
 from ._optional import require
 from ._table import key_values
+from ._version import __version__
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -240,61 +243,12 @@ def _device(name):
     return device
 
 
-def _looks_like_path(name: str) -> bool:
-    # a hub id is "name" or "owner/name"; anything else is meant as a local directory
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def _check_model_dir(name: str) -> None:
-    if not _looks_like_path(name):
-        return  # a hub id: transformers reports what is wrong with it
-    if not os.path.exists(name):
-        raise ScoreError(f"model directory {name!r} does not exist")
-    if not os.path.isdir(name):
-        raise ScoreError(f"--model {name!r} is a file: pass the directory of a saved model")
-    if not os.path.isfile(os.path.join(name, "config.json")):
-        raise ScoreError(f"model directory {name!r} has no config.json: it is not a saved "
-                         "Hugging Face model (save one with model.save_pretrained(dir) and "
-                         "tokenizer.save_pretrained(dir))")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def load_model(name: str, dtype_name: str, device, *, quiet_bars: bool = True):
+def load_model(name: str, dtype_name: str, device):
     """``(model, tokenizer)`` on ``device``, or :class:`ScoreError` saying what is wrong."""
-    import torch
-
     try:
-        transformers = require("transformers", extra="hf", feature="pplfast score")
-    except ImportError as exc:
+        return _models.load_model(name, device=device, dtype=dtype_name)
+    except (_models.ModelLoadError, ImportError) as exc:
         raise ScoreError(str(exc)) from None
-    _check_model_dir(name)
-    transformers.logging.set_verbosity_error()
-    if quiet_bars:
-        # transformers' own loading bars would interleave with ours; pplfast's bar stays
-        transformers.utils.logging.disable_progress_bar()
-    if dtype_name == "auto":
-        dtype = "auto" if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, dtype_name)
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # OSError, ValueError, ...: all mean "no usable tokenizer here"
-        raise ScoreError(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, **{dtype_kw: dtype})
-    except Exception as exc:
-        raise ScoreError(f"cannot load model {name!r}: {_first_line(exc)}") from None
-    try:
-        model = model.to(device).eval()
-    except Exception as exc:
-        raise ScoreError(f"cannot move the model to {device}: {_first_line(exc)}") from None
-    return model, tokenizer
 
 
 def _vocab_size(model) -> int:
@@ -552,7 +506,6 @@ def _check_options(args) -> None:
 
 
 def _score(args) -> int:
-    from . import __version__
 
     _check_options(args)
     documents = read_documents(args.input, args.text_field, args.format)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pplfast import CorpusScorer, score_model
-from pplfast.corpus import RunStats, robust_z
+from pplfast.corpus import ModelLoadError, RunStats, robust_z
 from pplfast.corpus_io import (
     CorpusIOError, IdIndex, RowAppender, expand_inputs, iter_documents, iter_score_rows,
     repair_tail,
@@ -125,7 +125,7 @@ def test_pickle_reloads_from_the_directory(tiny):
         pickle.dumps(CorpusScorer(model, tokenizer))  # built from a config: nothing to reload
 
 
-def test_bad_options_and_batches(tiny):
+def test_bad_options_and_batches(tiny, tmp_path):
     _, model, tokenizer = tiny
     with pytest.raises(ValueError, match="mode must be one of"):
         CorpusScorer(model, tokenizer, mode="bogus")
@@ -146,8 +146,12 @@ def test_bad_options_and_batches(tiny):
         scorer({"body": ["a", 7]})
     with pytest.raises(ValueError, match="column 'x' has 1 rows"):
         scorer({"body": ["a", "b"], "x": [1]})
-    with pytest.raises(ValueError, match="cannot load model"):
-        CorpusScorer("/nonexistent/model-dir").model
+    # a missing directory is named as such, not as transformers' "Repo id must be ..."
+    with pytest.raises(ModelLoadError, match="model directory '.*' does not exist"):
+        CorpusScorer(str(tmp_path / "no-model")).model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        CorpusScorer(str(tmp_path / "empty")).tokenizer
 
 
 def test_robust_z_and_run_figures():
