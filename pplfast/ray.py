@@ -50,7 +50,7 @@ def score_dataset(ds, model, *, concurrency: int = 1, num_gpus: float = 0, batch
         A ``ray.data.Dataset``: the input columns plus the score columns of
         :class:`pplfast.CorpusScorer`, one row per document.
     """
-    _ray()
+    ray = _ray()
     for name, value in (("concurrency", concurrency), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -60,7 +60,8 @@ def score_dataset(ds, model, *, concurrency: int = 1, num_gpus: float = 0, batch
         scorer_options["device"] = "cuda"
     scorer = CorpusScorer(model, **scorer_options)  # options checked here, in the driver
     return ds.map_batches(
-        _ScorerActor, fn_constructor_args=(scorer,), concurrency=concurrency,
+        _ScorerActor, fn_constructor_args=(scorer,),
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # a fixed pool: each loads once
         num_gpus=num_gpus or None, batch_size=batch_size, batch_format="numpy",
     )
 
