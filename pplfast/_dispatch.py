@@ -36,8 +36,8 @@ def _auto(device: torch.device) -> str:
     return "cpu"
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
-    """Return the concrete backend name for ``op`` on ``device``, or raise why it cannot run."""
+def resolve(backend: str, device: torch.device) -> str:
+    """Return the concrete backend name for tensors on ``device``, or raise why it cannot run."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type == "meta":

@@ -66,7 +66,7 @@ def _rows2(hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, shift
 
 
 def _prepare(name, x, targets, ignore_index, shift, softcap, temperature, check_targets, backend,
-             op, **others):
+             **others):
     _validate.float_tensor(name, x)
     _validate.target_tensor(targets)
     ignore_index, softcap, temperature = _validate.options(ignore_index, shift, softcap,
@@ -75,7 +75,7 @@ def _prepare(name, x, targets, ignore_index, shift, softcap, temperature, check_
         raise TypeError(f"check_targets must be a bool, got {check_targets!r}")
     _validate.leading_shape(name, x, targets, shift)
     device = _validate.same_device(**{name: x, "targets": targets}, **others)
-    resolved = _dispatch.resolve(backend, device, op)
+    resolved = _dispatch.resolve(backend, device)
     return resolved, (ignore_index, softcap, temperature)
 
 
@@ -118,7 +118,7 @@ def token_nll(
     """
     backend, (ignore_index, softcap, temperature) = _prepare(
         "logits", logits, targets, ignore_index, shift, softcap, temperature, check_targets,
-        backend, "token_nll",
+        backend,
     )
     if shift:
         logits, targets = logits[..., :-1, :], targets[..., 1:]
@@ -160,7 +160,7 @@ def linear_token_nll(
     _validate.float_tensor("weight", weight)  # before _prepare reads its device
     backend, (ignore_index, softcap, temperature) = _prepare(
         "hidden", hidden, targets, ignore_index, shift, softcap, temperature, check_targets,
-        backend, "linear_token_nll", weight=weight, bias=bias,
+        backend, weight=weight, bias=bias,
     )
     _validate.linear_shapes(hidden, weight, bias)
     hidden2, targets, crop = _rows2(hidden, targets, ignore_index, shift)

@@ -242,7 +242,7 @@ def _compare(args) -> int:
     if args.mode == "sliding" and stride is None:
         stride = max(1, window // 2)
     try:
-        backend = _dispatch.resolve(args.backend, _model_device(model), "linear_compare")
+        backend = _dispatch.resolve(args.backend, _model_device(model))
     except (ValueError, BackendUnavailableError) as exc:
         raise CompareError(_first_line(exc)) from None
     docs, ids, mask = _tokenize(base_tok, test_tok, documents, args.mode != "rolling")

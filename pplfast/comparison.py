@@ -64,7 +64,7 @@ def compare(
     _same_shape("logits_base", logits_base, "logits_test", logits_test)
     backend, (ignore_index, softcap, temperature) = _prepare(
         "logits_base", logits_base, targets, ignore_index, shift, softcap, temperature,
-        check_targets, backend, "compare", logits_test=logits_test,
+        check_targets, backend, logits_test=logits_test,
     )
     if shift:
         logits_base, logits_test = logits_base[..., :-1, :], logits_test[..., :-1, :]
@@ -127,7 +127,7 @@ def linear_compare(
                          "same size")
     backend, (ignore_index, softcap, temperature) = _prepare(
         "hidden_base", hidden_base, targets, ignore_index, shift, softcap, temperature,
-        check_targets, backend, "linear_compare", weight_base=weight_base, bias_base=bias_base,
+        check_targets, backend, weight_base=weight_base, bias_base=bias_base,
         hidden_test=hidden_test, weight_test=weight_test, bias_test=bias_test,
     )
     _validate.linear_shapes(hidden_base, weight_base, bias_base)

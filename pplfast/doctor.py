@@ -240,8 +240,7 @@ def _backend_status(device_kind: str) -> Dict[str, Optional[str]]:
             problems.append(str(exc).splitlines()[0])
         if not problems:
             try:
-                _dispatch.resolve(name, device if name != "cpu" else torch.device("cpu"),
-                                  "token_nll")
+                _dispatch.resolve(name, device if name != "cpu" else torch.device("cpu"))
             except Exception as exc:
                 problems.append(str(exc).splitlines()[0])
         status[name] = "; ".join(problems) or None

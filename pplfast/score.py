@@ -479,7 +479,7 @@ def _resolved_backend(backend: str, model) -> str:
     from .hf import _model_device
 
     try:
-        return _dispatch.resolve(backend, _model_device(model), "linear_token_nll")
+        return _dispatch.resolve(backend, _model_device(model))
     except (ValueError, BackendUnavailableError) as exc:
         raise ScoreError(_first_line(exc)) from None
 

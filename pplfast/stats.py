@@ -85,7 +85,7 @@ def token_stats(
     """
     backend, (ignore_index, softcap, temperature) = _prepare(
         "logits", logits, targets, ignore_index, shift, softcap, temperature, check_targets,
-        backend, "token_stats",
+        backend,
     )
     if shift:
         logits, targets = logits[..., :-1, :], targets[..., 1:]
@@ -131,7 +131,7 @@ def linear_token_stats(
     _validate.float_tensor("weight", weight)
     backend, (ignore_index, softcap, temperature) = _prepare(
         "hidden", hidden, targets, ignore_index, shift, softcap, temperature, check_targets,
-        backend, "linear_token_stats", weight=weight, bias=bias,
+        backend, weight=weight, bias=bias,
     )
     _validate.linear_shapes(hidden, weight, bias)
     if shift:

@@ -33,9 +33,7 @@ def implementations(path: str, device: torch.device, backend: str):
     try:
         from pplfast import _dispatch
 
-        op = {"logits": "token_nll", "stats": "token_stats", "compare": "compare"}.get(
-            path, "linear_token_nll")
-        resolved = _dispatch.resolve(backend, device, op)
+        resolved = _dispatch.resolve(backend, device)
     except Exception:  # the preflight call reports the real error
         resolved = backend
     label = f"pplfast[{resolved}]"
