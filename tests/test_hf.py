@@ -158,6 +158,51 @@ def test_padded_batch_equals_documents_alone(models, tokenizer, kind, side):
     assert res.mean_nll == pytest.approx(total / count, rel=RTOL)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+def test_right_padded_batches_run_without_the_mask(models, tokenizer, kind, monkeypatch):
+    # a causal body gives the real tokens of a right-padded row the outputs of the row alone, so
+    # the probe lets the padded passes run unmasked (the faster attention); the scores stay
+    # those of each document alone
+    from pplfast import hf
+
+    model = models[kind]
+    body = hf._find_head(model).body
+    masks, forward = [], body.forward
+    def spy(input_ids, attention_mask=None, **kwargs):
+        masks.append(attention_mask)
+        return forward(input_ids, attention_mask=attention_mask, **kwargs)
+    monkeypatch.setattr(body, "forward", spy)
+    docs = [encode(tokenizer, seed=s, lines=4)[:cut] for s, cut in ((6, 37), (7, 12))]
+    ids = torch.full((2, 37), 2, dtype=torch.long)
+    mask = torch.zeros(2, 37, dtype=torch.long)
+    for b, d in enumerate(docs):
+        ids[b, :len(d)], mask[b, :len(d)] = d, 1
+    res = score_model(model, ids, mask, batch_size=2)
+    assert masks and all(m is None for m in masks)
+    for b, d in enumerate(docs):
+        expected = model_token_nll(model, d)
+        assert_nll_close(res.token_nll[b, 1:len(d)], expected, expected.abs() + 6, rtol=RTOL)
+
+
+def test_a_body_that_sees_its_padding_keeps_the_mask(models, tokenizer):
+    from pplfast import hf
+
+    class Leaky(torch.nn.Module):  # every position also sees the row's mean: the pads included
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            hidden = self.body(input_ids, attention_mask=attention_mask).last_hidden_state
+            return hidden + hidden.mean(1, keepdim=True)
+
+    ids = encode(tokenizer, seed=8)[:16].unsqueeze(0)
+    body = models["llama"].model
+    assert not hf._needs_pad_mask(body, ids)  # control: the causal body needs no mask
+    assert hf._needs_pad_mask(Leaky(body), ids)
+    assert hf._needs_pad_mask(body, ids[:, :3])  # too short to tell: keep it
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "gemma2"])
 @pytest.mark.parametrize("window,stride", [(16, 5), (24, 12), (9, 8)])
 def test_sliding_equals_explicit_loop(models, tokenizer, kind, window, stride):
