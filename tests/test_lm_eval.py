@@ -208,8 +208,9 @@ def test_batch_size_auto(saved, batch_size):
     lengths = sorted((min(CONTEXT, len(hf.tok_encode(c)) + len(hf.tok_encode(x)) - 1)
                       for c, x in (r.args for r in requests)), reverse=True)
     assert lengths[0] == CONTEXT > lengths[8]
-    assert [s[0] for s in body[:2]] == [1, 1]  # the probe: the whole model, then its body
-    passes = body[2:]
+    # the probes: the whole model, then its body; the padding check (half the ids, then padded)
+    assert [s[0] for s in body[:4]] == [1, 1, 1, 1]
+    passes = body[4:]
     tries = [(4, lengths[0])] * 2  # 4 rows fit at once: two passes at the longest length
     if batch_size == "auto":
         assert passes[:2] == tries and [s[0] for s in passes[2:]] == [4, 4, 2]
@@ -226,8 +227,8 @@ def test_batch_size_auto(saved, batch_size):
     for g, w in zip(got, hf.loglikelihood_rolling(rolling)):
         assert abs(g - w) <= 1e-4
     windows = sum(-(-len(hf.tok_encode(t)) // CONTEXT) for t in texts)
-    sizes = [s[0] for s in body[4:]]
-    assert body[2:4] == [(3, CONTEXT)] * 2 and [s[0] for s in whole if s[0] > 1] == []
+    sizes = [s[0] for s in body[6:]]
+    assert body[4:6] == [(3, CONTEXT)] * 2 and [s[0] for s in whole if s[0] > 1] == []
     assert sizes == [3] * (windows // 3) + ([windows % 3] if windows % 3 else [])
     assert ours.batch_size == batch_size.split(":")[0]
 
@@ -250,7 +251,7 @@ def test_batch_size_auto_backs_off_on_out_of_memory(saved):
     hf, _ = models(saved)
     assert_same_answers(got, hf.loglikelihood(requests))
     # 16 rows failed (the hook runs first), so did every size above 8; 8 fit
-    assert [s[0] for s in body[2:]] == [8, 8, 8, 4]
+    assert [s[0] for s in body[4:]] == [8, 8, 8, 4]  # after the probes' four 1-row calls
 
 
 def test_fallback_to_hflm_with_a_warning(saved):
