@@ -39,6 +39,20 @@ from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_
 
 
 @triton.jit
+def block_rows(rows_ptr, n_rows, pid, BLOCK: tl.constexpr, HAS_ROWS: tl.constexpr):
+    """Lanes ``offs`` of program ``pid``'s block of scored rows (``ok``: ``offs < n_rows``),
+    ``safe``: past-the-end lanes clamped to the last row, so that loops over them need no row
+    mask, and the rows they read: ``rows_ptr[safe]``, or ``safe`` when every row is scored."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    safe = tl.minimum(offs, n_rows - 1).to(tl.int64)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + safe)
+    else:
+        rows = safe
+    return offs, offs < n_rows, safe, rows
+
+
+@triton.jit
 def logits_tile(
     h_rows, w_ptr, b_ptr, v0, V, D, stride_hd, stride_wv, stride_wd, softcap, inv_softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
@@ -87,16 +101,9 @@ def _lse_partial_kernel(
     EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    # out-of-range lanes read a valid row (the last one) so the inner loop needs no row mask
-    safe_n = tl.minimum(offs_n, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe_n)
-    else:
-        rows = safe_n
+    offs_n, row_ok, safe_n, rows = block_rows(rows_ptr, n_rows, tl.program_id(0), BLOCK_N,
+                                              HAS_ROWS)
     h_rows = h_ptr + rows[:, None] * stride_hn
 
     # cols_per_split is a multiple of BLOCK_V, so tiles never straddle two splits
@@ -151,14 +158,7 @@ def _finish_kernel(
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = offs < n_rows
-    safe = tl.minimum(offs, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe)
-    else:
-        rows = safe
+    offs, ok, safe, rows = block_rows(rows_ptr, n_rows, tl.program_id(0), BLOCK_M, HAS_ROWS)
     target = tl.load(targets_ptr + rows)
 
     # merge the split partials, a (BLOCK_M, BLOCK_S) tile of independent loads at a time

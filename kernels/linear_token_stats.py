@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, device_guard, exp2_shifted, finite_ref, merge, nll_from_lse, rescale
-from .linear_token_nll import (_FINISH_BLOCK_S, choose_splits, logits_tile, scored_rows,
-                               split_columns, target_logit)
+from .linear_token_nll import (_FINISH_BLOCK_S, block_rows, choose_splits, logits_tile,
+                               scored_rows, split_columns, target_logit)
 from .token_stats import _finish, _rescale
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no argmax yet": above any vocabulary index (V < 2^31)
@@ -79,14 +79,7 @@ def _target_kernel(
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = offs < n_rows
-    safe = tl.minimum(offs, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe)
-    else:
-        rows = safe
+    offs, ok, safe, rows = block_rows(rows_ptr, n_rows, tl.program_id(0), BLOCK_M, HAS_ROWS)
     target = tl.load(targets_ptr + rows)
     z = target_logit(h_ptr, w_ptr, b_ptr, rows, target, D, stride_hn, stride_hd, stride_wv,
                      stride_wd, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_D)
@@ -103,16 +96,9 @@ def _stats_partial_kernel(
     EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    # out-of-range lanes read a valid row (the last one) so the inner loop needs no row mask
-    safe_n = tl.minimum(offs_n, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe_n)
-    else:
-        rows = safe_n
+    offs_n, row_ok, safe_n, rows = block_rows(rows_ptr, n_rows, tl.program_id(0), BLOCK_N,
+                                              HAS_ROWS)
     target = tl.load(targets_ptr + rows).to(tl.int32)
     target_z = tl.load(target_z_ptr + safe_n)
     h_rows = h_ptr + rows[:, None] * stride_hn
@@ -168,14 +154,7 @@ def _stats_finish_kernel(
     n_rows, splits, exp2_scale, inv_temp,
     HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = offs < n_rows
-    safe = tl.minimum(offs, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe)
-    else:
-        rows = safe
+    offs, ok, safe, rows = block_rows(rows_ptr, n_rows, tl.program_id(0), BLOCK_M, HAS_ROWS)
 
     # merge the split partials in column order, a (BLOCK_M, BLOCK_S) tile at a time; (max, sum)
     # exactly as the NLL kernel's finish
