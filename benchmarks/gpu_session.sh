@@ -32,9 +32,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status, neve
 }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d)
   step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/pplfast-site .whl/*.whl
-  export PYTHONPATH=/tmp/pplfast-site${PYTHONPATH:+:$PYTHONPATH}
+    --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 phase=${1:-check}
