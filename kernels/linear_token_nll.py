@@ -250,6 +250,21 @@ def _autotuned_kernel():
     return _autotuned
 
 
+def launch_rows(targets, ignore_index, rows, all_scored, sm_count, splits, on_gpu):
+    """The fused launchers' common start: ``(rows, n, sm_count)``, the scored rows (None: all of
+    them), their count, and the SM count (1 under the interpreter; CUDA tensors need it unless
+    the caller fixes ``splits``)."""
+    if sm_count is None:
+        if on_gpu and splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass splits)")
+        sm_count = 1
+    if all_scored and rows is not None:
+        raise ValueError("pass either rows or all_scored=True, not both")
+    if rows is None and not all_scored:
+        rows = scored_rows(targets, ignore_index)
+    return rows, targets.numel() if rows is None else rows.numel(), sm_count
+
+
 def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
                              *, sm_count: Optional[int] = None, allow_tf32: bool = False,
                              autotune: bool = False, rows: Optional[torch.Tensor] = None,
@@ -282,16 +297,9 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
     V = weight.shape[0]
     device = hidden2.device
     on_gpu = hidden2.is_cuda
-    if sm_count is None:
-        if on_gpu and splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass splits)")
-        sm_count = 1
+    rows, n, sm_count = launch_rows(targets, ignore_index, rows, all_scored, sm_count, splits,
+                                    on_gpu)
     out = torch.zeros(N, dtype=torch.float32, device=device)
-    if all_scored and rows is not None:
-        raise ValueError("pass either rows or all_scored=True, not both")
-    if rows is None and not all_scored:
-        rows = scored_rows(targets, ignore_index)
-    n = N if rows is None else rows.numel()
     if n == 0 or V == 0:
         return out
 

@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, device_guard, exp2_shifted, finite_ref, merge, nll_from_lse, rescale
-from .linear_token_nll import (_FINISH_BLOCK_S, block_rows, choose_splits, logits_tile,
-                               scored_rows, split_columns, target_logit)
+from .linear_token_nll import (_FINISH_BLOCK_S, block_rows, choose_splits, launch_rows,
+                               logits_tile, split_columns, target_logit)
 from .token_stats import _finish, _rescale
 
 _NO_INDEX = tl.constexpr(2**31 - 1)  # "no argmax yet": above any vocabulary index (V < 2^31)
@@ -246,19 +246,12 @@ def linear_token_stats_forward(hidden2, weight, bias, targets, ignore_index, sof
     V = weight.shape[0]
     device = hidden2.device
     on_gpu = hidden2.is_cuda
-    if sm_count is None:
-        if on_gpu and splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass splits)")
-        sm_count = 1
+    rows, n, sm_count = launch_rows(targets, ignore_index, rows, all_scored, sm_count, splits,
+                                    on_gpu)
     f32 = dict(dtype=torch.float32, device=device)
     i64 = dict(dtype=torch.int64, device=device)
     fields = (torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32),
               torch.full((N,), -1, **i64), torch.full((N,), -1, **i64))
-    if all_scored and rows is not None:
-        raise ValueError("pass either rows or all_scored=True, not both")
-    if rows is None and not all_scored:
-        rows = scored_rows(targets, ignore_index)
-    n = N if rows is None else rows.numel()
     if n == 0 or V == 0:
         return fields
 

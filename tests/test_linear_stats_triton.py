@@ -379,8 +379,8 @@ def test_launcher_trusts_the_callers_scored_rows(monkeypatch):
     # the backend counts the scored rows once; with every row scored it says so, and the
     # launcher must not search again (a second host sync on a GPU)
     calls = []
-    find = kernel.scored_rows
-    monkeypatch.setattr(kernel, "scored_rows", lambda *a: calls.append(a) or find(*a))
+    find = nll_kernel.scored_rows  # the fused launchers' shared row search
+    monkeypatch.setattr(nll_kernel, "scored_rows", lambda *a: calls.append(a) or find(*a))
     hidden, weight, _, targets = make_inputs(9, 32, 40, torch.float16)
     stats = pplfast.linear_token_stats(hidden, weight, targets, backend="triton")
     assert calls == []
