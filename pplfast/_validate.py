@@ -134,16 +134,32 @@ def linear_shapes(hidden, weight, bias) -> None:
             )
 
 
+def scored_mask(targets: torch.Tensor, ignore_index) -> torch.Tensor:
+    """The positions that are scored: ``targets != ignore_index``, compared in the value of
+    ``ignore_index`` and not in the targets' dtype.
+
+    The one place every op, ``perplexity`` and the metrics decide it. Comparing an int32 tensor
+    with a Python int wraps the int to 32 bits (``2**40`` would ignore the targets equal to 0,
+    ``2**32 + 7`` those equal to 7); an index that the dtype cannot hold equals no target, so
+    every position is scored, as the same targets in int64 give.
+    """
+    ignore_index = _scalar("ignore_index", ignore_index, Integral)
+    info = torch.iinfo(targets.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+    return targets != ignore_index
+
+
 def scored_targets(targets: torch.Tensor, V: int, ignore_index: int, *, check: bool,
                    count: bool) -> tuple[torch.Tensor, Optional[int]]:
-    """``(mask, n_scored)``: the mask ``targets != ignore_index`` and, with ``count``, its number of
+    """``(mask, n_scored)``: the mask :func:`scored_mask` and, with ``count``, its number of
     True elements (else None).
 
     With ``check``, every target must be ``ignore_index`` or lie in ``[0, V)``; the first one that
     is not raises ValueError naming its index and value. Checking and counting share one host
     sync; with neither there is none.
     """
-    mask = targets != ignore_index
+    mask = scored_mask(targets, ignore_index)
     if targets.numel() == 0:
         return mask, 0
     if not check:

@@ -99,7 +99,9 @@ def token_nll(
     Args:
         logits: ``(..., V)`` float32, float16 or bfloat16, any strides.
         targets: ``(...)`` int64 or int32, each in ``[0, V)`` or equal to ``ignore_index``.
-        ignore_index: positions with this target get NLL 0.
+        ignore_index: positions with this target get NLL 0. Compared as an integer, not in
+            the targets' dtype: a value that dtype cannot hold (``2**40`` with int32 targets)
+            equals no target, and every position is scored.
         shift: position ``t`` predicts ``targets[..., t + 1]`` (pass ``input_ids``); the
             output then has shape ``(..., T - 1)``.
         softcap: cap applied as ``softcap * tanh(z / softcap)`` (Gemma 2 style), or None.
@@ -174,7 +176,7 @@ def linear_token_nll(
 def _perplexity(nll: torch.Tensor, targets: torch.Tensor, ignore_index: int, shift: bool):
     if shift:
         targets = targets[..., 1:]
-    count = (targets != ignore_index).sum()
+    count = _validate.scored_mask(targets, ignore_index).sum()
     return torch.exp(nll.double().sum() / count).float()
 
 

@@ -337,7 +337,7 @@ class Comparison:
                 if tuple(targets.shape) != shape:
                     raise ValueError(f"targets has shape {tuple(targets.shape)} (after shift) but "
                                      f"the comparison has shape {shape}")
-                scored = targets != ignore_index
+                scored = _validate.scored_mask(targets, ignore_index)
         elif scored.dtype != torch.bool or tuple(scored.shape) != shape:
             raise ValueError(f"scored must be a bool tensor of shape {shape}, got "
                              f"{scored.dtype} {tuple(scored.shape)}")

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import _validate
 from .api import linear_token_nll, token_nll
 from .stats import linear_token_stats, token_stats
 
@@ -162,7 +163,7 @@ class Perplexity:
     def _add(self, nll, targets, options, num_bytes, num_words, stats=None) -> None:
         if options.get("shift", False):
             targets = targets[..., 1:]
-        scored = targets != options.get("ignore_index", -100)
+        scored = _validate.scored_mask(targets, options.get("ignore_index", -100))
         self._accumulate(nll, scored, num_bytes, num_words, stats, targets)
 
     def _accumulate(self, nll, scored, num_bytes, num_words, stats=None, targets=None) -> None:

@@ -1,4 +1,5 @@
 """Public API contract: shapes, dtypes, dispatch, and every bad input of the README's "Bad input"."""
+import math
 import re
 
 import pytest
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import reference
+
+from helpers import ALL_BACKENDS, backend_device
 
 
 def logits_targets(N=4, V=10, dtype=torch.float32):
@@ -316,3 +319,98 @@ def test_torch_compile_fullgraph_eval_step(monkeypatch):
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     expected = reference.linear_token_nll(hidden, weight, targets, shift=True, softcap=4.0)
     torch.testing.assert_close(got[1].double(), expected, rtol=0, atol=2e-5)
+
+
+# ---- ignore_index outside the range of int32 targets (issue 17, item 6) ----------------------
+# No int32 target can equal such an index, so nothing is ignored: the answer is the float64 one
+# with every position scored, exactly what the same targets give as int64. (Comparing an int32
+# tensor with a Python int wraps the int to 32 bits: 2**40 became 0 and 2**32 + 7 became 7.)
+
+WIDE_IGNORE = [2**40, 2**32 + 7, -(2**32) + 3, 2**31]
+
+
+def _wide_case(V=10, D=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.tensor([[0, 7, 3, 0], [7, 9, 0, 3]], dtype=torch.int32)
+    logits = torch.randn(2, 4, V, generator=gen) * 3
+    test = torch.randn(2, 4, V, generator=gen) * 3
+    hidden, weight = torch.randn(2, 4, D, generator=gen), torch.randn(V, D, generator=gen)
+    hidden_test, weight_test = torch.randn(2, 4, D + 1, generator=gen), torch.randn(V, D + 1,
+                                                                                   generator=gen)
+    return targets, logits, test, hidden, weight, hidden_test, weight_test
+
+
+def _wide_calls(targets, logits, test, hidden, weight, hidden_test, weight_test):
+    """(name, fn(targets, **options)) of every public op and perplexity on these inputs."""
+    return [
+        ("token_nll", lambda t, **o: pplfast.token_nll(logits, t, **o)),
+        ("linear_token_nll", lambda t, **o: pplfast.linear_token_nll(hidden, weight, t, **o)),
+        ("token_stats", lambda t, **o: pplfast.token_stats(logits, t, top_k=3, **o)),
+        ("linear_token_stats",
+         lambda t, **o: pplfast.linear_token_stats(hidden, weight, t, top_k=3, **o)),
+        ("compare", lambda t, **o: pplfast.compare(logits, test, t, **o)),
+        ("linear_compare", lambda t, **o: pplfast.linear_compare(hidden, weight, hidden_test,
+                                                                 weight_test, t, **o)),
+        ("perplexity", lambda t, **o: pplfast.perplexity(logits, t, **o)),
+        ("linear_perplexity", lambda t, **o: pplfast.linear_perplexity(hidden, weight, t, **o)),
+    ]
+
+
+def _fields(result):
+    if isinstance(result, torch.Tensor):
+        return {"value": result}
+    return {k: v for k, v in vars(result).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("ignore_index", WIDE_IGNORE)
+@pytest.mark.parametrize("shift", [False, True], ids=["no-shift", "shift"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ignore_index_outside_int32_ignores_nothing(backend, shift, ignore_index):
+    device = backend_device(backend)
+    inputs = [x.to(device) for x in _wide_case()]
+    targets = inputs[0]
+    for name, fn in _wide_calls(*inputs):
+        got = fn(targets, ignore_index=ignore_index, shift=shift, backend=backend)
+        # the float64 answer with every position scored (no target equals -100 here)
+        want = fn(targets.long(), ignore_index=-100, shift=shift, backend="reference")
+        for field, value in _fields(want).items():
+            g = _fields(got)[field].cpu()
+            assert g.dtype == value.dtype and g.shape == value.shape, (name, field)
+            if value.is_floating_point():
+                torch.testing.assert_close(g.double(), value.cpu().double(), rtol=1e-5,
+                                           atol=1e-5, msg=f"{name}.{field}")
+            else:
+                assert torch.equal(g, value.cpu()), (name, field, g, value)
+
+
+@pytest.mark.parametrize("ignore_index", WIDE_IGNORE)
+def test_metrics_count_every_position_for_ignore_index_outside_int32(ignore_index):
+    targets, logits, test, hidden, weight, *_ = _wide_case()
+    want_ppl = math.exp(reference.token_nll(logits, targets.long()).mean().item())
+    for update in ("update", "update_linear"):
+        metric = pplfast.Perplexity()
+        args = (logits,) if update == "update" else (hidden, weight)
+        getattr(metric, update)(*args, targets, ignore_index=ignore_index)
+        assert metric.num_tokens == targets.numel()
+        if update == "update":
+            assert metric.compute().perplexity == pytest.approx(want_ppl, rel=1e-5)
+    comparison = pplfast.Comparison()
+    comparison.update(logits, test, targets, ignore_index=ignore_index)
+    assert comparison.num_tokens == targets.numel()
+    comparison = pplfast.Comparison()
+    comparison.update_tokens(pplfast.compare(logits, test, targets.long()), targets,
+                             ignore_index=ignore_index)
+    assert comparison.num_tokens == targets.numel()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_out_of_range_int32_target_equal_to_a_wrapped_ignore_index_is_refused(backend):
+    """7 is outside [0, 5) and is not ignore_index = 2**32 + 7: the range check must say so
+    before any kernel reads column 7 of a 5-wide row (it passed as 'ignored' before)."""
+    device = backend_device(backend)
+    inputs = [x.to(device) for x in _wide_case(V=5)]
+    targets = torch.tensor([[0, 1, 3, 0], [2, 7, 0, 3]], dtype=torch.int32, device=device)
+    for name, fn in _wide_calls(*inputs):
+        with pytest.raises(ValueError, match=re.escape(
+                f"targets[1, 1] = 7 is outside [0, 5) and is not ignore_index={2**32 + 7}")):
+            fn(targets, ignore_index=2**32 + 7, backend=backend)
