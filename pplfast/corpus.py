@@ -211,7 +211,7 @@ class CorpusScorer:
                 prefix_token_id=None, tokenizer=tokenizer, batch_size=None, backend=self.backend,
                 progress=False, batch_tokens=self.batch_tokens, head=self._head,
                 stats=doc_stats,
-            )
+            ).documents
             for k, (i, (nll, scored)) in enumerate(zip(where, per_doc)):
                 x = nll.double()[scored]
                 cols["num_tokens"][i] = int(scored.sum())

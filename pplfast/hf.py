@@ -23,7 +23,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -459,23 +459,22 @@ def _run_windows(model, head, streams, jobs, batch_size, batch_tokens, backend, 
             bar.update(len(batch))
 
 
-def _schedules(lengths, window, stride, mode, model):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def _check_window(window, model) -> None:
     context = _context_length(model)
-    if window is None:
-        window = context
-    elif context is not None and isinstance(window, int) and window > context:
+    if context is not None and isinstance(window, int) and window > context:
         raise ValueError(f"window={window} is longer than the model's context length {context} "
                          f"(positions past it were never trained): pass window <= {context}")
+
+
+def _schedules(lengths, window, stride, mode, model):
+    """The window schedule of each document (``lengths``: tokens per document); ``window`` None
+    means the model's context length. Built once per call: what runs is what is counted."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if window is None:
+        window = _context_length(model)
+    _check_window(window, model)
     return [make_windows(n, window=window, stride=stride, mode=mode) for n in lengths]
-
-
-def count_windows(docs, *, window, stride, mode, model) -> int:
-    """Forward-pass windows :func:`_score_documents` runs for these documents."""
-    extra = 1 if mode == "rolling" else 0  # the prefix token
-    return sum(len(s) for s in _schedules([len(d) + extra for d in docs], window, stride, mode,
-                                           model))
 
 
 def _check_batch_size(batch_size):
@@ -496,10 +495,16 @@ def _llamacpp_bos(model, tokenizer, prefix_token_id) -> Optional[int]:
     return bos if len(ids) and ids[0] == bos else None
 
 
+class _Scored(NamedTuple):
+    documents: List[tuple]  # per document: (float32 NLL, scored mask), aligned with its tokens
+    num_windows: int  # forward-pass windows run, over all documents
+
+
 def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mode, prefix_token_id,
                      tokenizer, batch_size, backend, progress, batch_tokens=None, head=_PROBE,
-                     stats=None, top_k=0):
-    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask.
+                     stats=None, top_k=0) -> "_Scored":
+    """Per document: float32 NLL aligned with its tokens (0 where unscored) and the scored mask;
+    and the number of windows that ran.
 
     ``batch_tokens`` and ``head``: see :func:`_score_streams` (``batch_size`` may then be None).
     With ``stats`` (a list), each document's :class:`TokenStats`, aligned the same way, is
@@ -532,7 +537,8 @@ def _score_documents(model, docs: Sequence[torch.Tensor], *, window, stride, mod
     for st in stream_stats or ():
         stats.append(TokenStats(*(None if v is None else v[offset:] for v in
                                   (getattr(st, f) for f in ("nll",) + _STAT_FIELDS))))
-    return [(nll[offset:], scored[offset:]) for nll, scored in stream_nll]
+    return _Scored([(nll[offset:], scored[offset:]) for nll, scored in stream_nll],
+                   sum(len(s) for s in schedules))
 
 
 def documents(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
@@ -611,7 +617,7 @@ def score_model(model, input_ids: torch.Tensor, attention_mask: Optional[torch.T
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=None, batch_size=batch_size, backend=backend, progress=progress,
         stats=doc_stats, top_k=top_k,
-    )
+    ).documents
     token_nll_out = torch.zeros(ids2.shape, dtype=torch.float32)
     scored_out = torch.zeros(ids2.shape, dtype=torch.bool)
     metric = Perplexity()
@@ -701,14 +707,14 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
     doc_stats = [] if stats else None
-    per_doc = _score_documents(
+    run = _score_documents(
         model, docs, window=window, stride=stride, mode=mode, prefix_token_id=prefix_token_id,
         tokenizer=tokenizer, batch_size=batch_size, backend=backend, progress=progress,
         stats=doc_stats, top_k=top_k,
     )
     metric = Perplexity()
     documents = []
-    for i, (text, ids, (nll, scored)) in enumerate(zip(texts, docs, per_doc)):
+    for i, (text, ids, (nll, scored)) in enumerate(zip(texts, docs, run.documents)):
         num_bytes, num_words = len(text.encode("utf-8")), count_words(text)
         doc_st = None if doc_stats is None else doc_stats[i]
         metric.update_nll(nll, scored, num_bytes=num_bytes, num_words=num_words, stats=doc_st,
@@ -727,6 +733,4 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
             "nothing to score: no document has a token with context before it (a document needs "
             "at least 2 tokens, or mode='rolling', which predicts the first token from a prefix)"
         )
-    return TextScores(documents=documents, corpus=metric.compute(),
-                      num_windows=count_windows(docs, window=window, stride=stride, mode=mode,
-                                                model=model))
+    return TextScores(documents=documents, corpus=metric.compute(), num_windows=run.num_windows)

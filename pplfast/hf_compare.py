@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 
 from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
-from .hf import (IGNORE, _call, _check_batch_size, _check_ids, _context_length, _llamacpp_bos,
-                 _logits, _model_device, _model_head, _pack_jobs, _prefix_id, _progress_bar,
-                 _schedules, documents, scored_hidden, vocab_size, window_inputs)
+from .hf import (IGNORE, _call, _check_batch_size, _check_ids, _check_window, _context_length,
+                 _llamacpp_bos, _logits, _model_device, _model_head, _pack_jobs, _prefix_id,
+                 _progress_bar, _schedules, documents, scored_hidden, vocab_size, window_inputs)
 
 
 def _check_input_ids(input_ids) -> None:
@@ -77,7 +77,7 @@ def compare_models(base_model, test_model, input_ids: torch.Tensor,
     window = _window(window, base_model, test_model)
     lengths = [len(d) for d in docs]
     schedules = _schedules(lengths, window, stride, mode, base_model)
-    _schedules(lengths, window, stride, mode, test_model)  # the same window must suit both
+    _check_window(window, test_model)  # the same window must suit both models
     first_token = None
     if mode == "rolling":
         prefix = torch.tensor([_prefix_id(base_model, None, prefix_token_id)], dtype=torch.long)

@@ -516,3 +516,34 @@ def test_score_model_checks_targets_on_the_cpu_not_in_the_op(models, tokenizer, 
     for model in (models["llama"], LogitsOnly(models["llama"])):
         with pytest.raises(ValueError, match=f"= {len(tokenizer)} is outside"):
             score_model(model, bad, stats=True)
+
+
+def text_of_tokens(tokenizer, n, seed=0):
+    """A text that the tokenizer turns into exactly ``n`` tokens (without special tokens)."""
+    rng = random.Random(seed)
+    words = []
+    while True:
+        words.append(rng.choice(WORDS))
+        count = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
+        if count == n:
+            return " ".join(words)
+        if count > n:
+            words = words[:-1]
+
+
+@pytest.mark.parametrize("mode,window", [("rolling", 4), ("sliding", 4), ("chunks", 3),
+                                         ("rolling", None)])
+def test_num_windows_counts_the_windows_that_ran(models, tokenizer, mode, window, monkeypatch):
+    """Documents of 8, 12 and 5 tokens with window=4 in rolling mode run 2 + 3 + 2 = 7 windows
+    (each holds the prefix token and at most 3 document tokens as input, predicting 4)."""
+    from pplfast import hf
+
+    texts = [text_of_tokens(tokenizer, n, seed=n) for n in (8, 12, 5)]
+    ran = []
+    inputs = hf.window_inputs
+    monkeypatch.setattr(hf, "window_inputs",
+                        lambda streams, batch, *a: ran.extend(batch) or inputs(streams, batch, *a))
+    out = score_texts(models["gpt2"], tokenizer, texts, window=window, mode=mode, batch_size=2)
+    assert out.num_windows == len(ran)
+    if (mode, window) == ("rolling", 4):
+        assert out.num_windows == 7
