@@ -14,6 +14,7 @@ import torch
 from . import _dispatch, _validate
 from ._results import ComparisonResult, TokenComparison
 from .api import _prepare, _rows3
+from .metric import safe_exp
 
 
 def _empty(lead, device) -> TokenComparison:
@@ -222,13 +223,6 @@ def _percentiles(sorted_values: torch.Tensor, which) -> dict:
             for pc in which}
 
 
-def _safe_exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
 def _div(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
 
@@ -241,7 +235,7 @@ def comparison_statistics(sums, kl_values: torch.Tensor, delta_p_values: torch.T
     n = int(s[_N])
     log_ppl_test = mean_and_uncertainty(s[_SUM_TEST], s[_SUM_TEST2], n)
     log_ppl_base = mean_and_uncertainty(s[_SUM_BASE], s[_SUM_BASE2], n)
-    ppl_test, ppl_base = _safe_exp(log_ppl_test[0]), _safe_exp(log_ppl_base[0])
+    ppl_test, ppl_base = safe_exp(log_ppl_test[0]), safe_exp(log_ppl_base[0])
     cov = covariance(s[_SUM_TEST], s[_SUM_BASE], s[_SUM_TEST_BASE], n)
     ratio = log_ppl_test[0] - log_ppl_base[0]
     # llama.cpp takes the square root as is; rounding can make it -1e-17 for identical models
@@ -260,7 +254,7 @@ def comparison_statistics(sums, kl_values: torch.Tensor, delta_p_values: torch.T
         perplexity_base=ppl_base, perplexity_base_stderr=ppl_base * log_ppl_base[1],
         perplexity_test=ppl_test, perplexity_test_stderr=ppl_test * log_ppl_test[1],
         ln_ppl_ratio=ratio, ln_ppl_ratio_stderr=ratio_unc,
-        ppl_ratio=_safe_exp(ratio), ppl_ratio_stderr=_safe_exp(ratio) * ratio_unc,
+        ppl_ratio=safe_exp(ratio), ppl_ratio_stderr=safe_exp(ratio) * ratio_unc,
         nll_correlation=_div(cov, log_ppl_test[1] * log_ppl_base[1]),
         kl_mean=kl[0], kl_mean_stderr=kl[1], kl_max=float(kl_sorted[-1]),
         kl_percentiles=_percentiles(kl_sorted, _PERCENTILES_KL), kl_min=float(kl_sorted[0]),

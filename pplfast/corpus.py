@@ -19,6 +19,7 @@ import numpy as np
 from . import _models
 from ._dispatch import BACKENDS
 from ._models import ModelLoadError, load_tokenizer  # noqa: F401  (ModelLoadError: part of this module's API)
+from .metric import safe_exp
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -224,7 +225,7 @@ class CorpusScorer:
         tokens = cols["num_tokens"]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             mean = np.where(tokens > 0, cols["sum_nll"] / np.maximum(tokens, 1), np.nan)
-            cols["perplexity"] = np.exp(mean)
+            cols["perplexity"] = safe_exp(mean)
             bpb = cols["sum_nll"] / cols["num_bytes"] / math.log(2)
             cols["bits_per_byte"] = np.where((tokens > 0) & (cols["num_bytes"] > 0), bpb, np.nan)
         return cols
@@ -248,6 +249,20 @@ def _as_text(value, row):
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation is 1.4826 MAD
 NUM_EXTREME = 10
+
+
+def _percentiles(values):
+    """``np.percentile(values, PERCENTILES)`` (linear interpolation) where ``values`` may hold
+    ``inf`` (a perplexity past float64): an order statistic stays itself beside an infinite
+    neighbour and a position between two infinities is inf, where numpy's interpolation gives
+    NaN for ``inf - inf`` and ``inf * 0``."""
+    v = np.sort(values)
+    k = np.asarray(PERCENTILES, dtype=np.float64) / 100 * (len(v) - 1)
+    lo = np.floor(k).astype(np.int64)
+    a, b, t = v[lo], v[np.ceil(k).astype(np.int64)], k - lo
+    with np.errstate(invalid="ignore"):
+        between = np.percentile(values, PERCENTILES)
+    return np.where((t == 0) | (a == b), a, np.where(np.isinf(b), b, between))
 
 
 def robust_z(num_tokens, sum_nll, median: float, sd: float):
@@ -315,7 +330,7 @@ class RunStats:
                 tokens: int) -> dict:
         """The summary object of ``pplfast score-corpus`` (see the README)."""
         x = np.frombuffer(self._mean_nll, dtype=np.float64) if len(self._mean_nll) else np.zeros(0)
-        percentiles = ({str(p): float(v) for p, v in zip(PERCENTILES, np.percentile(np.exp(x), PERCENTILES))}
+        percentiles = ({str(p): float(v) for p, v in zip(PERCENTILES, _percentiles(safe_exp(x)))}
                        if len(x) else {str(p): None for p in PERCENTILES})
         mean = self.sum_nll / self.num_tokens if self.num_tokens else math.nan
         rate = (lambda n: n / seconds if seconds > 0 else None)
@@ -323,7 +338,7 @@ class RunStats:
             "num_documents": self.num_documents,
             "num_scored_documents": len(x),
             "num_tokens": self.num_tokens,
-            "perplexity": math.exp(mean) if self.num_tokens else None,
+            "perplexity": safe_exp(mean) if self.num_tokens else None,
             "bits_per_byte": (self.sum_nll / self.num_bytes / math.log(2)) if self.num_bytes else None,
             "documents_per_second": rate(documents),
             "tokens_per_second": rate(tokens),

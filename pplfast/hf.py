@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import _validate
 from ._optional import require
 from .api import linear_token_nll, token_nll
-from .metric import Perplexity, PerplexityResult, _exp
+from .metric import Perplexity, PerplexityResult, safe_exp
 from .stats import TokenStats, linear_token_stats, token_stats
 from .windows import MODES, Window, make_windows
 
@@ -724,7 +724,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         mean = total / n if n else math.nan
         documents.append(DocumentScore(
             num_tokens=n, num_bytes=num_bytes, num_words=num_words, sum_nll=total, mean_nll=mean,
-            perplexity=_exp(mean), token_ids=ids, token_nll=nll, scored=scored,
+            perplexity=safe_exp(mean), token_ids=ids, token_nll=nll, scored=scored,
             stats=None if doc_st is None else TokenStats(
                 nll, *(getattr(doc_st, f) for f in _STAT_FIELDS)),
         ))

@@ -13,6 +13,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import _validate
@@ -240,7 +241,7 @@ class Perplexity:
             stderr = math.sqrt(var / (n - 1))
         else:
             stderr = math.nan
-        ppl = _exp(mean)
+        ppl = safe_exp(mean)
         result = dict(
             perplexity=ppl, mean_nll=mean, num_tokens=int(n), sum_nll=sum_nll,
             bits_per_token=mean / math.log(2), mean_nll_stderr=stderr,
@@ -249,17 +250,23 @@ class Perplexity:
         if state[_TOKENS_W_BYTES] == n and state[_BYTES] > 0:
             nb = state[_BYTES]
             result.update(num_bytes=int(nb), bits_per_byte=sum_nll / nb / math.log(2),
-                          byte_perplexity=_exp(sum_nll / nb))
+                          byte_perplexity=safe_exp(sum_nll / nb))
         if state[_TOKENS_W_WORDS] == n and state[_WORDS] > 0:
             nw = state[_WORDS]
-            result.update(num_words=int(nw), word_perplexity=_exp(sum_nll / nw))
+            result.update(num_words=int(nw), word_perplexity=safe_exp(sum_nll / nw))
         if state[_TOKENS_W_STATS] > 0:
             ns = state[_TOKENS_W_STATS]
             result.update(mean_entropy=state[_SUM_ENTROPY] / ns, top1_accuracy=state[_TOP1] / ns)
         return PerplexityResult(**result)
 
 
-def _exp(x: float) -> float:
+def safe_exp(x):
+    """``exp(x)`` of a figure (perplexity from a mean NLL, ...): ``inf`` past exp's range instead
+    of ``OverflowError`` (floats) or numpy's overflow warning (arrays). The package's one exp of
+    a reported figure: a float gives a float, an array a float64 array."""
+    if isinstance(x, np.ndarray):
+        with np.errstate(over="ignore"):
+            return np.exp(x.astype(np.float64, copy=False))
     try:
         return math.exp(x)
     except OverflowError:

@@ -237,3 +237,55 @@ def test_appender_keeps_whole_lines_and_torn_tail_is_cut(tmp_path):
     writer.write({"id": "r5", "perplexity": 5.0})
     writer.close()
     assert [r["id"] for r in iter_score_rows(path)] == [f"r{i}" for i in range(6)]
+
+
+def test_run_figures_past_exp_range_are_inf():
+    """A mean NLL past exp's range (710 nats): perplexity and its percentiles are inf, as the
+    metric reports them, not an OverflowError (nor NaN percentiles from inf - inf)."""
+    import warnings
+
+    stats = RunStats()
+    stats.add_arrays([10] * 5, [5000.0, 8000.0, 9000.0, 20000.0, 20.0], [40] * 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = stats.summary(num_outliers=0, outliers=[], seconds=1.0, documents=5, tokens=50)
+    assert summary["perplexity"] == math.inf  # exp(840.4)
+    assert summary["bits_per_byte"] == pytest.approx(42020 / 200 / math.log(2))
+    # document perplexities e^2, e^500, inf, inf, inf
+    pct = summary["perplexity_percentiles"]
+    assert pct["1"] == pytest.approx(math.exp(2) + 0.04 * (math.exp(500) - math.exp(2)), rel=1e-12)
+    assert pct["25"] == math.exp(500)  # on an order statistic: inf beside it does not count
+    assert all(pct[p] == math.inf for p in ("50", "90", "99"))
+    # finite values: numpy's linear percentile of the perplexities
+    finite = RunStats()
+    finite.add_arrays([4, 5, 6, 7, 8], [4.0, 7.5, 3.0, 14.0, 4.0], [1] * 5)
+    want = np.percentile(np.exp([1.0, 1.5, 0.5, 2.0, 0.5]), [1, 5, 10, 25, 50, 75, 90, 95, 99])
+    got = finite.summary(num_outliers=0, outliers=[], seconds=1.0, documents=5, tokens=30)
+    assert list(got["perplexity_percentiles"].values()) == pytest.approx(list(want), rel=1e-12)
+
+
+def test_score_corpus_past_exp_range_ends_cleanly(tmp_path):
+    """`pplfast score-corpus` on a model whose output layer is scaled so that the mean NLL is
+    thousands of nats: exit 0, the summary's perplexity inf, no traceback."""
+    import json
+    import subprocess
+    import sys
+
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=48)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1e4)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                 for t in texts_of(3, seed=4)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pplfast", "score-corpus", "--model", str(tmp_path / "model"),
+         "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+         "--window", "32", "--json", "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    mean = sum(r["sum_nll"] for r in rows) / sum(r["num_tokens"] for r in rows)
+    assert mean > 1000 and summary["perplexity"] == math.inf

@@ -202,3 +202,33 @@ def test_metric_stats_fields_merge():
     plain = Perplexity()
     plain.update(logits, ids, shift=True)
     assert plain.compute().mean_entropy is None and plain.compute().top1_accuracy is None
+
+
+def test_safe_exp_is_the_one_exp_of_every_figure():
+    """exp of a mean NLL past exp's range is inf, never an OverflowError, for floats and arrays,
+    and every figure of the package goes through it (no other math.exp / np.exp)."""
+    import pathlib
+    import re
+    import warnings
+
+    import numpy as np
+
+    from pplfast.metric import safe_exp
+
+    assert safe_exp(1000.0) == math.inf and safe_exp(-1000.0) == 0.0
+    assert safe_exp(1.5) == math.exp(1.5) and math.isnan(safe_exp(math.nan))
+    assert safe_exp(math.inf) == math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in exp" is not printed
+        got = safe_exp(np.array([1.5, 1000.0, np.nan, -np.inf]))
+    assert got.dtype == np.float64 and got[0] == math.exp(1.5) and got[1] == math.inf
+    assert math.isnan(got[2]) and got[3] == 0.0
+    res = Perplexity()
+    res.update_nll(torch.tensor([900.0, 800.0]), num_bytes=1, num_words=1)
+    figures = res.compute()
+    assert figures.perplexity == figures.byte_perplexity == figures.word_perplexity == math.inf
+    package = pathlib.Path(pplfast.__file__).parent
+    bare = [f"{path.name}:{n}" for path in sorted(package.rglob("*.py")) if path.name != "metric.py"
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if re.search(r"\b(math|np|numpy)\.exp\(", line)]
+    assert bare == []
