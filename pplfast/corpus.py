@@ -85,7 +85,9 @@ class CorpusScorer:
     ``scorer(batch)`` takes a dict of equal-length columns holding ``text_field`` (strings;
     None counts as empty) and returns a new dict: the same columns plus, per document,
     ``num_tokens`` (scored tokens), ``sum_nll`` (nats, float64), ``sum_nll_sq``, ``num_bytes``
-    (UTF-8), ``num_words`` (``len(re.split(r"\\s+", text))``, lm-evaluation-harness' count),
+    and ``num_words`` (the UTF-8 bytes and the words of the text the scored tokens cover, see
+    :func:`pplfast.hf.scored_text_counts`: in rolling mode the whole text, counted as
+    lm-evaluation-harness counts it, ``len(re.split(r"\\s+", text))`` words),
     ``perplexity`` (``exp(sum_nll / num_tokens)``) and ``bits_per_byte``
     (``sum_nll / num_bytes / ln 2``), as numpy arrays. Empty or whitespace-only documents, and
     documents with no scored token, get ``num_tokens = 0`` and NaN perplexity.
@@ -182,21 +184,22 @@ class CorpusScorer:
         """The score columns (dict of numpy arrays, see the class doc) of a list of strings."""
         import torch
 
-        from .hf import _context_length, _score_documents, count_words
+        from .hf import _context_length, _score_documents, count_words, scored_text_counts, tokenize
 
         model, tokenizer = self.model, self.tokenizer
         n = len(texts)
         columns = SCORE_COLUMNS + (STATS_COLUMNS if self.stats else ())
         cols = {name: np.zeros(n, dtype=dtype) for name, dtype in columns}
         add_special = self.mode != "rolling"
-        docs, where = [], []
+        tokens, where = [], []
         for i, text in enumerate(texts):
-            cols["num_bytes"][i] = len(text.encode("utf-8"))
-            cols["num_words"][i] = count_words(text)
             if text.strip():
-                ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-                docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+                tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special))
                 where.append(i)
+            else:  # not scored: lm-evaluation-harness's counts of the whole text
+                cols["num_bytes"][i] = len(text.encode("utf-8"))
+                cols["num_words"][i] = count_words(text)
+        docs = [t.ids for t in tokens]
         if docs:
             if not self._head_ready:
                 from .hf import _model_head
@@ -215,6 +218,8 @@ class CorpusScorer:
             ).documents
             for k, (i, (nll, scored)) in enumerate(zip(where, per_doc)):
                 x = nll.double()[scored]
+                cols["num_bytes"][i], cols["num_words"][i] = scored_text_counts(
+                    texts[i], tokens[k], scored, tokenizer)
                 cols["num_tokens"][i] = int(scored.sum())
                 cols["sum_nll"][i] = float(x.sum())
                 cols["sum_nll_sq"][i] = float((x * x).sum())

@@ -18,6 +18,7 @@ output layer is scored from its logits through :func:`pplfast.token_nll` instead
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -25,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +62,12 @@ class ScoreResult:
 
 @dataclass
 class DocumentScore:
-    """One document of :func:`score_texts`: its tokens, their NLL and its own figures."""
+    """One document of :func:`score_texts`: its tokens, their NLL and its own figures.
+
+    ``num_tokens``, ``num_bytes`` and ``num_words`` count what was scored: the scored tokens and
+    the UTF-8 bytes and words of the text they cover (:func:`scored_text_counts`; the whole
+    text's in rolling mode, where every token is scored).
+    """
 
     num_tokens: int
     num_bytes: int
@@ -670,6 +677,88 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+class Tokens(NamedTuple):
+    """A text's token ids and, where the tokenizer gives offsets, where each token ends in it."""
+
+    ids: torch.Tensor  # int64
+    ends: Optional[torch.Tensor]  # int64 character positions; None without an offset mapping
+
+
+def tokenize(tokenizer, text: str, *, add_special_tokens: bool) -> Tokens:
+    """``text``'s token ids, with each token's end from a fast tokenizer's offset mapping."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ends = torch.tensor([end for _, end in enc["offset_mapping"]], dtype=torch.long)
+    else:
+        enc, ends = tokenizer(text, add_special_tokens=add_special_tokens), None
+    ids = torch.as_tensor(enc["input_ids"], dtype=torch.long).reshape(-1)
+    return Tokens(ids, None if ends is None else ends.reshape(-1))
+
+
+@functools.lru_cache(maxsize=1)
+def _whitespace() -> np.ndarray:
+    # the code points re's \s matches in a str pattern: exactly those of str.isspace
+    return np.array([c for c in range(0x110000) if chr(c).isspace()], dtype=np.uint32)
+
+
+def _decoded_ends(tokenizer, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Token ends for a tokenizer without offsets: each run of tokens scored alike is decoded
+    alone and its last token ends where the decoded lengths add up to (the others cover
+    nothing). Exact where decoding a run gives back its text (byte-level BPE); elsewhere a run
+    edge may move by the character a decoder drops or adds (SentencePiece's leading space)."""
+    ends = torch.empty(len(ids), dtype=torch.long)
+    flags = scored.tolist()
+    pos = start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or flags[i] != flags[start]:
+            pos += len(tokenizer.decode(ids[start:i].tolist(), skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False))
+            ends[start:i] = pos
+            ends[start : i - 1] = ends[start - 1] if start else 0
+            start = i
+    return ends
+
+
+def scored_text_counts(text: str, tokens: Tokens, scored: torch.Tensor,
+                       tokenizer=None) -> tuple:
+    """``(bytes, words)`` of the part of ``text`` that the scored tokens cover: the denominators
+    of bits per byte and word perplexity, which must cover the text whose NLL was summed.
+
+    The text is cut into one piece per token: token ``i`` covers the characters from the end of
+    token ``i - 1`` (0 for the first) to its own end, the last token up to the end of the text,
+    so the pieces tile the text and a token carries the whitespace before it. Bytes are the
+    UTF-8 bytes of the scored pieces; a word (lm-evaluation-harness's, ``re.split(r"\\s+",
+    text)``: it starts at 0 and after each whitespace run) counts with the piece where it
+    starts. Counts over any split of the tokens add up to the whole text's; with every token
+    scored (rolling mode) they are lm-evaluation-harness's, ``len(text.encode())`` and
+    :func:`count_words`. ``tokens.ends`` None (no offset mapping): the ends come from decoding
+    each run of tokens scored alike with ``tokenizer`` (see :func:`_decoded_ends`).
+    """
+    if bool(scored.all()):  # also a text without tokens: lm-evaluation-harness's counts
+        return len(text.encode("utf-8")), count_words(text)
+    if not bool(scored.any()):
+        return 0, 0
+    ends = tokens.ends if tokens.ends is not None else _decoded_ends(tokenizer, tokens.ids, scored)
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    n = len(points)
+    hi = np.maximum.accumulate(np.clip(ends.numpy(), 0, n))
+    hi[-1] = n
+    lo = np.concatenate([[0], hi[:-1]])
+    utf8 = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    byte_at = np.concatenate([[0], np.cumsum(utf8)])  # UTF-8 offset of each character
+    space = np.isin(points, _whitespace())
+    starts = np.zeros(n + 1, dtype=bool)  # word starts: 0, and after each whitespace run
+    starts[0] = True
+    starts[1:] = space
+    starts[1:n] &= ~space[1:]
+    before = np.concatenate([[0], np.cumsum(starts)])  # word starts before each position
+    word_hi = hi + 1
+    word_hi[:-1] = hi[:-1]  # the last piece also owns a start at the very end of the text
+    keep = scored.numpy()
+    return (int((byte_at[hi] - byte_at[lo])[keep].sum()),
+            int((before[word_hi] - before[lo])[keep].sum()))
+
+
 def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int] = None,
                 stride: Optional[int] = None, mode: str = "sliding",
                 prefix_token_id: Optional[int] = None, add_special_tokens: Optional[bool] = None,
@@ -681,14 +770,19 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
         model, window, stride, mode, prefix_token_id, batch_size, backend, progress, stats,
             top_k: as in :func:`score_model` (each document then carries its ``stats`` and the
             corpus figures ``mean_entropy`` / ``top1_accuracy``).
-        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text)["input_ids"]``).
+        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text)["input_ids"]``; a
+            fast one's offset mapping tells which text each scored token covers, else its
+            ``decode``).
         texts: the documents.
         add_special_tokens: passed to the tokenizer; default False for ``mode="rolling"`` (the
             prefix token plays BOS, as in lm-evaluation-harness), True otherwise.
 
     Returns:
         :class:`TextScores`. ``corpus.bits_per_byte`` and ``corpus.word_perplexity`` are ratios
-        of sums over documents (UTF-8 bytes; words split on whitespace).
+        of sums over documents: the NLL of the scored tokens over the UTF-8 bytes and the words
+        of the text those tokens cover (:func:`scored_text_counts`): in rolling mode the whole
+        text, as lm-evaluation-harness counts it; in the other modes the text of the unscored
+        tokens (a window's first token, the first half of a llama.cpp chunk) is left out.
 
     Raises:
         ValueError: no token of any document could be scored ("nothing to score: ...").
@@ -698,12 +792,12 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     _check_stats_options(stats, top_k, model)
     if add_special_tokens is None:
         add_special_tokens = mode != "rolling"
-    docs = []
+    tokens = []
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must hold strings, got {type(text).__name__}")
-        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        docs.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+        tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special_tokens))
+    docs = [t.ids for t in tokens]
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
     doc_stats = [] if stats else None
@@ -714,8 +808,9 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     )
     metric = Perplexity()
     documents = []
-    for i, (text, ids, (nll, scored)) in enumerate(zip(texts, docs, run.documents)):
-        num_bytes, num_words = len(text.encode("utf-8")), count_words(text)
+    for i, (text, toks, (nll, scored)) in enumerate(zip(texts, tokens, run.documents)):
+        ids = toks.ids
+        num_bytes, num_words = scored_text_counts(text, toks, scored, tokenizer)
         doc_st = None if doc_stats is None else doc_stats[i]
         metric.update_nll(nll, scored, num_bytes=num_bytes, num_words=num_words, stats=doc_st,
                           targets=None if doc_st is None else ids)

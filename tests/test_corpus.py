@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pplfast import CorpusScorer, score_model
+from pplfast import CorpusScorer, score_model, score_texts
 from pplfast.corpus import ModelLoadError, RunStats, robust_z
 from pplfast.corpus_io import (
     CorpusIOError, IdIndex, RowAppender, expand_inputs, iter_documents, iter_score_rows,
@@ -62,10 +62,16 @@ def test_sums_equal_score_model_and_order_is_kept(tiny, mode, window, batch_toke
         assert out["num_tokens"][i] == n > 0
         assert out["sum_nll"][i] == pytest.approx(total, rel=RTOL)
         assert out["sum_nll_sq"][i] == pytest.approx(squares, rel=RTOL)
-        assert out["num_bytes"][i] == len(text.encode("utf-8"))
-        assert out["num_words"][i] == len(text.split())
+        # the bytes and words of the text the scored tokens cover, as score_texts counts them
+        doc = score_texts(model, tokenizer, [text], window=window or 48, mode=mode,
+                          prefix_token_id=0).documents[0]
+        assert (out["num_bytes"][i], out["num_words"][i]) == (doc.num_bytes, doc.num_words)
+        if mode == "rolling":  # every token scored: lm-evaluation-harness's counts
+            assert (doc.num_bytes, doc.num_words) == (len(text.encode()), len(text.split()))
+        else:
+            assert doc.num_bytes < len(text.encode())
         assert out["perplexity"][i] == pytest.approx(math.exp(total / n), rel=RTOL)
-        assert out["bits_per_byte"][i] == pytest.approx(total / len(text.encode()) / math.log(2), rel=RTOL)
+        assert out["bits_per_byte"][i] == pytest.approx(total / doc.num_bytes / math.log(2), rel=RTOL)
     assert out["sum_nll"].dtype == np.float64 and out["num_tokens"].dtype == np.int64
 
 

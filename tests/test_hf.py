@@ -325,20 +325,24 @@ def test_score_texts_documents_and_corpus(models, tokenizer, mode):
     texts = [" ".join(corpus(n, seed=20 + n)) for n in (1, 3, 5)] + ["über ✓ 東京 café"]
     out = score_texts(model, tokenizer, texts, window=24, mode=mode, batch_size=4)
     assert len(out.documents) == len(texts)
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, num_bytes, num_words = 0.0, 0, 0, 0
     for text, doc in zip(texts, out.documents):
         ids = torch.tensor(tokenizer(text)["input_ids"])
         assert torch.equal(doc.token_ids, ids)
         alone = score_model(model, ids, window=24, mode=mode)
         assert_nll_close(doc.token_nll, alone.token_nll, rtol=RTOL)
         assert doc.num_tokens == alone.num_tokens == len(ids) - (mode == "sliding")
-        assert doc.num_bytes == len(text.encode("utf-8")) and doc.num_words == len(text.split())
+        # the text the scored tokens cover: all of it in rolling mode (lm-evaluation-harness's
+        # counts), all but the first token's in sliding mode (one word less)
+        first = tokenizer(text, return_offsets_mapping=True)["offset_mapping"][0][1]
+        unscored = 0 if mode == "rolling" else len(text[:first].encode("utf-8"))
+        assert doc.num_bytes == len(text.encode("utf-8")) - unscored
+        assert doc.num_words == len(text.split()) - (mode == "sliding")
         assert doc.mean_nll == pytest.approx(alone.mean_nll, rel=1e-6)
         total_nll += doc.sum_nll
         total_tokens += doc.num_tokens
+        num_bytes, num_words = num_bytes + doc.num_bytes, num_words + doc.num_words
     corpus_res = out.corpus
-    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    num_words = sum(len(t.split()) for t in texts)
     assert corpus_res.num_tokens == total_tokens and corpus_res.num_bytes == num_bytes
     assert corpus_res.mean_nll == pytest.approx(total_nll / total_tokens, rel=1e-9)
     assert corpus_res.bits_per_byte == pytest.approx(total_nll / num_bytes / math.log(2), rel=1e-9)
@@ -547,3 +551,50 @@ def test_num_windows_counts_the_windows_that_ran(models, tokenizer, mode, window
     assert out.num_windows == len(ran)
     if (mode, window) == ("rolling", 4):
         assert out.num_windows == 7
+
+
+def test_scored_text_counts_by_hand():
+    """Token i covers the text from the end of token i-1 to its own end (the last token to the
+    text's end); a word counts with the token where it starts (lm-evaluation-harness's words:
+    ``re.split(r"\\s+", text)``, so leading and trailing whitespace start an empty word)."""
+    from pplfast.hf import Tokens, scored_text_counts
+
+    def counts(text, ends, scored):
+        tokens = Tokens(torch.zeros(len(ends), dtype=torch.long), torch.tensor(ends))
+        return scored_text_counts(text, tokens, torch.tensor(scored))
+
+    text = "ab  cd\tü e"  # 10 characters, 11 bytes, 4 words starting at 0, 4, 7 and 9
+    ends = [2, 6, 8, 10]  # "ab", "  cd", "\tü", " e"
+    assert counts(text, ends, [False, True, False, True]) == (6, 2)
+    assert counts(text, ends, [True, False, True, False]) == (5, 2)
+    assert counts(text, ends, [True] * 4) == (11, 4)
+    assert counts(text, ends, [False] * 4) == (0, 0)
+    # a special token first (offsets (0, 0)) covers nothing; one that ends short of the text
+    # leaves the rest to the last token
+    assert counts(text, [0, 2, 6, 8, 9], [False, True, False, False, True]) == (4, 2)
+    assert counts(" ab ", [3, 4], [True, False]) == (3, 2)  # "", "ab" start in " ab"
+    assert counts(" ab ", [3, 4], [False, True]) == (1, 1)  # the empty word after the space
+    assert counts("", [], []) == (0, 1)  # as lm-evaluation-harness: one (empty) word
+
+
+@pytest.mark.parametrize("text", [
+    "the quick  brown fox\n\njumps über 東京 ✓ café ", "  naïve\tkernel ✓✓ 東京東京 day",
+    "one two three four five six seven eight nine ten"])
+def test_scored_text_counts_add_up_to_lm_eval(tokenizer, text):
+    """The scored and unscored tokens' counts add up to the whole text's, lm-evaluation-harness's
+    ``len(text.encode())`` and ``len(re.split(r"\\s+", text))``, for any split; the decoding
+    fallback (tokenizers without offsets) gives the offsets' counts on a byte-level BPE."""
+    from pplfast.hf import Tokens, count_words, scored_text_counts, tokenize
+
+    for special in (False, True):
+        tokens = tokenize(tokenizer, text, add_special_tokens=special)
+        assert tokens.ends is not None and len(tokens.ends) == len(tokens.ids)
+        rng = random.Random(len(text))
+        for _ in range(20):
+            scored = torch.tensor([rng.random() < 0.5 for _ in tokens.ids])
+            a = scored_text_counts(text, tokens, scored)
+            b = scored_text_counts(text, tokens, ~scored)
+            assert (a[0] + b[0], a[1] + b[1]) == (len(text.encode("utf-8")), count_words(text))
+            assert count_words(text) == len(re.split(r"\s+", text))
+            if text.isascii():
+                assert scored_text_counts(text, Tokens(tokens.ids, None), scored, tokenizer) == a

@@ -6,13 +6,14 @@ tokenizer adds one; the logits at positions ``n_ctx // 2 .. n_ctx - 2`` of a chu
 next token; the result is ``exp(mean nll)`` with ``±`` = ``ppl * sqrt(var(nll) / (n - 1))``.
 """
 import math
+import random
 
 import pytest
 import torch
 
 import pplfast
 from pplfast.windows import make_windows
-from test_hf import build_model, corpus, train_tokenizer
+from test_hf import WORDS, build_model, corpus, train_tokenizer
 
 pytest.importorskip("transformers")
 
@@ -155,3 +156,73 @@ def test_compare_cli_puts_bos_first_when_the_tokenizer_adds_it(setup, tmp_path, 
     # without BOS in the chunks the figure would differ
     plain = llamacpp_loop(model, ids, 32, None)
     assert figures["perplexity_base"] != pytest.approx(math.exp(sum(plain) / len(plain)), rel=1e-5)
+
+
+ASCII_WORDS = [w for w in WORDS if w.isascii()]
+
+
+def ascii_text(seed, words=260):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(ASCII_WORDS) for _ in range(words))
+
+
+def covered(tokenizer, ids, scored):
+    """UTF-8 bytes and words of the scored tokens of an ASCII text with single spaces, token by
+    token: there each token decodes to exactly its own text, and a word counts with the token
+    that holds its first character."""
+    text, num_bytes, num_words = "", 0, 0
+    for token, is_scored in zip(ids.tolist(), scored.tolist()):
+        for ch in tokenizer.decode([token]):
+            num_words += is_scored and not ch.isspace() and (not text or text[-1].isspace())
+            num_bytes += is_scored * len(ch.encode("utf-8"))
+            text += ch
+    return num_bytes, num_words
+
+
+def test_bytes_and_words_are_those_of_the_scored_tokens(setup):
+    """llama.cpp scores the second half of each chunk: bits per byte and word perplexity divide
+    its NLL by the bytes and words of that half only (dividing by the whole text's made them
+    about 2x and far too good)."""
+    model, tokenizer, _ = setup
+    texts = [ascii_text(1), ascii_text(2, words=150)]
+    out = pplfast.score_texts(model, tokenizer, texts, window=32, mode="llamacpp")
+    total_nll = total_bytes = total_words = 0
+    for text, doc in zip(texts, out.documents):
+        num_bytes, num_words = covered(tokenizer, doc.token_ids, doc.scored)
+        assert (doc.num_bytes, doc.num_words) == (num_bytes, num_words)
+        assert num_bytes < 0.6 * len(text.encode())  # the half of each chunk, roughly
+        total_nll, total_bytes, total_words = (total_nll + doc.sum_nll, total_bytes + num_bytes,
+                                               total_words + num_words)
+    assert out.corpus.num_bytes == total_bytes and out.corpus.num_words == total_words
+    assert out.corpus.bits_per_byte == pytest.approx(total_nll / total_bytes / math.log(2), rel=1e-9)
+    assert out.corpus.word_perplexity == pytest.approx(math.exp(total_nll / total_words), rel=1e-9)
+
+    # CorpusScorer's rows count the same bytes and words
+    rows = pplfast.CorpusScorer(model, tokenizer, window=32, mode="llamacpp")({"text": texts})
+    for i, doc in enumerate(out.documents):
+        assert (rows["num_bytes"][i], rows["num_words"][i]) == (doc.num_bytes, doc.num_words)
+        assert rows["bits_per_byte"][i] == pytest.approx(
+            rows["sum_nll"][i] / doc.num_bytes / math.log(2), rel=1e-12)
+
+
+def test_score_command_counts_the_scored_bytes(setup, tmp_path, capsys):
+    import json
+
+    from pplfast.cli import main
+
+    model, tokenizer, _ = setup
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = ascii_text(3)
+    (tmp_path / "doc.txt").write_text(text)
+    rc = main(["score", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "doc.txt"),
+               "--mode", "llamacpp", "--window", "32", "--json", "--no-progress",
+               "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    figures = json.loads(out)
+    doc = pplfast.score_texts(model, tokenizer, [text], window=32, mode="llamacpp").documents[0]
+    num_bytes, num_words = covered(tokenizer, doc.token_ids, doc.scored)
+    assert figures["num_bytes"] == num_bytes
+    assert figures["bits_per_byte"] == pytest.approx(doc.sum_nll / num_bytes / math.log(2), rel=1e-6)
+    assert figures["word_perplexity"] == pytest.approx(math.exp(doc.sum_nll / num_words), rel=1e-6)
