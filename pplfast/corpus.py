@@ -184,7 +184,8 @@ class CorpusScorer:
         """The score columns (dict of numpy arrays, see the class doc) of a list of strings."""
         import torch
 
-        from .hf import _context_length, _score_documents, count_words, scored_text_counts, tokenize
+        from .hf import (_context_length, _score_documents, count_words, scored_text_counts,
+                         tokenize)
 
         model, tokenizer = self.model, self.tokenizer
         n = len(texts)
@@ -194,7 +195,8 @@ class CorpusScorer:
         tokens, where = [], []
         for i, text in enumerate(texts):
             if text.strip():
-                tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special))
+                tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special,
+                                       ends=self.mode != "rolling"))
                 where.append(i)
             else:  # not scored: lm-evaluation-harness's counts of the whole text
                 cols["num_bytes"][i] = len(text.encode("utf-8"))

@@ -18,7 +18,6 @@ output layer is scored from its logits through :func:`pplfast.token_nll` instead
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import re
@@ -26,7 +25,6 @@ import warnings
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -672,9 +670,12 @@ def _reshape_stats(st: TokenStats, nll: torch.Tensor, shape) -> TokenStats:
     return TokenStats(*(None if v is None else v.reshape(*shape, *v.shape[1:]) for v in fields))
 
 
+_WHITESPACE = re.compile(r"\s+")
+
+
 def count_words(text: str) -> int:
     """Words as lm-evaluation-harness counts them for word perplexity: ``len(re.split(r"\\s+", text))``."""
-    return len(re.split(r"\s+", text))
+    return len(_WHITESPACE.split(text))
 
 
 class Tokens(NamedTuple):
@@ -684,21 +685,17 @@ class Tokens(NamedTuple):
     ends: Optional[torch.Tensor]  # int64 character positions; None without an offset mapping
 
 
-def tokenize(tokenizer, text: str, *, add_special_tokens: bool) -> Tokens:
-    """``text``'s token ids, with each token's end from a fast tokenizer's offset mapping."""
-    if getattr(tokenizer, "is_fast", False):
+def tokenize(tokenizer, text: str, *, add_special_tokens: bool, ends: bool = True) -> Tokens:
+    """``text``'s token ids, with each token's end from a fast tokenizer's offset mapping
+    (``ends=False``: without, where every token will be scored and the offsets, which slow
+    tokenizing down, are not needed)."""
+    if ends and getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        ends = torch.tensor([end for _, end in enc["offset_mapping"]], dtype=torch.long)
+        token_ends = torch.tensor([end for _, end in enc["offset_mapping"]], dtype=torch.long)
     else:
-        enc, ends = tokenizer(text, add_special_tokens=add_special_tokens), None
+        enc, token_ends = tokenizer(text, add_special_tokens=add_special_tokens), None
     ids = torch.as_tensor(enc["input_ids"], dtype=torch.long).reshape(-1)
-    return Tokens(ids, None if ends is None else ends.reshape(-1))
-
-
-@functools.lru_cache(maxsize=1)
-def _whitespace() -> np.ndarray:
-    # the code points re's \s matches in a str pattern: exactly those of str.isspace
-    return np.array([c for c in range(0x110000) if chr(c).isspace()], dtype=np.uint32)
+    return Tokens(ids, None if token_ends is None else token_ends.reshape(-1))
 
 
 def _decoded_ends(tokenizer, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -739,24 +736,27 @@ def scored_text_counts(text: str, tokens: Tokens, scored: torch.Tensor,
     if not bool(scored.any()):
         return 0, 0
     ends = tokens.ends if tokens.ends is not None else _decoded_ends(tokenizer, tokens.ids, scored)
-    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    n = len(points)
-    hi = np.maximum.accumulate(np.clip(ends.numpy(), 0, n))
+    n = len(text)
+    hi = torch.cummax(ends.clamp(0, n), 0).values.tolist()
     hi[-1] = n
-    lo = np.concatenate([[0], hi[:-1]])
-    utf8 = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
-    byte_at = np.concatenate([[0], np.cumsum(utf8)])  # UTF-8 offset of each character
-    space = np.isin(points, _whitespace())
-    starts = np.zeros(n + 1, dtype=bool)  # word starts: 0, and after each whitespace run
-    starts[0] = True
-    starts[1:] = space
-    starts[1:n] &= ~space[1:]
-    before = np.concatenate([[0], np.cumsum(starts)])  # word starts before each position
-    word_hi = hi + 1
-    word_hi[:-1] = hi[:-1]  # the last piece also owns a start at the very end of the text
-    keep = scored.numpy()
-    return (int((byte_at[hi] - byte_at[lo])[keep].sum()),
-            int((before[word_hi] - before[lo])[keep].sum()))
+    # runs of tokens scored alike: [first, stop) for each change of the flag
+    edges = [0] + (torch.nonzero(scored[1:] != scored[:-1]).flatten() + 1).tolist() + [len(hi)]
+    num_bytes = num_words = 0
+    for first, stop in zip(edges[:-1], edges[1:]):
+        if not bool(scored[first]):
+            continue
+        lo = hi[first - 1] if first else 0
+        piece = text[lo : hi[stop - 1]]
+        num_bytes += len(piece.encode("utf-8"))
+        # str.split's whitespace is re's \s: each part starts a word, but for one running on
+        # from before the piece; 0 starts an empty word before leading whitespace, and the end
+        # of the text one after trailing whitespace (the last token's)
+        num_words += len(piece.split())
+        if piece[:1] and not piece[0].isspace() and lo > 0 and not text[lo - 1].isspace():
+            num_words -= 1
+        num_words += lo == 0 and text[:1].isspace()
+        num_words += stop == len(hi) and text[-1:].isspace()
+    return num_bytes, num_words
 
 
 def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int] = None,
@@ -796,7 +796,8 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, window: Optional[int]
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must hold strings, got {type(text).__name__}")
-        tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special_tokens))
+        tokens.append(tokenize(tokenizer, text, add_special_tokens=add_special_tokens,
+                               ends=mode != "rolling"))
     docs = [t.ids for t in tokens]
     for i, ids in enumerate(docs):
         _check_ids(f"texts[{i}] token ids", ids, model)
