@@ -1,7 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch  # importing torch does not import triton
+
+# the test folders (engine/, kernels/, models/, corpus/, cli/, memory/) import the shared
+# helpers of this folder as `from helpers import ...`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The Triton interpreter is chosen when triton is first imported; without a GPU it is how the
 # Triton kernels run (on CPU tensors). On a GPU machine the kernels run compiled on CUDA tensors.
