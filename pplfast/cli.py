@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("pplfast.eval_cli", "lm-evaluation-harness with the pplfast model (all lm-eval options)"),
     "doctor": ("pplfast.doctor", "check every backend on this machine against the float64 reference"),
     "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
+    "serve": ("pplfast.serve.cli", "a scoring server (OpenAI completions, SGLang generate, score)"),
 }
 
 DESCRIPTION = """\
