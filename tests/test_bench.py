@@ -196,3 +196,53 @@ def test_fused_fp32_peer_computes_the_nll(monkeypatch):
     assert calls == [False]
     want = reference.linear_token_nll(hidden, weight, targets)
     assert_nll_close(got.cpu(), want, row_lse(hidden.double() @ weight.double().T))
+
+
+# ---- what the GPU session script needs: a plan without a GPU, results kept case by case --------
+
+def test_dry_run_prints_the_plan_even_for_a_missing_gpu(capsys, tmp_path):
+    out_file = tmp_path / "never.json"
+    rc = cli.main(["bench", "--path", "logits", "--backend", "triton", "--device", "cuda",
+                   "--shapes", "16384x128256,4096x50257", "--dtypes", "bf16", "--no-progress",
+                   "--json", str(out_file), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == ("would run: pplfast bench --path logits --shapes 4096x50257,16384x128256 "
+                        "--dtypes bf16 --backend triton --device cuda")
+    assert lines[1:] == ["  logits 16384x128256 bf16 on cuda, backend triton",
+                         "  logits 4096x50257 bf16 on cuda, backend triton"]
+    assert not out_file.exists()
+    # a bad option is still refused
+    rc = cli.main(["bench", "--path", "linear", "--shapes", "4x100", "--dry-run"])
+    assert rc == 2 and "NxDxV" in capsys.readouterr().err
+
+
+def test_json_file_keeps_the_cases_that_finished(capsys, tmp_path, monkeypatch):
+    """A run cut off (here by Ctrl-C in its second case) leaves the first case's rows in the
+    --json file, marked incomplete; a finished run's record says complete."""
+    from pplfast.bench import runner
+
+    path = tmp_path / "run.json"
+    argv = ["bench", "--shapes", "16x300,8x200", "--dtypes", "fp32", "--backend", "reference",
+            "--device", "cpu", "--no-memory", *FAST, "--json", str(path)]
+    real, calls = runner.make_inputs, []
+
+    def interrupted(path_name, shape, *args, **kwargs):
+        if tuple(shape) in ((16, 300), (8, 200)):  # not the preflight's tiny input
+            calls.append(tuple(shape))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path_name, shape, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "make_inputs", interrupted)
+    assert cli.main(argv) == 130
+    record = json.loads(path.read_text())
+    assert record["complete"] is False
+    assert {tuple(r["shape"]) for r in record["results"]} == {tuple(calls[0])}
+    assert all(r["ms"] > 0 for r in record["results"])
+    monkeypatch.setattr(runner, "make_inputs", real)
+    assert cli.main(argv) == 0
+    record = json.loads(path.read_text())
+    assert record["complete"] is True and len({tuple(r["shape"]) for r in record["results"]}) == 2
+    capsys.readouterr()

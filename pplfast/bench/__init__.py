@@ -41,38 +41,62 @@ inputs and implementations by path name in its own process) and the JSON record 
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
+from ..corpus_io import CorpusIOError, atomic_output
 from .cases import linear_flops, logits_bytes, make_inputs
 from .measure import cpu_peak_extra, cuda_peak_extra, read_bandwidth, time_call
-from .options import (DEFAULT_BW_MIB, DTYPES, PATHS, BenchError, MiB, Plan, add_arguments,
-                      make_plan, parse_dtypes, parse_shapes)
+from .options import (DEFAULT_BW_MIB, DTYPES, PATHS, SCHEMA, BenchError, MiB, Plan,
+                      add_arguments, make_plan, parse_dtypes, parse_shapes)
 from .peers import Impl, implementations
 from .report import render
 from .runner import bench
 
 __all__ = [
     "DEFAULT_BW_MIB", "DTYPES", "PATHS", "BenchError", "Impl", "MiB", "Plan", "add_arguments",
-    "bench", "cpu_peak_extra", "cuda_peak_extra", "implementations", "linear_flops",
+    "bench", "cpu_peak_extra", "cuda_peak_extra", "describe", "implementations", "linear_flops",
     "logits_bytes", "make_inputs", "make_plan", "parse_dtypes", "parse_shapes", "read_bandwidth",
     "render", "run", "time_call",
 ]
 
 
+def describe(plan: Plan) -> str:
+    """What a run of ``plan`` would do: its command and one line per case (``--dry-run``)."""
+    lines = [f"would run: {plan.command}"]
+    lines += [f"  {path} {'x'.join(map(str, shape))} {dtype} on {plan.device.type}, backend "
+              f"{plan.backend}" for path, shape, dtype in plan.cases]
+    return "\n".join(lines)
+
+
+def _write_json(path: str, record) -> None:
+    """The record, whole, at ``path`` (rewritten after every case: a cut-off run keeps the
+    cases that finished, marked ``"complete": false``)."""
+    try:
+        with atomic_output(path, label="--json") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    except CorpusIOError as exc:
+        raise BenchError(str(exc)) from None
+
+
 def run(args) -> int:
-    json_file = None
     try:
         plan = make_plan(args)
+        if args.dry_run:
+            print(describe(plan))
+            return 0
+        on_case = None
         if args.json not in (None, "-"):
-            try:  # opened now: an unwritable path fails before minutes of timing, not after
-                json_file = open(args.json, "w")
-            except OSError as exc:
-                raise BenchError(f"cannot write --json {args.json!r}: {exc.strerror}") from None
-        record = bench(plan, progress=not args.no_progress)
+            # written now: an unwritable path fails before minutes of timing, not after
+            _write_json(args.json, {"schema": SCHEMA, "command": plan.command,
+                                    "complete": False, "results": []})
+            on_case = functools.partial(_write_json, args.json)
+        record = bench(plan, progress=not args.no_progress, on_case=on_case)
+        if args.json not in (None, "-"):
+            _write_json(args.json, record)
     except BenchError as exc:
-        if json_file is not None:
-            json_file.close()
         print(f"pplfast bench: error: {exc}", file=sys.stderr)
         return 2
     text = render(record)
@@ -82,8 +106,4 @@ def run(args) -> int:
         sys.stdout.write("\n")
     else:
         print(text)
-        if json_file is not None:
-            with json_file:
-                json.dump(record, json_file, indent=1)
-                json_file.write("\n")
     return 0

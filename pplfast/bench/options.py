@@ -106,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bandwidth-mib", default=None, type=int, metavar="MIB",
         help="size of the buffer read to measure bandwidth (default 1024 on CPU, 2048 on GPU)",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check the options and print the cases that would run, without running them (also "
+        "for --device cuda on a machine without a GPU)",
+    )
 
 
 def parse_shapes(text: str) -> List[Tuple[int, ...]]:
@@ -159,7 +164,8 @@ def make_plan(args) -> Plan:
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name not in DEVICES:
         raise BenchError(f"unknown --device {device_name!r}: choose from cpu, cuda")
-    if device_name == "cuda" and not torch.cuda.is_available():
+    if device_name == "cuda" and not torch.cuda.is_available() and not getattr(args, "dry_run",
+                                                                                False):
         raise BenchError("--device cuda: no CUDA GPU is visible to torch here")
     for flag, value, low in (("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
                              ("--bandwidth-mib", args.bandwidth_mib, 1)):

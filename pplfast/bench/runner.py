@@ -5,7 +5,7 @@ import datetime
 import gc
 import statistics
 import sys
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -70,13 +70,40 @@ def _preflight(plan: Plan) -> None:
 
 
 @torch.no_grad()  # scoped: a caller's (or a test session's) grad mode is left as it was
-def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
-    """Run every case of ``plan``; returns the JSON-ready record."""
+def bench(plan: Plan, progress: bool = True,
+          on_case: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
+    """Run every case of ``plan``; returns the JSON-ready record (``"complete": True``).
+
+    ``on_case`` gets the record so far (``"complete": False``) after each case, so that a run
+    cut off by a time limit can keep the cases that finished.
+    """
     _preflight(plan)
     started = datetime.datetime.now(datetime.timezone.utc)
     env = environment(plan.device)
     bandwidth = read_bandwidth(plan.device, plan.bandwidth_bytes)
     impl_sets = {path: implementations(path, plan.device, plan.backend) for path in {p for p, _, _ in plan.cases}}
+    memory_method = None
+    if plan.memory and plan.device.type == "cuda":
+        memory_method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+                         "memory_allocated before the call")
+
+    def record(complete: bool) -> Dict[str, object]:
+        skipped = sorted({(name, why) for path in impl_sets for name, why in impl_sets[path][1]})
+        return {
+            "schema": SCHEMA,
+            "timestamp": started.isoformat(timespec="seconds"),
+            "command": plan.command,
+            "complete": complete,
+            **env,
+            "settings": {"backend": plan.backend, "warmup": plan.warmup,
+                         "reps": plan.reps if plan.reps is not None else "auto",
+                         "memory": plan.memory, "memory_method": memory_method,
+                         "timer": "CUDA events" if plan.device.type == "cuda" else "time.perf_counter"},
+            "bandwidth": bandwidth,
+            "skipped": [{"impl": n, "reason": why} for n, why in skipped],
+            "results": [row for case_rows in rows_by_case for row in case_rows],
+        }
+
     total = sum(len(impl_sets[p][0]) for p, _, _ in plan.cases)
     bar = _Progress(total * (2 if plan.memory and plan.device.type == "cpu" else 1), progress)
     rows_by_case: List[List[Dict[str, object]]] = []
@@ -110,7 +137,8 @@ def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
                 torch.cuda.empty_cache()
             _derive(case_rows, path, shape, dtype, bandwidth["gbps"])
             rows_by_case.append(case_rows)
-        memory_method = None
+            if on_case is not None:
+                on_case(record(complete=False))
         if plan.memory and plan.device.type == "cpu":
             bar.case("peak memory (separate process)")
             index = {}  # (case number, impl name) -> its row
@@ -137,24 +165,9 @@ def bench(plan: Plan, progress: bool = True) -> Dict[str, object]:
             cpu_peak_extra(cases, on_result)
             memory_method = ("VmHWM growth over one call in a separate process (mark reset through "
                              "/proc/self/clear_refs before each call; glibc returns freed blocks at once)")
-        elif plan.memory:
-            memory_method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the call"
     finally:
         bar.close()
-    skipped = sorted({(name, why) for path in impl_sets for name, why in impl_sets[path][1]})
-    return {
-        "schema": SCHEMA,
-        "timestamp": started.isoformat(timespec="seconds"),
-        "command": plan.command,
-        **env,
-        "settings": {"backend": plan.backend, "warmup": plan.warmup,
-                     "reps": plan.reps if plan.reps is not None else "auto",
-                     "memory": plan.memory, "memory_method": memory_method,
-                     "timer": "CUDA events" if plan.device.type == "cuda" else "time.perf_counter"},
-        "bandwidth": bandwidth,
-        "skipped": [{"impl": n, "reason": why} for n, why in skipped],
-        "results": [row for case_rows in rows_by_case for row in case_rows],
-    }
+    return record(complete=True)
 
 
 def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: float) -> None:
