@@ -16,9 +16,10 @@ import sys
 import time
 
 from ._dispatch import BACKENDS, BackendUnavailableError
-from .score import (DTYPES, FORMATS, ScoreError, _check_plot_path, _check_writable, _device,
-                    _finite, _first_line, _pyplot, atomic_open, atomic_path, human, load_model,
-                    read_documents, token_text)
+from .corpus_io import FORMATS, CorpusIOError, atomic_output, lock_outputs
+from .score import (DTYPES, FORMAT_HELP, INPUT_HELP, ScoreError, _check_plot_path, _device,
+                    _finite, _first_line, _pyplot, human, load_model, output_paths, read_inputs,
+                    token_text)
 from .windows import MODES
 
 
@@ -27,12 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the reference model: local directory or hub id")
     parser.add_argument("--model", required=True,
                         help="the model compared with it (quantized, pruned, fine-tuned, ...)")
-    parser.add_argument("--input", required=True,
-                        help="text file (one document) or JSON lines (one object per line); "
-                             ".txt, .jsonl, .json, each optionally .gz")
-    parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="input format; auto: from the file extension")
-    parser.add_argument("--text-field", default="text", help="field holding the text in JSON lines")
+    parser.add_argument("--input", required=True, nargs="+", metavar="PATH", help=INPUT_HELP)
+    parser.add_argument("--format", choices=FORMATS, default="auto", help=FORMAT_HELP)
+    parser.add_argument("--text-field", default="text", help="field holding the text in JSON records")
     parser.add_argument("--window", type=int, default=None,
                         help="most tokens per forward pass (default: the shorter context length "
                              "of the two models)")
@@ -77,10 +75,6 @@ def _check_options(args) -> None:
         raise CompareError(f"--batch-size must be positive, got {args.batch_size}")
     if args.plot:
         _check_plot_path(args.plot)
-    if args.per_token:
-        _check_writable("--per-token", args.per_token)
-    if args.json not in (None, "-"):
-        _check_writable("--json", args.json)
 
 
 def check_same_tokenizer(base_tok, test_tok, base_name: str, test_name: str) -> None:
@@ -165,7 +159,7 @@ def summary(figures) -> str:
 
 
 def _write_per_token(path, tokenizer, docs, tokens, scored):
-    with atomic_open(path) as f:
+    with atomic_output(path, label="--per-token") as f:
         for d, ids in enumerate(docs):
             fields = {name: getattr(tokens, name)[d, : len(ids)].tolist()
                       for name in ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base",
@@ -210,21 +204,24 @@ def _plot(path, tokens, scored, title, window):
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
+        with atomic_output(path, "path", label="--plot") as tmp:
             fig.savefig(tmp, dpi=120, format=path.rsplit(".", 1)[-1].lower())
-    except OSError as exc:
-        raise CompareError(f"cannot write plot {path!r}: {exc}") from None
     finally:
         plt.close(fig)
 
 
 def _compare(args) -> int:
+    _check_options(args)
+    docs = read_inputs(args)  # output paths are checked there, before the models load
+    with lock_outputs(output_paths(args)):
+        return _compare_documents(args, [doc.text for doc in docs])
+
+
+def _compare_documents(args, documents) -> int:
     from . import _dispatch
     from ._version import __version__
     from .hf import _context_length, _llamacpp_bos, _model_device
 
-    _check_options(args)
-    documents = read_documents(args.input, args.text_field, args.format)
     device = _device(args.device)
     device_base = _device(args.device_base) if args.device_base else device
     base, base_tok = load_model(args.base, args.dtype, device_base)
@@ -278,17 +275,11 @@ def _compare(args) -> int:
         if args.json == "-":
             print(text, flush=True)
         else:
-            try:
-                with atomic_open(args.json) as f:
-                    f.write(text + "\n")
-            except OSError as exc:
-                raise CompareError(f"cannot write --json {args.json!r}: {exc}") from None
+            with atomic_output(args.json, label="--json") as f:
+                f.write(text + "\n")
     tokens, scored = result.token_comparison, result.scored
     if args.per_token:
-        try:
-            _write_per_token(args.per_token, base_tok, docs, tokens, scored)
-        except OSError as exc:
-            raise CompareError(f"cannot write --per-token {args.per_token!r}: {exc}") from None
+        _write_per_token(args.per_token, base_tok, docs, tokens, scored)
     if args.plot:
         _plot(args.plot, tokens, scored, f"{args.model} against {args.base}: KL per token",
               window)
@@ -298,6 +289,6 @@ def _compare(args) -> int:
 def run(args) -> int:
     try:
         return _compare(args)
-    except ScoreError as exc:
+    except (ScoreError, CorpusIOError) as exc:
         print(f"pplfast compare: error: {exc}", file=sys.stderr)
         return 1

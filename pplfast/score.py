@@ -1,24 +1,25 @@
 """``pplfast score``: perplexity of a Hugging Face causal LM on text files, logits never built.
 
-Input: a text file (one document) or JSON lines (one document per line, text under
-``--text-field``), optionally gzip-compressed; the format follows the extension or ``--format``.
-Output: a summary table, or ``--json``; optionally every token's NLL (``--per-token``), every
-document's figures (``--per-document``) and a plot of NLL against position (``--plot``).
+Input: files, directories or globs read by the corpus reader (:mod:`pplfast.corpus_io`, the one
+every command uses): a text file is one document, a JSON file holds one object per line or one
+array of objects (text under ``--text-field``), each optionally gzip-compressed, and parquet;
+the kind follows the name or ``--format``. Output: a summary table, or ``--json``; optionally
+every token's NLL (``--per-token``), every document's figures (``--per-document``) and a plot of
+NLL against position (``--plot``).
 
 Every user mistake is found before the model runs where it can be (inputs, options, output
-paths), and reported as one line; output files are written atomically, after the summary.
+paths: none may be an input or another output), and reported as one line; output files are
+written by the corpus writer (atomically, umask's mode, symlinks followed, devices written
+directly), after the summary, and locked against a second run meanwhile.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
 import importlib.util
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import NamedTuple, Optional
 
@@ -30,12 +31,14 @@ from ._models import first_line as _first_line
 from ._optional import require
 from ._table import key_values
 from ._version import __version__
+from .corpus_io import (FORMATS, CorpusIOError, atomic_output, check_outputs, expand_inputs,
+                        iter_documents, lock_outputs)
 from .windows import MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMATS = ("auto", "txt", "jsonl")
-_EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl",
-               ".ndjson": "jsonl"}
+INPUT_HELP = ("files (.txt: one document; .jsonl, .json, .ndjson: JSON lines or one JSON array; "
+              "each optionally .gz; .parquet), directories or globs")
+FORMAT_HELP = "kind of every input file: auto = from its name (jsonl: JSON lines or a JSON array)"
 
 
 class ScoreError(Exception):
@@ -45,12 +48,9 @@ class ScoreError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="local model directory or hub id (a causal LM transformers can load)")
-    parser.add_argument("--input", required=True,
-                        help="text file (one document) or JSON lines (one object per line); "
-                             ".txt, .jsonl, .json, each optionally .gz")
-    parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="input format; auto: from the file extension")
-    parser.add_argument("--text-field", default="text", help="field holding the text in JSON lines")
+    parser.add_argument("--input", required=True, nargs="+", metavar="PATH", help=INPUT_HELP)
+    parser.add_argument("--format", choices=FORMATS, default="auto", help=FORMAT_HELP)
+    parser.add_argument("--text-field", default="text", help="field holding the text in JSON records")
     parser.add_argument("--window", type=int, default=None,
                         help="most tokens per forward pass (default: the model's context length)")
     parser.add_argument("--stride", type=int, default=None,
@@ -84,112 +84,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "in --per-token rows, K in [0, 64]")
 
 
-# ---- input -------------------------------------------------------------------------------------
+# ---- inputs and outputs ------------------------------------------------------------------------
 
-def input_format(path: str, requested: str = "auto") -> str:
-    """``"txt"`` or ``"jsonl"`` for ``path``: ``requested`` unless ``"auto"``, else its extension
-    (case-insensitive, ``.gz`` looked through)."""
-    if requested != "auto":
-        return requested
-    name = path.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    fmt = _EXTENSIONS.get(os.path.splitext(name)[1])
-    if fmt is None:
-        raise ScoreError(
-            f"cannot tell the format of input {path!r} from its extension: use .txt, .jsonl or "
-            ".json (optionally .gz), or pass --format txt|jsonl"
-        )
-    return fmt
+def output_paths(args):
+    """``(option, path)`` of the files the command writes (None where not asked for)."""
+    return [("--json", None if args.json in (None, "-") else args.json),
+            ("--per-token", args.per_token), ("--plot", args.plot)]
 
 
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise ScoreError(f"input {path!r} does not exist or is not a file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-            raw = gzip.decompress(raw)
-        return raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise ScoreError(f"cannot read input {path!r}: {exc}") from None
-
-
-def _json_documents(path: str, content: str, text_field: str):
-    stripped = content.lstrip()
-    if stripped.startswith("["):  # one JSON array of objects, as some .json files hold
-        try:
-            records = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise ScoreError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        numbered = [(i + 1, r) for i, r in enumerate(records)]
-        where = "record"
-    else:
-        numbered = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ScoreError(f"{path}:{lineno}: not valid JSON ({exc.msg}); JSON-lines input "
-                                 "needs one object per line") from None
-        where = "line"
-    docs = []
-    for n, record in numbered:
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ScoreError(f"{path} {where} {n}: no string field {text_field!r} "
-                             "(choose the field with --text-field)")
-        docs.append(record[text_field])
-    return docs
-
-
-def read_documents(path: str, text_field: str = "text", fmt: str = "auto"):
-    """The documents of one input file, as a list of strings (see the module doc)."""
-    fmt = input_format(path, fmt)
-    content = _read_text(path)
-    docs = _json_documents(path, content, text_field) if fmt == "jsonl" else [content]
-    if not any(d.strip() for d in docs):
-        raise ScoreError(f"input {path!r} has no text to score")
-    return docs
-
-
-# ---- output paths ------------------------------------------------------------------------------
-
-def _check_writable(option: str, path: str) -> None:
-    """Fail now, not after the scoring, when ``path`` cannot be created."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ScoreError(f"{option} {path!r} is a directory")
-    if not os.path.isdir(directory):
-        raise ScoreError(f"{option} {path!r}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ScoreError(f"{option} {path!r}: directory {directory!r} is not writable")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary name in ``path``'s directory; rename it to ``path`` when the block
-    completes. An interrupted write leaves the previous file (or none), never a truncated one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".pplfast-", suffix=suffix + ".part", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_open(path: str):
-    """A text file written atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        yield f
+def read_inputs(args):
+    """The documents of ``--input`` (the corpus reader, one document per text file), once the
+    outputs are known to be writable and none of them an input or another output."""
+    files = expand_inputs(args.input, args.format)
+    check_outputs(output_paths(args), [("--input", f) for f in files])
+    documents = list(iter_documents(files, text_field=args.text_field, fmt=args.format))
+    if not any(doc.text.strip() for doc in documents):
+        raise ScoreError(f"input {' '.join(args.input)!r} has no text to score")
+    return documents
 
 
 def _pyplot():
@@ -213,7 +124,6 @@ def _check_plot_path(path: str) -> None:
     if ext not in supported:
         raise ScoreError(f"--plot {path!r}: matplotlib cannot write .{ext or '(no extension)'} "
                          f"files; use one of .{', .'.join(sorted(supported))}")
-    _check_writable("--plot", path)
 
 
 # ---- model -------------------------------------------------------------------------------------
@@ -332,7 +242,7 @@ def _byte_level_bytes(piece: str):
 
 
 def _write_per_token(path, tokenizer, documents):
-    with atomic_open(path) as f:
+    with atomic_output(path, label="--per-token") as f:
         for d, doc in enumerate(documents):
             ids = doc.token_ids.tolist()
             nll = doc.token_nll.tolist()
@@ -434,10 +344,8 @@ def _plot(path, documents, title, window):
     plt = _pyplot()
     fig = plot_figure(plot_data(documents, window), title)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_output(path, "path", label="--plot") as tmp:
             fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".").lower())
-    except OSError as exc:
-        raise ScoreError(f"cannot write plot {path!r}: {exc}") from None
     finally:
         plt.close(fig)
 
@@ -498,17 +406,18 @@ def _check_options(args) -> None:
     if args.per_document and args.json is None:
         raise ScoreError("--per-document adds to the JSON output: pass --json too")
     if args.plot:
-        _check_plot_path(args.plot)  # a missing extra or a bad path fails now, not after scoring
-    if args.per_token:
-        _check_writable("--per-token", args.per_token)
-    if args.json not in (None, "-"):
-        _check_writable("--json", args.json)
+        _check_plot_path(args.plot)  # a missing extra fails now, not after scoring
 
 
 def _score(args) -> int:
-
     _check_options(args)
-    documents = read_documents(args.input, args.text_field, args.format)
+    docs = read_inputs(args)  # output paths are checked there, before the model loads
+    with lock_outputs(output_paths(args)):
+        return _score_documents(args, docs)
+
+
+def _score_documents(args, docs) -> int:
+    documents = [doc.text for doc in docs]
     device = _device(args.device)
     model, tokenizer = load_model(args.model, args.dtype, device)
     window = _check_model_options(args, model)
@@ -544,7 +453,7 @@ def _score(args) -> int:
     }
     if args.per_document:
         figures["documents"] = [
-            {"document": i, "num_tokens": d.num_tokens, "num_bytes": d.num_bytes,
+            {"document": i, "id": docs[i].id, "num_tokens": d.num_tokens, "num_bytes": d.num_bytes,
              "num_words": d.num_words, "sum_nll": d.sum_nll, "mean_nll": d.mean_nll,
              "perplexity": d.perplexity}
             for i, d in enumerate(scores.documents)
@@ -557,16 +466,10 @@ def _score(args) -> int:
         if args.json == "-":
             print(text, flush=True)
         else:
-            try:
-                with atomic_open(args.json) as f:
-                    f.write(text + "\n")
-            except OSError as exc:
-                raise ScoreError(f"cannot write --json {args.json!r}: {exc}") from None
+            with atomic_output(args.json, label="--json") as f:
+                f.write(text + "\n")
     if args.per_token:
-        try:
-            _write_per_token(args.per_token, tokenizer, scores.documents)
-        except OSError as exc:
-            raise ScoreError(f"cannot write --per-token {args.per_token!r}: {exc}") from None
+        _write_per_token(args.per_token, tokenizer, scores.documents)
     if args.plot:
         _plot(args.plot, scores.documents, f"{args.model}: per-token NLL", window)
     return 0
@@ -575,6 +478,6 @@ def _score(args) -> int:
 def run(args) -> int:
     try:
         return _score(args)
-    except ScoreError as exc:
+    except (ScoreError, CorpusIOError) as exc:
         print(f"pplfast score: error: {exc}", file=sys.stderr)
         return 1

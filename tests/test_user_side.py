@@ -21,7 +21,8 @@ import torch
 import pplfast
 import pplfast.reference
 from pplfast.cli import main
-from pplfast.score import atomic_open, human, input_format, read_documents, token_text, ScoreError
+from pplfast.corpus_io import CorpusIOError, expand_inputs, file_kind, iter_documents
+from pplfast.score import human, token_text
 from test_hf import build_model, corpus, train_tokenizer
 
 pytest.importorskip("transformers")
@@ -64,29 +65,34 @@ def test_json_lines_detected_whatever_the_case_or_compression(saved, tmp_path, n
     path = tmp_path / name
     data = lines.encode("utf-8")
     path.write_bytes(gzip.compress(data) if name.lower().endswith(".gz") else data)
-    assert input_format(str(path)) == "jsonl"
-    assert read_documents(str(path)) == texts
+    assert file_kind(str(path)) == "jsonl"
+    assert read_texts(path) == texts
 
 
 def test_json_array_and_txt_and_explicit_format(saved, tmp_path):
     texts = saved[3]
     arr = tmp_path / "docs.json"
     arr.write_text(json.dumps([{"text": t} for t in texts]), encoding="utf-8")
-    assert read_documents(str(arr)) == texts
+    assert read_texts(arr) == texts
     txt = tmp_path / "book.TXT"
     txt.write_text(texts[0], encoding="utf-8")
-    assert read_documents(str(txt)) == [texts[0]]
+    assert read_texts(txt) == [texts[0]]
     odd = tmp_path / "corpus.data"
     odd.write_text(saved[4], encoding="utf-8")
-    assert read_documents(str(odd), fmt="jsonl") == texts
-    assert read_documents(str(odd), fmt="txt") == [saved[4]]
+    assert read_texts(odd, fmt="jsonl") == texts
+    assert read_texts(odd, fmt="txt") == [saved[4]]
+
+
+def read_texts(path, fmt="auto"):
+    files = expand_inputs([str(path)], fmt)
+    return [doc.text for doc in iter_documents(files, fmt=fmt)]
 
 
 def test_unknown_extension_is_refused(saved, tmp_path, capsys):
     odd = tmp_path / "corpus.csv"
     odd.write_text("text\nhello\n")
-    with pytest.raises(ScoreError, match="--format txt|jsonl"):
-        input_format(str(odd))
+    with pytest.raises(CorpusIOError, match="--format"):
+        expand_inputs([str(odd)])
     rc, out, err = run_cli(capsys, "--model", saved[0] / "model", "--input", odd, "--no-progress")
     assert_one_line_error(rc, out, err, "corpus.csv", "--format")
 
@@ -312,7 +318,7 @@ def test_json_file_per_document_and_summary_first(saved, tmp_path, capsys):
     assert len(docs) == len(texts)
     assert sum(d["num_tokens"] for d in docs) == figures["num_tokens"]
     assert sum(d["sum_nll"] for d in docs) == pytest.approx(figures["sum_nll"], rel=1e-9)
-    assert not list(tmp_path.glob(".pplfast-*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*"))  # no temporary or lock file left behind
 
 
 @pytest.mark.parametrize("form", ["table", "json"])
@@ -323,18 +329,18 @@ def test_summary_printed_before_a_failing_per_token_write(saved, tmp_path, capsy
 
     import pplfast.score as score_module
 
-    real_open = score_module.atomic_open
+    real_output = score_module.atomic_output
 
     class FullDisk:
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     @contextlib.contextmanager
-    def full_disk(path):
-        with real_open(path):  # the temporary file is made, then the disk fills up
+    def full_disk(path, mode="w", *, label=None):
+        with real_output(path, mode, label=label):  # the temporary file is made, then the disk fills up
             yield FullDisk()
 
-    monkeypatch.setattr(score_module, "atomic_open", full_disk)
+    monkeypatch.setattr(score_module, "atomic_output", full_disk)
     root, model, tokenizer, texts, _ = saved
     per_token = tmp_path / "tokens.jsonl"
     rc, out, err = run_cli(capsys, "--model", root / "model", "--input", root / "docs.jsonl",
@@ -531,17 +537,6 @@ def test_human_numbers():
     assert human(None) == "n/a" and human(float("inf")) == "inf"
 
 
-def test_atomic_open_keeps_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "out.jsonl"
-    path.write_text("complete\n")
-    with pytest.raises(RuntimeError):
-        with atomic_open(str(path)) as f:
-            f.write("half")
-            raise RuntimeError("interrupted")
-    assert path.read_text() == "complete\n"
-    assert os.listdir(tmp_path) == ["out.jsonl"]
-
-
 def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(saved, tmp_path):
     root = saved[0]
     big = tmp_path / "big.jsonl"
@@ -567,4 +562,4 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(saved, tmp_path):
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err
     assert err.replace("\r", "\n").strip().splitlines()[-1] == "pplfast: interrupted", err
-    assert not per_token.exists() and not list(tmp_path.glob(".pplfast-*"))
+    assert not per_token.exists() and not list(tmp_path.glob(".*"))
