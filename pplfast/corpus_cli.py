@@ -9,6 +9,7 @@ appends one row per document to ``--output`` as it goes, and at the end sets eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import importlib.util
 import json
@@ -23,9 +24,11 @@ from ._dispatch import BACKENDS, BackendUnavailableError
 from ._models import ModelLoadError, check_model_dir
 from ._models import first_line as _first_line
 from .corpus import DTYPES, NUM_EXTREME, SCORE_COLUMNS, STATS_COLUMNS, RunStats
+from ._version import __version__
 from .corpus_io import (
-    JSON_SUFFIXES, CorpusIOError, IdIndex, RowAppender, atomic_output, dump_row, expand_inputs,
-    iter_documents, iter_score_rows, remove_stale_temporaries, repair_tail, write_parquet,
+    FORMATS, JSON_SUFFIXES, ON_ERROR, CorpusIOError, IdIndex, RecordCheck, RowAppender,
+    atomic_output, check_output, check_outputs, dump_row, expand_inputs, iter_documents,
+    iter_score_rows, lock_outputs, remove_stale_temporaries, repair_tail, write_parquet,
 )
 from .windows import MODES
 
@@ -33,6 +36,11 @@ _BUFFER_DOCUMENTS = 1024
 # documents are scored a buffer at a time: up to 1024 documents or about eight forward passes of
 # text (batch_tokens at ~4 characters a token); larger buffers pack a little tighter
 _BUFFER_PASSES = 8
+SETTINGS_SUFFIX = ".settings"  # SCORES.jsonl.settings: how the rows of SCORES.jsonl were scored
+# the settings a resumed run must share with the run that wrote the rows, with their options
+RESUME_SETTINGS = (("model", "--model"), ("window", "--window"), ("stride", "--stride"),
+                   ("mode", "--mode"), ("stats", "--stats"), ("text_field", "--text-field"),
+                   ("id_field", "--id-field"), ("format", "--format"), ("dtype", "--dtype"))
 
 
 class CorpusError(Exception):
@@ -51,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_score_arguments(parser):
     parser.add_argument("--model", required=True, help="local model directory or hub id")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                        help=".jsonl, .jsonl.gz, .txt (one document per file), .parquet files, "
+                        help="files (JSON lines or a JSON array: .jsonl, .json, .ndjson; .txt: "
+                             "one document per file; each optionally .gz; .parquet), "
                              "directories or globs")
     parser.add_argument("--output", required=True, metavar="SCORES.jsonl",
                         help="score rows: .jsonl or .parquet (with --ray: a directory)")
@@ -71,12 +80,14 @@ def _add_score_arguments(parser):
     parser.add_argument("--backend", default="auto", help="pplfast backend (default auto)")
     parser.add_argument("--stats", action="store_true", help="also sum_entropy and top1_hits per document")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run: skip the ids already in --output")
+                        help="continue an interrupted run: skip the ids already in --output "
+                             "(refused when a setting differs from that run's)")
     parser.add_argument("--outlier-z", type=float, default=3.5,
                         help="flag documents whose log-perplexity is more than this many robust "
                              "standard deviations from the median (default 3.5)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_reading_arguments(parser)
     parser.add_argument("--ray", action="store_true", help="score with Ray Data (pplfast[ray])")
     parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local instance)")
     parser.add_argument("--workers", type=int, default=1, help="--ray: scoring actors (default 1)")
@@ -100,7 +111,21 @@ def _add_filter_arguments(parser):
                         help="the column the band applies to (default perplexity)")
     parser.add_argument("--id-field", default=None, help="as in score-corpus (default <file>:<line>)")
     parser.add_argument("--text-field", default="text", help="as in score-corpus (names the text of .txt files)")
+    _add_reading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+
+
+def _add_reading_arguments(parser):
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="kind of every input file: auto = from its name (jsonl: JSON lines "
+                             "or a JSON array)")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                        help="a record that cannot be read (malformed JSON, undecodable bytes, "
+                             "no text, a bad or repeated id): stop (fail, the default), or skip "
+                             "it and list it in --errors")
+    parser.add_argument("--errors", default=None, metavar="ERRORS.jsonl",
+                        help="with --on-error skip: where the skipped records go, one JSON line "
+                             "each (file, line, reason)")
 
 
 def run(args) -> int:
@@ -123,6 +148,14 @@ def _score_columns(stats: bool):
     return [name for name, _ in SCORE_COLUMNS] + ([name for name, _ in STATS_COLUMNS] if stats else [])
 
 
+def _check_reading_args(args):
+    if args.on_error == "skip" and not args.errors:
+        raise CorpusError("--on-error skip needs --errors FILE: the skipped records are listed there")
+    if args.errors and args.on_error != "skip":
+        raise CorpusError("--errors lists the records that --on-error skip skips: pass "
+                          "--on-error skip too")
+
+
 def _check_score_args(args):
     for name in ("window", "stride", "batch_tokens", "workers"):
         value = getattr(args, name)
@@ -137,6 +170,7 @@ def _check_score_args(args):
     out = args.output.lower()
     if not args.ray and not (out.endswith(".jsonl") or out.endswith(".parquet")):
         raise CorpusError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    _check_reading_args(args)
 
 
 def _make_scorer(args, model):
@@ -151,58 +185,130 @@ def _make_scorer(args, model):
         raise CorpusError(str(exc)) from None
 
 
+def _errors_output(args):
+    """The ``--errors`` file, written whole at the end of the run (None without it)."""
+    if not args.errors:
+        return contextlib.nullcontext(None)
+    return atomic_output(args.errors, label="--errors")
+
+
 def _score_corpus(args) -> int:
     _check_score_args(args)
-    files = expand_inputs(args.input)
+    files = expand_inputs(args.input, args.format)
     if args.ray:
         return _score_corpus_ray(args, files)
     parquet = args.output.lower().endswith(".parquet")
     rows_path = args.output + ".partial.jsonl" if parquet else args.output
-    done, seen = IdIndex(), IdIndex()  # ids in the output before this run; ids read in this run
-    if args.resume:
-        _prepare_resume(args.output, rows_path, parquet, done)
-    elif os.path.exists(args.output) or os.path.exists(rows_path):
+    settings_path = args.output + SETTINGS_SUFFIX
+    outputs = [("--output", args.output), ("--output", rows_path if parquet else None),
+               ("the settings file", settings_path), ("--errors", args.errors)]
+    check_outputs(outputs, [("--input", f) for f in files])
+    if not check_output("--output", args.output).regular:
+        raise CorpusError(f"--output {args.output!r} is not a regular file: the rows are read "
+                          "back at the end of the run")
+    with lock_outputs(outputs):  # a second run on this --output fails at once
+        return _score_corpus_locked(args, files, parquet, rows_path, settings_path)
+
+
+def _score_corpus_locked(args, files, parquet, rows_path, settings_path) -> int:
+    done = IdIndex()  # ids in the output before this run
+    settings = _settings(args)
+    resumed = os.path.exists(args.output) or os.path.exists(rows_path)
+    if resumed and not args.resume:
         existing = args.output if os.path.exists(args.output) else rows_path
         raise CorpusError(f"{existing!r} exists: pass --resume to continue that run, or remove it")
+    if resumed:
+        recorded = _recorded_settings(args.output, settings_path)
+        _compare_settings(args.output, recorded, settings)
     check_model_dir(args.model)
-    for path in (args.output, rows_path):
-        remove_stale_temporaries(path)  # left by a run killed while it renamed its output
+    for path in (args.output, rows_path, settings_path, args.errors):
+        if path is not None:
+            remove_stale_temporaries(path)  # left by a run killed while it renamed its output
+    if resumed:
+        _prepare_resume(args.output, rows_path, parquet, done)
     scorer = _make_scorer(args, args.model)
     scorer.model  # load now: a bad model is reported before any document is read
+    settings["dtype"] = str(next(scorer.model.parameters()).dtype).replace("torch.", "")
+    if resumed:
+        _compare_settings(args.output, recorded, settings)
+    else:
+        with atomic_output(settings_path, label="the settings file") as f:
+            f.write(json.dumps({"command": "score-corpus", "pplfast_version": __version__,
+                                **settings}, indent=2) + "\n")
     columns = _score_columns(args.stats)
-    writer = RowAppender(rows_path)
     bar = _progress(args)
     documents = tokens = 0
     start = time.perf_counter()
-    try:
-        buffer, chars = [], 0
-        for doc in iter_documents(files, text_field=args.text_field, id_field=args.id_field):
-            if not seen.add(doc.id):
-                raise CorpusError(f"{doc.where}: duplicate id {doc.id!r}")
-            if doc.id in done:
-                continue
-            buffer.append(doc)
-            chars += len(doc.text)
-            if len(buffer) >= _BUFFER_DOCUMENTS or chars >= _BUFFER_PASSES * 4 * args.batch_tokens:
+    with _errors_output(args) as errors:
+        check = RecordCheck(args.on_error,
+                            None if errors is None else lambda e: errors.write(dump_row(e.as_row())))
+        writer = RowAppender(rows_path)
+        try:
+            buffer, chars = [], 0
+            for doc in iter_documents(files, text_field=args.text_field, id_field=args.id_field,
+                                      fmt=args.format, check=check):
+                if doc.id in done:
+                    continue
+                buffer.append(doc)
+                chars += len(doc.text)
+                if len(buffer) >= _BUFFER_DOCUMENTS or chars >= _BUFFER_PASSES * 4 * args.batch_tokens:
+                    tokens += _score_buffer(scorer, buffer, columns, writer, bar)
+                    documents += len(buffer)
+                    buffer, chars = [], 0
+            if buffer:
                 tokens += _score_buffer(scorer, buffer, columns, writer, bar)
                 documents += len(buffer)
-                buffer, chars = [], 0
-        if buffer:
-            tokens += _score_buffer(scorer, buffer, columns, writer, bar)
-            documents += len(buffer)
-    except (ValueError, BackendUnavailableError) as exc:
-        if isinstance(exc, CorpusIOError):
-            raise
-        raise CorpusError(str(exc).splitlines()[0]) from None
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
+        except (ValueError, BackendUnavailableError) as exc:
+            if isinstance(exc, CorpusIOError):
+                raise
+            raise CorpusError(str(exc).splitlines()[0]) from None
+        finally:
+            writer.close()
+            if bar is not None:
+                bar.close()
     seconds = time.perf_counter() - start
     summary = _finish(args.output, rows_path, parquet, columns, args.outlier_z,
                       seconds=seconds, documents=documents, tokens=tokens)
-    _print_summary(args, summary)
+    _print_summary(args, {**summary, "num_skipped": check.skipped})
     return 0
+
+
+def _settings(args) -> dict:
+    """What makes a row what it is (the dtype is added once the model is loaded)."""
+    model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model
+    return {"model": model, "window": args.window, "stride": args.stride, "mode": args.mode,
+            "stats": args.stats, "text_field": args.text_field, "id_field": args.id_field,
+            "format": args.format}
+
+
+def _recorded_settings(output, path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        raise CorpusError(f"cannot resume {output!r}: its settings file {path!r} is missing, so "
+                          "nothing shows how its rows were scored; write to a new --output") from None
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"cannot resume {output!r}: its settings file {path!r} is unreadable "
+                          f"({_first_line(exc)})") from None
+    if not isinstance(recorded, dict):
+        raise CorpusError(f"cannot resume {output!r}: {path!r} is not a settings file")
+    return recorded
+
+
+def _compare_settings(output, recorded, settings):
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return "not given" if value is None else repr(value)
+
+    for key, option in RESUME_SETTINGS:
+        if key in settings and recorded.get(key) != settings[key]:
+            what = (f"the weights are {settings[key]} now but were {recorded.get(key)}"
+                    if key == "dtype" else
+                    f"{option} is {show(settings[key])} now but was {show(recorded.get(key))}")
+            raise CorpusError(f"--resume: {what} in the run that wrote {output!r}: resume with "
+                              f"that run's {option}, or write to a new --output")
 
 
 def _prepare_resume(output, rows_path, parquet, done):
@@ -306,49 +412,75 @@ def _print_summary(args, summary):
         ("outliers", f"{summary['num_outliers']} (|z| > {args.outlier_z})"
                      + (": " + ", ".join(summary["outliers"]) if summary["outliers"] else "")),
     ]
+    if args.on_error == "skip":
+        rows.append(("skipped records", f"{summary['num_skipped']} (listed in {args.errors})"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
 def _score_corpus_ray(args, files):
-    """``--ray``: read with Ray Data (Ray's readers with ``--id-field``, else pplfast's reader in
-    Ray tasks for the default ids), score on an actor pool, write with Ray's writers."""
+    """``--ray``: pplfast's reader in Ray tasks (the single-process run's ids, rules and errors),
+    scoring on an actor pool, Ray's writers for the output directory."""
     if args.resume:
         raise CorpusError("--resume is not supported with --ray: write to a new --output directory")
-    if args.id_field and any(f.lower().endswith(".txt") for f in files):
-        raise CorpusError("--ray with --id-field reads .jsonl, .jsonl.gz and .parquet inputs with "
-                          "Ray's readers, not .txt files: leave --id-field out to read them")
-    if not args.id_field and args.text_field == "id":
-        raise CorpusError("--text-field id is the name of the id column: pass --id-field")
+    outputs = [("--output", args.output), ("--errors", args.errors)]
     if os.path.exists(args.output):
         raise CorpusError(f"{args.output!r} exists: choose a new --output directory")
+    check_outputs(outputs, [("--input", f) for f in files])
     from ._optional import require
 
     try:
         ray = require("ray", extra="ray", feature="--ray")
     except ImportError as exc:
         raise CorpusError(str(exc)) from None
-    _make_scorer(args, args.model)  # bad options fail here, before Ray starts
-    check_model_dir(args.model)  # and a missing model directory
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = not args.no_progress
-    try:
-        return _run_ray(args, files, ray)
-    except ray.exceptions.RayError as exc:
-        # a worker's error (an unreadable file, a model that does not load): its own first line
-        cause = getattr(exc, "cause", None) or exc
-        raise CorpusError(_first_line(cause)) from None
+    from .ray import check_model
+
+    with lock_outputs(outputs):
+        if os.path.exists(args.output):  # made by a run that held the lock until now
+            raise CorpusError(f"{args.output!r} exists: choose a new --output directory")
+        _make_scorer(args, args.model)  # bad options fail here, before Ray starts
+        check_model(args.model)  # and a model that would not load in the actors
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = not args.no_progress
+        try:
+            return _run_ray(args, files, ray)
+        except ray.exceptions.RayError as exc:
+            # a worker's error (a model that does not load after all): its own first line
+            raise CorpusError(_worker_error_line(exc)) from None
+
+
+def _worker_error_line(exc) -> str:
+    """The first line of the error a Ray worker raised, not Ray's wrapping of it."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _first_line(cause)
+    # an actor that died in __init__: Ray keeps only the text, whose last "Type: message"
+    # line is the worker's own
+    for line in reversed(str(exc).splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.replace(".", "").replace("_", "").isalnum() and head.endswith(("Error", "Exception")):
+            return message.strip()
+    return _first_line(exc)
 
 
 def _run_ray(args, files, ray):
     from .ray import add_outlier_flags, read_corpus, score_dataset
 
     start = time.perf_counter()
-    id_column = args.id_field or "id"
-    ds = read_corpus(files, text_field=args.text_field, id_field=args.id_field)
+    id_column = "id" if args.text_field != "id" else "_id"
+    skipped = 0
+    with _errors_output(args) as errors:
+        def on_skip(error):
+            nonlocal skipped
+            skipped += 1
+            errors.write(dump_row(error.as_row()))
+
+        ds = read_corpus(files, text_field=args.text_field, id_field=args.id_field,
+                         fmt=args.format, on_error=args.on_error,
+                         on_skip=on_skip if errors is not None else None, id_column=id_column)
     columns = _score_columns(args.stats)
     scored = score_dataset(
         ds, args.model, concurrency=args.workers, num_gpus=args.gpus_per_worker,
@@ -381,7 +513,7 @@ def _run_ray(args, files, ray):
     seconds = time.perf_counter() - start
     summary = stats.summary(num_outliers=count, outliers=[i for _, i in sorted(extreme, reverse=True)],
                             seconds=seconds, documents=stats.num_documents, tokens=stats.num_tokens)
-    _print_summary(args, summary)
+    _print_summary(args, {**summary, "num_skipped": skipped})
     return 0
 
 
@@ -404,27 +536,33 @@ def _band(args):
 
 
 def _check_filter_output(flag, path):
+    if not check_output(flag, path).regular:
+        return  # /dev/stdout, a FIFO: written as they are
     if not path.lower().endswith(JSON_SUFFIXES):
         raise CorpusError(f"{flag} {path!r}: filter writes JSON lines; name it .jsonl or "
                           ".jsonl.gz (.json and .json.gz are read as JSON lines too)")
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise CorpusError(f"{flag} {path!r} is a directory")
-    if not os.path.isdir(directory):
-        raise CorpusError(f"{flag} {path!r}: directory {directory!r} does not exist")
 
 
 def _filter(args) -> int:
     kind, lo, hi = _band(args)
-    for flag, path in (("--output", args.output), ("--rejected", args.rejected)):
+    _check_reading_args(args)
+    outputs = [("--output", args.output), ("--rejected", args.rejected), ("--errors", args.errors)]
+    for flag, path in outputs[:2]:
         if path is not None:
             _check_filter_output(flag, path)
-    files = expand_inputs(args.input)
-    for path in (args.output, args.rejected):
+    files = expand_inputs(args.input, args.format)
+    score_files = expand_inputs(args.scores, option="--scores")
+    check_outputs(outputs, [("--input", f) for f in files] + [("--scores", f) for f in score_files])
+    with lock_outputs(outputs):
+        return _filter_locked(args, kind, lo, hi, files, score_files)
+
+
+def _filter_locked(args, kind, lo, hi, files, score_files) -> int:
+    for path in (args.output, args.rejected, args.errors):
         if path is not None:
             remove_stale_temporaries(path)  # left by a run killed while it renamed its output
     scores = {}
-    for path in expand_inputs(args.scores):
+    for path in score_files:
         for row in iter_score_rows(path):
             if args.by not in row:
                 raise CorpusError(f"{path}: score rows have no column {args.by!r}")
@@ -441,14 +579,17 @@ def _filter(args) -> int:
     else:
         lo_value, hi_value = lo, hi
         keep = (lambda v: v <= hi_value) if kind == "max" else (lambda v: v >= lo_value)
-    seen = IdIndex()
     missing, sample = 0, []
     kept = rejected = unscored = 0
-    with atomic_output(args.output) as out_kept, _maybe_output(args.rejected) as out_rejected:
+    with atomic_output(args.output, label="--output") as out_kept, \
+            _maybe_output(args.rejected, "--rejected") as out_rejected, \
+            _errors_output(args) as errors:
+        # the records score-corpus --on-error skip skipped are the ones this same reader skips
+        # here: unscored, listed in --errors, in neither --output nor --rejected
+        check = RecordCheck(args.on_error,
+                            None if errors is None else lambda e: errors.write(dump_row(e.as_row())))
         for doc in iter_documents(files, text_field=args.text_field, id_field=args.id_field,
-                                  keep_record=True):
-            if not seen.add(doc.id):
-                raise CorpusError(f"{doc.where}: duplicate id {doc.id!r}")
+                                  fmt=args.format, keep_record=True, check=check):
             row = scores.pop(doc.id, None)
             if row is None:
                 missing += 1
@@ -476,24 +617,19 @@ def _filter(args) -> int:
                               f"{', '.join(map(repr, extra))}): the scores are of another corpus "
                               "or another --id-field")
     figures = {"num_documents": kept + rejected, "num_kept": kept, "num_rejected": rejected,
-               "num_unscored": unscored, "by": args.by, "low": lo_value, "high": hi_value}
+               "num_unscored": unscored, "num_skipped": check.skipped, "by": args.by,
+               "low": lo_value, "high": hi_value}
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
         band = (f"{_fmt(lo_value)} <= {args.by}" if lo_value is not None else args.by) + (
             f" {'<=' if kind != 'percentile' or hi == 100 else '<'} {_fmt(hi_value)}" if hi_value is not None else "")
         print(f"kept {kept} of {kept + rejected} documents ({band}); rejected {rejected}, "
-              f"{unscored} of them unscored")
+              f"{unscored} of them unscored"
+              + (f"; skipped {check.skipped} unreadable records (listed in {args.errors})"
+                 if args.on_error == "skip" else ""))
     return 0
 
 
-class _NoOutput:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _maybe_output(path):
-    return atomic_output(path) if path else _NoOutput()
+def _maybe_output(path, label):
+    return atomic_output(path, label=label) if path else contextlib.nullcontext(None)

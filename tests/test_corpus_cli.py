@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from helpers import run_json_child, save_trained_llama
+from pplfast.corpus_io import dump_row
 
 pytest.importorskip("transformers")
 
@@ -256,14 +258,13 @@ def dead_pid():
 
 
 def test_stale_temporary_files_are_removed(saved, scored, capsys, tmp_path):
-    from pplfast.corpus_io import dump_row
-
     root = saved[0]
     # a run killed while it rewrote its output with the outlier flags: every row is in the
     # output (outlier still null), a half-written temporary file lies beside it
     finished = read_rows(scored[0])
     out = tmp_path / "s.jsonl"
     out.write_text("".join(dump_row({**r, "outlier": None}) for r in finished), encoding="utf-8")
+    shutil.copy(str(scored[0]) + ".settings", str(out) + ".settings")  # the same run's settings
     dead = dead_pid()
     stale = tmp_path / f".s.jsonl.tmp-{dead}"
     stale.write_text(dump_row(finished[0]) + '{"id": "d0', encoding="utf-8")
@@ -304,6 +305,156 @@ def test_stale_temporary_files_are_removed(saved, scored, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
 
 
+def test_resume_at_ten_thousand_ids_adds_nothing_and_finishes_a_killed_run(saved, tmp_path, capsys):
+    # past 4096 ids the index keeps them in numpy runs, where a digest ending in NUL bytes was
+    # once lost (1 in 256): a finished run resumed appended those documents again
+    root = saved[0]
+    inp, out = tmp_path / "many.jsonl", tmp_path / "s.jsonl"
+    write_jsonl(inp, [{"text": f"w{i % 7} x{i % 13}"} for i in range(10000)])
+    argv = ["score-corpus", "--model", root / "model", "--input", inp, "--output", out,
+            "--json", "--window", "16", "--batch-tokens", "4096", "--no-progress"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    finished = out.read_text(encoding="utf-8")
+    rc, stdout, err = run(capsys, *argv, "--resume")
+    assert rc == 0, err
+    assert json.loads(stdout)["documents_this_run"] == 0
+    assert out.read_text(encoding="utf-8") == finished  # not a row added
+    # a run killed after 6000 rows, in the middle of a write
+    lines = finished.splitlines(True)
+    out.write_text("".join(dump_row({**json.loads(line), "outlier": None}) for line in lines[:6000])
+                   + lines[6000][:20], encoding="utf-8")
+    rc, stdout, err = run(capsys, *argv, "--resume")
+    assert rc == 0, err
+    assert json.loads(stdout)["documents_this_run"] == 4000
+    ids = [r["id"] for r in read_rows(out)]
+    assert len(ids) == len(set(ids)) == 10000
+    assert sorted(ids) == sorted(json.loads(line)["id"] for line in lines)
+
+
+BAD_RECORDS = [  # (line, reason) in bad.jsonl, read with --id-field doc
+    (2, "not valid JSON (Expecting property name enclosed in double quotes)"),
+    (3, "not valid UTF-8 (invalid start byte at byte 10 of the line)"),
+    (4, "no string field 'text'"),
+    (5, "no string or integer field 'doc'"),  # 12.0
+    (6, "no string or integer field 'doc'"),  # null
+    (8, "duplicate id 'g1'"),
+]
+
+
+def write_bad_corpus(directory, texts):
+    good = [{"text": t, "doc": f"g{i}"} for i, t in enumerate(texts)]
+    lines = [json.dumps(good[0]).encode(), b'{nope', b'{"text": "\xff\xfe broken", "doc": "x"}',
+             json.dumps({"body": "no text", "doc": "y"}).encode(),
+             json.dumps({"text": "float id", "doc": 12.0}).encode(),
+             json.dumps({"text": "null id", "doc": None}).encode(),
+             json.dumps(good[1]).encode(), json.dumps({"text": "again", "doc": "g1"}).encode(),
+             json.dumps(good[2]).encode()]
+    path = directory / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    second = directory / "good.jsonl"
+    write_jsonl(second, good[3:])
+    return [str(path), str(second)], good
+
+
+def test_on_error_skip_lists_every_bad_record_and_filter_skips_the_same(saved, capsys, tmp_path):
+    root, _, _, texts, _ = saved
+    inputs, good = write_bad_corpus(tmp_path, texts[:8])
+    common = ["--model", root / "model", "--input", *inputs, "--id-field", "doc", *OPTS]
+    out, errors = tmp_path / "s.jsonl", tmp_path / "errors.jsonl"
+    rc, stdout, err = run(capsys, "score-corpus", *common, "--output", out)
+    assert rc == 1 and err.strip() == (f"pplfast score-corpus: error: {inputs[0]}:2: not valid "
+                                       "JSON (Expecting property name enclosed in double quotes)")
+    os.unlink(out)
+    rc, stdout, err = run(capsys, "score-corpus", *common, "--output", out, "--on-error", "skip",
+                          "--errors", errors, "--json")
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    assert summary["num_skipped"] == len(BAD_RECORDS) and summary["num_documents"] == len(good)
+    assert [r["id"] for r in read_rows(out)] == [g["doc"] for g in good]
+    want = [{"file": inputs[0], "line": line, "reason": reason, "rest_unread": False}
+            for line, reason in BAD_RECORDS]
+    assert read_jsonl(errors) == want
+    # the table says it too
+    rc, stdout, err = run(capsys, "score-corpus", *common, "--output", tmp_path / "t.jsonl",
+                          "--on-error", "skip", "--errors", tmp_path / "e2.jsonl")
+    assert rc == 0, err
+    line = next(line for line in stdout.splitlines() if line.startswith("skipped records"))
+    assert line.split(None, 2)[2] == f"{len(BAD_RECORDS)} (listed in {tmp_path / 'e2.jsonl'})"
+    # filter reads the corpus with the same reader: the same records are skipped (unscored,
+    # listed), every other document is kept or rejected
+    kept, rejected, ferrors = tmp_path / "kept.jsonl", tmp_path / "rejected.jsonl", tmp_path / "f.jsonl"
+    argv = ["filter", "--input", *inputs, "--scores", out, "--output", kept, "--rejected",
+            rejected, "--max-perplexity", "1e300", "--id-field", "doc"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err.strip().endswith("bad.jsonl:2: not valid JSON (Expecting property "
+                                            "name enclosed in double quotes)")
+    rc, stdout, err = run(capsys, *argv, "--on-error", "skip", "--errors", ferrors, "--json")
+    assert rc == 0, err
+    figures = json.loads(stdout)
+    assert figures["num_skipped"] == len(BAD_RECORDS) and figures["num_documents"] == len(good)
+    assert read_jsonl(ferrors) == want
+    assert sorted(r["doc"] for r in read_jsonl(kept) + read_jsonl(rejected)) == sorted(g["doc"] for g in good)
+
+
+def test_resume_refuses_other_settings(saved, capsys, tmp_path):
+    root = saved[0]
+    inp, out = tmp_path / "c.jsonl", tmp_path / "s.jsonl"
+    write_jsonl(inp, saved[4][:6])
+    base = ["score-corpus", "--input", inp, "--output", out, "--no-progress", "--json"]
+    rc, _, err = run(capsys, *base, "--model", root / "model", "--window", "32")
+    assert rc == 0, err
+    finished = out.read_text()
+    other = tmp_path / "other-model"
+    shutil.copytree(root / "model", other)
+    for extra, needle in (
+            (["--model", other, "--window", "32"], "--model"),
+            (["--model", root / "model", "--window", "16"], "--window is 16 now but was 32"),
+            (["--model", root / "model"], "--window is not given now but was 32"),
+            (["--model", root / "model", "--window", "32", "--stats"], "--stats is on now but was off"),
+            (["--model", root / "model", "--window", "32", "--mode", "chunks"], "--mode"),
+            (["--model", root / "model", "--window", "32", "--stride", "8"], "--stride"),
+            (["--model", root / "model", "--window", "32", "--id-field", "doc"], "--id-field"),
+            (["--model", root / "model", "--window", "32", "--dtype", "bfloat16"],
+             "the weights are bfloat16 now but were float32")):
+        rc, stdout, err = run(capsys, *base, *extra, "--resume")
+        lines = err.strip().splitlines()
+        assert rc == 1 and stdout == "" and len(lines) == 1, (extra, err)
+        assert lines[0].startswith("pplfast score-corpus: error: --resume: ") and needle in lines[0], (needle, lines[0])
+        assert out.read_text() == finished
+    rc, stdout, err = run(capsys, *base, "--model", root / "model", "--window", "32", "--resume")
+    assert rc == 0 and json.loads(stdout)["documents_this_run"] == 0, err
+
+
+def test_a_second_run_on_one_output_fails_at_once(saved, big, tmp_path, capsys):
+    root = saved[0]
+    inp, total = big
+    out = tmp_path / "s.jsonl"
+    proc = start_child(root, inp, out)
+    try:
+        wait_for_rows(out, 5, proc)
+        for extra in (["--resume"], []):
+            start = time.perf_counter()
+            rc, stdout, err = run(capsys, "score-corpus", "--model", root / "model", "--input", inp,
+                                  "--output", out, *OPTS, *extra)
+            lines = err.strip().splitlines()
+            assert rc == 1 and stdout == "" and len(lines) == 1, err
+            assert f"is being written by another run (process {proc.pid})" in lines[0], lines[0]
+            assert time.perf_counter() - start < 5  # at once, before the model loads
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    # the kernel released the dead run's lock: the next run resumes it
+    rc, stdout, err = run(capsys, "score-corpus", "--model", root / "model", "--input", inp,
+                          "--output", out, "--json", "--resume", "--window", "32",
+                          "--batch-tokens", "256", "--no-progress")
+    assert rc == 0, err
+    ids = [r["id"] for r in read_rows(out)]
+    assert len(ids) == len(set(ids)) == total
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "s.jsonl.settings"]
+
+
 def test_stats_columns_match_the_models_own_distributions(saved, capsys, tmp_path):
     # documents shorter than the window: each token's distribution is the model's own logits
     # at the previous position, so entropy and top-1 hits follow from one forward pass
@@ -333,8 +484,8 @@ def test_stats_columns_match_the_models_own_distributions(saved, capsys, tmp_pat
 
 @pytest.mark.parametrize("case", ["missing-model", "model-without-config", "missing-input",
                                   "bad-jsonl", "no-field", "bad-backend", "bad-window",
-                                  "bad-output", "ray-txt-with-id-field", "duplicate-id",
-                                  "bad-resume-file"])
+                                  "bad-output", "duplicate-id", "bad-resume-file",
+                                  "resume-without-settings", "skip-without-errors"])
 def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
     root = saved[0]
     model, inp, out = root / "model", root / "c.jsonl", tmp_path / "s.jsonl"
@@ -357,15 +508,22 @@ def test_score_corpus_errors_are_one_line(saved, capsys, tmp_path, case):
         extra = ["--window", "0"]
     elif case == "bad-output":
         out = tmp_path / "s.csv"
-    elif case == "ray-txt-with-id-field":
-        inp, extra, needles = root / "txt", ["--ray", "--id-field", "doc"], ["not .txt files"]
     elif case == "duplicate-id":
         extra = ["--id-field", "dup"]
         inp = tmp_path / "dup.jsonl"
         inp.write_text('{"text": "a b", "dup": 1}\n{"text": "c d", "dup": 1}\n')
     elif case == "bad-resume-file":
         out.write_text('{"id": "a"}\nnot json\n')
-        extra = ["--resume"]
+        settings = {"model": os.path.realpath(model), "window": None, "stride": None,
+                    "mode": "sliding", "stats": False, "text_field": "text", "id_field": None,
+                    "format": "auto"}
+        (tmp_path / "s.jsonl.settings").write_text(json.dumps(settings))
+        extra, needles = ["--resume"], ["s.jsonl:2: not a score row"]
+    elif case == "resume-without-settings":
+        out.write_text('{"id": "a"}\n')
+        extra, needles = ["--resume"], ["s.jsonl.settings", "is missing"]
+    elif case == "skip-without-errors":
+        extra, needles = ["--on-error", "skip"], ["--errors"]
     rc, stdout, err = run(capsys, "score-corpus", "--model", model, "--input", inp, "--output", out,
                           "--no-progress", *extra)
     assert rc == 1 and stdout == ""

@@ -193,3 +193,114 @@ def test_bad_arguments_and_missing_extra(local_ray, saved, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r'pip install "pplfast\[ray\]"'):
         pplfast_ray.score_dataset(ds, str(root / "model"))
+
+
+def test_read_corpus_reads_every_kind_like_the_single_process_reader(local_ray, tmp_path):
+    from pplfast.corpus_io import CorpusIOError, expand_inputs, iter_documents
+    from pplfast.ray import read_corpus
+    from test_io import BAD_FILES, write_bad, write_every_kind
+
+    paths, expected = write_every_kind(tmp_path)
+    got = read_corpus(expand_inputs(paths), text_field="text").take_all()
+    assert sorted((row["id"], row["text"]) for row in got) == sorted(expected)
+    for name in BAD_FILES:
+        bad = write_bad(tmp_path, name)
+        with pytest.raises(CorpusIOError) as single:
+            list(iter_documents([bad]))
+        with pytest.raises(CorpusIOError) as on_ray:
+            read_corpus([bad], text_field="text").materialize()
+        assert str(on_ray.value) == str(single.value), name
+
+
+def test_id_field_rules_and_errors_are_the_single_process_ones(local_ray, saved, tmp_path, capsys):
+    from pplfast.cli import main
+    from pplfast.corpus_io import CorpusIOError, iter_documents
+    from pplfast.ray import read_corpus
+    from test_corpus_cli import BAD_RECORDS, write_bad_corpus
+
+    records = saved[3]
+    # ids as the single-process reader makes them: ints as their digits, text files by name
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": r["text"], "doc": i if i % 2 else r["doc"]}) + "\n"
+                            for i, r in enumerate(records[:6])), encoding="utf-8")
+    (tmp_path / "t.txt").write_text(records[6]["text"], encoding="utf-8")
+    files = [str(good), str(tmp_path / "t.txt")]
+    want = [(d.id, d.text) for d in iter_documents(files, id_field="doc")]
+    assert [i for i, _ in want] == ["d00", "1", "d02", "3", "d04", "5", str(tmp_path / "t.txt")]
+    got = read_corpus(files, text_field="text", id_field="doc").take_all()
+    assert sorted((r["id"], r["text"]) for r in got) == sorted(want)
+    # each bad id is the same error, in the driver, before any scoring
+    for value in (None, 12.0, True, [1], "dup"):
+        bad = tmp_path / "bad.jsonl"
+        rows = [{"text": "a", "doc": "dup"}, {"text": "b", "doc": value}]
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        with pytest.raises(CorpusIOError) as single:
+            list(iter_documents([str(bad)], id_field="doc"))
+        with pytest.raises(CorpusIOError) as on_ray:
+            read_corpus([str(bad)], text_field="text", id_field="doc")
+        assert str(on_ray.value) == str(single.value), value
+    # --on-error skip: the same rows and the same --errors file with and without --ray
+    inputs, expected = write_bad_corpus(tmp_path, [r["text"] for r in records[:8]])
+    common = ["--model", str(saved[0] / "model"), "--input", *inputs, "--id-field", "doc",
+              "--window", "32", "--batch-tokens", "128", "--no-progress", "--json",
+              "--on-error", "skip"]
+    assert main(["score-corpus", *common, "--output", str(tmp_path / "single.jsonl"),
+                 "--errors", str(tmp_path / "single-errors.jsonl")]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert main(["score-corpus", *common, "--ray", "--output", str(tmp_path / "ray-out"),
+                 "--errors", str(tmp_path / "ray-errors.jsonl")]) == 0
+    on_ray = json.loads(capsys.readouterr().out)
+    assert on_ray["num_skipped"] == single["num_skipped"] == len(BAD_RECORDS)
+    assert on_ray["num_documents"] == single["num_documents"] == len(expected)
+    with open(tmp_path / "single-errors.jsonl") as a, open(tmp_path / "ray-errors.jsonl") as b:
+        assert a.read() == b.read()
+    rows = [r for f in sorted(os.listdir(tmp_path / "ray-out"))
+            for r in iter_score_rows(str(tmp_path / "ray-out" / f))]
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in iter_score_rows(
+        str(tmp_path / "single.jsonl"))) == sorted(r["doc"] for r in expected)
+
+
+def broken_models(root, source):
+    """Model directories every actor would fail to load: name -> path."""
+    import shutil
+
+    models = {}
+    for name in ("no-weights", "cut-weights", "no-tokenizer", "bad-config"):
+        path = root / name
+        shutil.copytree(source, path)
+        models[name] = path
+    os.unlink(models["no-weights"] / "model.safetensors")
+    data = (models["cut-weights"] / "model.safetensors").read_bytes()
+    (models["cut-weights"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for f in os.listdir(models["no-tokenizer"]):
+        if f.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            os.unlink(models["no-tokenizer"] / f)
+    (models["bad-config"] / "config.json").write_text("{broken")
+    models["missing"] = root / "absent"
+    return models
+
+
+def test_a_broken_model_is_one_line_from_the_driver(local_ray, saved, tmp_path, capsys):
+    from pplfast.cli import main
+    from pplfast.corpus import ModelLoadError
+    from pplfast.ray import score_dataset
+
+    ds = ray.data.from_items([{"text": "a b c"}])
+    models = broken_models(tmp_path, saved[0] / "model")
+    for name, path in models.items():
+        with pytest.raises(ModelLoadError) as single:
+            CorpusScorer(str(path), window=16).model
+        with pytest.raises(ModelLoadError) as on_ray:  # at once, not inside an actor later
+            score_dataset(ds, str(path), window=16)
+        assert str(on_ray.value) == str(single.value), name
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"text": "a b c"}\n')
+    lines = {}
+    for flags in ([], ["--ray"]):
+        out = tmp_path / ("ray-out" if flags else "s.jsonl")
+        rc = main(["score-corpus", "--model", str(models["no-weights"]), "--input", str(inp),
+                   "--output", str(out), "--window", "16", "--no-progress", *flags])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        lines[bool(flags)] = err.strip()
+    assert lines[True] == lines[False] and "no file named model.safetensors" in lines[True]
