@@ -4,6 +4,14 @@ One loader, so that `pplfast score`, `compare`, `score-corpus`, `eval` and ``Cor
 the same one line for the same mistake: a local directory that is missing or holds no saved
 model is reported as such before transformers is asked (its own message would be "Repo id must
 be in the form ..."); hub ids are left to transformers.
+
+Local directory or hub id, told apart without a network call (:func:`is_local`): an existing
+path is local; so is a name a hub id cannot be (``./x``, ``/x``, ``~/x``, ``a/b/c``). A name of
+the hub's form, ``name`` or ``owner/name``, is a hub id when the Hugging Face cache holds that
+model; otherwise it is a missing local directory when ``owner`` is a local folder (``models/x``
+beside a ``models`` folder) and refused when the hub is offline (``HF_HUB_OFFLINE``); else it is
+left to the hub. So a typo in a local path is said at once instead of after the hub's
+connection retries.
 """
 from __future__ import annotations
 
@@ -18,20 +26,56 @@ class ModelLoadError(ValueError):
 
 def _looks_like_path(name: str) -> bool:
     # a hub id is "name" or "owner/name"; anything else is meant as a local directory
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.endswith("/") or (os.sep != "/" and os.sep in name))
 
 
-def check_model_dir(name) -> None:
-    """:class:`ModelLoadError` when ``name`` means a local directory that is missing or holds no
-    saved Hugging Face model."""
+def _hub():
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # transformers brings it; without it nothing can come from the hub
+        return None
+    return constants
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds a model repository ``name`` (any revision)."""
+    hub = _hub()
+    cache = getattr(hub, "HF_HUB_CACHE", None)
+    return bool(cache) and os.path.isdir(os.path.join(cache, "models--" + name.replace("/", "--")))
+
+
+def _hub_offline() -> bool:
+    return bool(getattr(_hub(), "HF_HUB_OFFLINE", False))
+
+
+def is_local(name: str) -> bool:
+    """Whether ``name`` means a local directory rather than a hub id (see the module doc);
+    :class:`ModelLoadError` for a hub id that cannot be reached: offline and not cached."""
+    if _looks_like_path(name):
+        return True
+    if _in_hub_cache(name):
+        return False
+    owner, slash, _ = name.partition("/")
+    if slash and os.path.isdir(owner):
+        return True
+    if _hub_offline():
+        raise ModelLoadError(f"model {name!r} is neither a local directory nor in the Hugging "
+                             "Face cache, and the hub is offline (HF_HUB_OFFLINE)")
+    return False
+
+
+def check_model_dir(name, *, what: str = "model") -> None:
+    """:class:`ModelLoadError` when ``name`` means a local directory that is missing or, for
+    ``what="model"``, holds no saved Hugging Face model; or a hub id the offline hub cannot give."""
     name = os.fspath(name)
-    if not _looks_like_path(name):
+    if not is_local(name):
         return  # a hub id: transformers reports what is wrong with it
     if not os.path.exists(name):
-        raise ModelLoadError(f"model directory {name!r} does not exist")
+        raise ModelLoadError(f"{what} directory {name!r} does not exist")
     if not os.path.isdir(name):
-        raise ModelLoadError(f"model {name!r} is a file: pass the directory of a saved model")
-    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise ModelLoadError(f"{what} {name!r} is a file: pass the directory of a saved {what}")
+    if what == "model" and not os.path.isfile(os.path.join(name, "config.json")):
         raise ModelLoadError(f"model directory {name!r} has no config.json: it is not a saved "
                              "Hugging Face model (save one with model.save_pretrained(dir) and "
                              "tokenizer.save_pretrained(dir))")
@@ -50,14 +94,28 @@ def _transformers(feature: str):
     return transformers
 
 
-def load_tokenizer(name_or_path):
-    """The tokenizer saved with ``name_or_path``, or :class:`ModelLoadError`."""
+# what a saved tokenizer holds in any case (save_pretrained writes tokenizer_config.json)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(name_or_path, **options):
+    """The tokenizer saved with ``name_or_path`` (``options`` go to ``AutoTokenizer``), or
+    :class:`ModelLoadError`."""
     transformers = _transformers("loading a tokenizer by name")
     if isinstance(name_or_path, (str, os.PathLike)):
         check_model_dir(name_or_path)
     try:
-        return transformers.AutoTokenizer.from_pretrained(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(name_or_path, **options)
     except Exception as exc:  # OSError, ValueError, ...: all mean "no usable tokenizer here"
+        folder = os.path.join(os.fspath(name_or_path), options.get("subfolder") or "")
+        if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f))
+                                             for f in _TOKENIZER_FILES):
+            # transformers' own first line here is "Couldn't instantiate the backend tokenizer
+            # from one of:"
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {str(name_or_path)!r}: the directory has no "
+                f"{' or '.join(_TOKENIZER_FILES)} (save the tokenizer there with "
+                "tokenizer.save_pretrained(dir))") from None
         raise ModelLoadError(f"cannot load the tokenizer of {str(name_or_path)!r}: "
                              f"{first_line(exc)}") from None
 

@@ -2,24 +2,24 @@
 
 Every argument goes to lm-eval (0.4.10 or later, the first with sub-commands) unchanged
 (``pplfast eval --model_args pretrained=DIR --tasks wikitext``); ``--model pplfast`` is added
-when no ``--model`` is given, and ``run`` when no lm-eval sub-command is named. A local model
-directory that does not exist or holds no saved model is reported in one line, as ``pplfast
-score`` reports it, before lm-eval starts.
+when no ``--model`` is given, and ``run`` when no lm-eval sub-command is named. The arguments
+are parsed by lm-eval's own parser; before lm-eval loads anything, a local model directory that
+does not exist, holds no saved model or no tokenizer, a hub id that offline mode cannot give,
+and a ``pplfast_backend=`` that is not pplfast's are each reported in one line (as ``pplfast
+score`` reports a model), as is a model lm-eval then cannot load.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
-from typing import List, Optional
+from typing import List
 
+from ._models import ModelLoadError, check_model_dir, first_line, is_local, load_tokenizer
 from ._optional import require
-from ._models import ModelLoadError, check_model_dir
 
 _SUBCOMMANDS = ("run", "ls", "validate")
 _MODEL_FLAGS = ("--model", "-M")
-_MODEL_ARGS_FLAGS = ("--model_args", "-a")
 _CHECKED_MODELS = ("pplfast", "hf", "hf-auto", "huggingface")  # pretrained= is a transformers model
 
 
@@ -55,59 +55,83 @@ def lm_eval_argv(args) -> list:
     return argv
 
 
-def pretrained_of(argv: List[str]) -> Optional[str]:
-    """The ``pretrained=`` of ``--model_args`` (``k=v,k=v``, ``k=v k=v`` or a JSON object; the
-    last one given wins, as in lm-eval), or None."""
-    pretrained = None
-    for values in _option_values(argv, _MODEL_ARGS_FLAGS):
-        for value in values:
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
-                pretrained = parsed.get("pretrained", pretrained)
-                continue
-            for item in value.split(","):
-                key, _, val = item.partition("=")
-                if key.strip() == "pretrained" and val:
-                    pretrained = val
-    return pretrained if isinstance(pretrained, str) else None
-
-
-def check_model(argv: List[str]) -> None:
-    """:class:`ModelLoadError` when ``pretrained=`` names a local directory that is missing or holds
-    no saved model (for the Hugging Face models; hub ids are left to transformers)."""
-    if argv[:1] != ["run"]:
+def check_model(args) -> None:
+    """Before lm-eval loads anything, for lm-eval's parsed ``run`` arguments ``args``: a local
+    ``pretrained=`` (or ``tokenizer=``) directory that is missing, holds no saved model or no
+    loadable tokenizer, a hub id the offline hub cannot give (:mod:`pplfast._models`), and for
+    ``--model pplfast`` a ``pplfast_backend=`` that is not pplfast's: :class:`ModelLoadError` or
+    ``ValueError``, one line. Hub ids are left to lm-eval and transformers."""
+    if getattr(args, "command", None) != "run":
         return
-    models = _option_values(argv, _MODEL_FLAGS)
-    model = models[-1][0] if models and models[-1] else "pplfast"
-    pretrained = pretrained_of(argv)
-    if model in _CHECKED_MODELS and pretrained is not None:
-        check_model_dir(pretrained)
+    model = args.model or "hf"
+    model_args = args.model_args if isinstance(args.model_args, dict) else {}
+    pretrained = model_args.get("pretrained")
+    if model == "pplfast":
+        from .lm_eval import check_backends
+
+        check_backends(model_args.get("pplfast_backend", "auto"),
+                       model_args.get("backend", "default"))
+    if model not in _CHECKED_MODELS or not isinstance(pretrained, str):
+        return
+    check_model_dir(pretrained)
+    tokenizer = model_args.get("tokenizer")
+    if isinstance(tokenizer, str) and tokenizer:
+        check_model_dir(tokenizer, what="tokenizer")
+    else:
+        tokenizer = pretrained
+    if is_local(tokenizer) and not model_args.get("gguf_file"):
+        # HFLM's own AutoTokenizer call: its options, a local directory (no network)
+        options = {"use_fast": model_args.get("use_fast_tokenizer", True)}
+        for name in ("revision", "trust_remote_code", "subfolder", "add_bos_token"):
+            if model_args.get(name) is not None:
+                options[name] = model_args[name]
+        load_tokenizer(tokenizer, **options)
+
+
+def _lm_eval_cli():
+    """lm-eval's command line (its parser and runner), or ImportError saying what to install."""
+    require("lm_eval", extra="lm-eval", feature="pplfast eval")
+    if importlib.util.find_spec("lm_eval._cli") is None:
+        raise ImportError('pplfast eval needs lm-eval 0.4.10 or later: pip install -U '
+                          '"pplfast[lm-eval]"')
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    return HarnessCLI, setup_logging
+
+
+def _error(exc: BaseException) -> int:
+    print(f"pplfast eval: error: {first_line(exc)}", file=sys.stderr)
+    return 1
 
 
 def run(args) -> int:
     argv = lm_eval_argv(args.lm_eval_args)
     try:
-        check_model(argv)
-        require("lm_eval", extra="lm-eval", feature="pplfast eval")
-        if importlib.util.find_spec("lm_eval._cli") is None:
-            raise ImportError('pplfast eval needs lm-eval 0.4.10 or later: pip install -U '
-                              '"pplfast[lm-eval]"')
+        harness_cli, setup_logging = _lm_eval_cli()
         transformers = require("transformers", extra="lm-eval", feature="pplfast eval")
-        import pplfast.lm_eval  # noqa: F401  (registers the model)
-        from lm_eval.__main__ import cli_evaluate
-    except (ImportError, ModelLoadError) as exc:
-        print(f"pplfast eval: error: {exc}", file=sys.stderr)
-        return 1
-    # as pplfast score: transformers' loading bars and notices would interleave with lm-eval's
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    except ImportError as exc:
+        return _error(exc)
+    # lm-eval's cli_evaluate, with the model checked between parsing and running, so that the
+    # arguments are read exactly as lm-eval reads them
+    setup_logging()
+    cli = harness_cli()
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
-        cli_evaluate()
+        parsed = cli.parse_args()
+        try:
+            check_model(parsed)
+        except ValueError as exc:  # ModelLoadError included
+            return _error(exc)
+        import pplfast.lm_eval  # noqa: F401  (registers the model)
+
+        # as pplfast score: transformers' loading bars and notices would interleave with lm-eval's
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        cli.execute(parsed)
+    except ModelLoadError as exc:  # the model itself, once lm-eval loads it (a hub id)
+        return _error(exc)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ._dispatch import BACKENDS
+from ._models import ModelLoadError, first_line
 from ._optional import require
 from .api import linear_token_nll
 from .hf import _PROBE, IGNORE, _model_head, scored_hidden
@@ -50,6 +51,17 @@ _AUTO_PASSES = 2  # passes per size tried by batch_size=auto: a second one meets
 _log = logging.getLogger(__name__)
 
 
+def check_backends(pplfast_backend="auto", backend="default") -> None:
+    """ValueError naming the argument for a ``pplfast_backend=`` that is not pplfast's, or a
+    pplfast backend given as HFLM's ``backend=`` (the model type)."""
+    if pplfast_backend not in BACKENDS:
+        raise ValueError(f"pplfast_backend must be one of {BACKENDS}, got {pplfast_backend!r}")
+    if backend not in _HFLM_BACKENDS and backend in BACKENDS:
+        raise ValueError(f"backend={backend!r}: backend= is lm-eval's model type "
+                         f"{_HFLM_BACKENDS}; pplfast's kernel backend is "
+                         f"pplfast_backend={backend}")
+
+
 @register_model(MODEL_NAME)
 class PplfastLM(HFLM):
     """lm-eval's ``HFLM`` with log-likelihoods from pplfast's hidden-states path.
@@ -63,14 +75,13 @@ class PplfastLM(HFLM):
     """
 
     def __init__(self, *args, pplfast_backend: str = "auto", **kwargs) -> None:
-        if pplfast_backend not in BACKENDS:
-            raise ValueError(f"pplfast_backend must be one of {BACKENDS}, got {pplfast_backend!r}")
-        backend = kwargs.get("backend", "default")
-        if backend not in _HFLM_BACKENDS and backend in BACKENDS:
-            raise ValueError(f"backend={backend!r}: backend= is lm-eval's model type "
-                             f"{_HFLM_BACKENDS}; pplfast's kernel backend is "
-                             f"pplfast_backend={backend}")
-        super().__init__(*args, **kwargs)
+        check_backends(pplfast_backend, kwargs.get("backend", "default"))
+        try:
+            super().__init__(*args, **kwargs)
+        except OSError as exc:  # no such model on the hub, the hub unreachable, ...
+            pretrained = kwargs.get("pretrained", args[0] if args else None)
+            raise ModelLoadError(f"cannot load model {str(pretrained)!r}: "
+                                 f"{first_line(exc)}") from exc
         self.pplfast_backend = pplfast_backend
         self._head = _PROBE  # found and probed on the first request
         self._auto_batch_sizes = {}  # batch_size=auto: input length -> rows per pass

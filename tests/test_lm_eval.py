@@ -376,15 +376,52 @@ def test_eval_checks_the_model_directory(tmp_path, capsys, model_args):
     assert err.startswith(f"pplfast eval: error: model directory '{empty}' has no config.json")
 
 
-def test_eval_model_check_scope():
-    from pplfast.eval_cli import check_model, lm_eval_argv, pretrained_of
+def parse(argv, monkeypatch):
+    """``argv`` as ``pplfast eval`` hands it to lm-eval's own parser."""
+    from lm_eval._cli import HarnessCLI
 
-    argv = lm_eval_argv(["--model_args", "pretrained=./a,dtype=float32", "--model_args",
-                         "pretrained=./b", "--tasks", "x"])
-    assert pretrained_of(argv) == "./b"  # the last one given, as lm-eval merges them
-    check_model(lm_eval_argv(["--model_args", "pretrained=gpt2", "--tasks", "x"]))  # a hub id
-    check_model(lm_eval_argv(["--model", "vllm", "--model_args", "pretrained=./none"]))
-    check_model(lm_eval_argv(["ls", "tasks"]))
+    from pplfast.eval_cli import lm_eval_argv
+
+    monkeypatch.setattr(sys, "argv", ["lm-eval", *lm_eval_argv(argv)])
+    return HarnessCLI().parse_args()
+
+
+def test_eval_model_check_scope(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from pplfast._models import ModelLoadError
+    from pplfast.eval_cli import check_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelLoadError, match="model directory './b' does not exist"):
+        # the last one given wins, as lm-eval merges them
+        check_model(parse(["--model_args", "pretrained=./a,dtype=float32", "--model_args",
+                           "pretrained=./b", "--tasks", "x"], monkeypatch))
+    check_model(parse(["--model_args", "pretrained=gpt2", "--tasks", "x"], monkeypatch))  # hub
+    check_model(parse(["--model", "vllm", "--model_args", "pretrained=./none"], monkeypatch))
+    check_model(parse(["ls", "tasks"], monkeypatch))
+    with pytest.raises(ValueError, match="pplfast_backend must be one of .*, got 'gpu'"):
+        check_model(parse(["-a", "pplfast_backend=gpu", "--tasks", "x"], monkeypatch))
+    check_model(parse(["-M", "hf", "-a", "pplfast_backend=gpu", "--tasks", "x"], monkeypatch))
+    with pytest.raises(ValueError, match="backend= is lm-eval's model type"):
+        check_model(parse(["-a", "pretrained=gpt2", "backend=cpu", "--tasks", "x"], monkeypatch))
+    # owner/name: a hub id, unless the cache lacks it and owner is a local folder
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match="model directory 'models/x' does not exist"):
+        check_model(parse(["-a", "pretrained=models/x", "--tasks", "x"], monkeypatch))
+    check_model(parse(["-a", "pretrained=owner/x", "--tasks", "x"], monkeypatch))
+    (tmp_path / "cache" / "models--models--x").mkdir(parents=True)
+    check_model(parse(["-a", "pretrained=models/x", "--tasks", "x"], monkeypatch))
+    # offline: a hub id must be in the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check_model(parse(["-a", "pretrained=models/x", "--tasks", "x"], monkeypatch))
+    with pytest.raises(ModelLoadError, match="'owner/x' is neither a local directory nor in"):
+        check_model(parse(["-a", "pretrained=owner/x", "--tasks", "x"], monkeypatch))
+    with pytest.raises(ModelLoadError, match="tokenizer directory './tok' does not exist"):
+        check_model(parse(["-a", "pretrained=models/x", "tokenizer=./tok", "--tasks", "x"],
+                          monkeypatch))
 
 
 def test_eval_argv():
@@ -395,3 +432,68 @@ def test_eval_argv():
     assert lm_eval_argv(["-M", "hf", "--tasks", "x"]) == ["run", "-M", "hf", "--tasks", "x"]
     assert lm_eval_argv(["--model=hf"]) == ["run", "--model=hf"]
     assert lm_eval_argv(["ls", "tasks"]) == ["ls", "tasks"]
+
+
+def run_eval(args, *, cwd=None, env=None):
+    """``python -m pplfast eval ARGS``, as a user runs it: (exit status, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "pplfast", "eval", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_eval_bad_pplfast_backend_is_one_line(saved):
+    rc, out, err = run_eval(["--model_args", f"pretrained={saved / 'model'},pplfast_backend=gpu",
+                             "--tasks", "wikitext"])
+    assert (rc, out) == (1, "") and "Traceback" not in err, err[-3000:]
+    assert err.splitlines() == ["pplfast eval: error: pplfast_backend must be one of ('auto', "
+                                "'reference', 'cpu', 'triton', 'cuda'), got 'gpu'"]
+
+
+def test_eval_model_without_tokenizer_is_one_line(tmp_path):
+    tokenizer = train_tokenizer()
+    build_model("llama", len(tokenizer), context=CONTEXT).save_pretrained(tmp_path / "bare")
+    rc, out, err = run_eval(["--model_args", f"pretrained={tmp_path / 'bare'}",
+                             "--tasks", "wikitext"])
+    assert (rc, out) == (1, "") and "Traceback" not in err, err[-3000:]
+    assert err.splitlines() == [
+        f"pplfast eval: error: cannot load the tokenizer of '{tmp_path / 'bare'}': the directory "
+        "has no tokenizer.json or tokenizer_config.json (save the tokenizer there with "
+        "tokenizer.save_pretrained(dir))"]
+
+
+def test_eval_missing_local_folder_is_said_at_once(tmp_path):
+    """``models/x`` reads like a hub id ``owner/name``; with a local ``models`` folder beside it
+    (and no such model in the Hugging Face cache) it is that folder's missing ``x``: said at
+    once, not after the hub's connection retries. Offline, a name in neither place is refused
+    at once too."""
+    cache = tmp_path / "hf-home"
+    (tmp_path / "models").mkdir()
+    online = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(cache)}
+    rc, out, err = run_eval(["--model_args", "pretrained=models/x", "--tasks", "wikitext"],
+                            cwd=tmp_path, env=online)
+    assert (rc, out) == (1, "") and "Traceback" not in err, err[-3000:]
+    assert err == "pplfast eval: error: model directory 'models/x' does not exist\n"
+    rc, out, err = run_eval(["--model_args", "pretrained=owner/name", "--tasks", "wikitext"],
+                            cwd=tmp_path, env={**online, "HF_HUB_OFFLINE": "1"})
+    assert (rc, out) == (1, "") and "Traceback" not in err, err[-3000:]
+    assert err == ("pplfast eval: error: model 'owner/name' is neither a local directory nor in "
+                   "the Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE)\n")
+
+
+def test_eval_model_lm_eval_cannot_load_is_one_line(saved, tmp_path):
+    """A directory that passes the checks (config.json, a tokenizer) but holds no weights: the
+    error comes from lm-eval's loading, as one line."""
+    import shutil
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(saved / "model", weightless,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    rc, out, err = run_eval(["--model_args", f"pretrained={weightless},dtype=float32",
+                             "--device", "cpu", "--tasks", "pplfast_local_text",
+                             "--include_path", local_task(tmp_path)])
+    assert (rc, out) == (1, "") and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"pplfast eval: error: cannot load model '{weightless}': ")
