@@ -63,7 +63,8 @@ class ServerProcess:
     """``pplfast serve ARGS --port 0`` (or a launcher script taking the same arguments),
     started and read until it says where it listens."""
 
-    def __init__(self, args, *, launcher=None, timeout=300, env=None):
+    def __init__(self, args, *, launcher=None, timeout=300, env=None, headers=None):
+        self.headers = headers or {}
         head = [launcher] if launcher else ["-m", "pplfast.cli", "serve"]
         cmd = [sys.executable, *head, *map(str, args)]
         if "--port" not in args:
@@ -91,10 +92,11 @@ class ServerProcess:
             raise RuntimeError("the server did not start:\n" + "".join(self.stderr)[-3000:])
 
     def post(self, path, body, **kwargs):
-        return requests.post(self.url + path, json=body, timeout=120, **kwargs)
+        return requests.post(self.url + path, json=body, timeout=120, headers=self.headers,
+                             **kwargs)
 
     def get(self, path, **kwargs):
-        return requests.get(self.url + path, timeout=60, **kwargs)
+        return requests.get(self.url + path, timeout=60, headers=self.headers, **kwargs)
 
     def metric(self, name, **labels):
         """Sum of a metric's samples whose labels include ``labels``."""
