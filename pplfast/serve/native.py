@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..metric import safe_exp
 from .errors import bad_request
 from .packing import Sequence
 from .wire import Prompt, check_range, check_token_budget, number, read_prompts
@@ -134,16 +135,9 @@ def parse_score(req: ScoreRequest, engine, max_request_tokens: int) -> List[Docu
 def _summary(sum_nll: float, n: int, num_bytes: int) -> dict:
     mean = sum_nll / n if n else math.nan
     return {"num_tokens": n, "num_bytes": num_bytes, "sum_nll": number(sum_nll),
-            "mean_nll": number(mean), "perplexity": number(_exp(mean)),
+            "mean_nll": number(mean), "perplexity": number(safe_exp(mean)),
             "bits_per_byte": number(sum_nll / (math.log(2) * num_bytes) if num_bytes and n
                                     else math.nan)}
-
-
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
 
 
 def _listed(t: torch.Tensor, scored: torch.Tensor):
