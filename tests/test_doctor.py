@@ -259,3 +259,21 @@ def test_unknown_choice_is_a_usage_error(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(["doctor", *argv])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_cpu_and_triton_run_without_the_cuda_extension():
+    """A failed CUDA build (no pplfast._cuda_C) leaves the CPU and Triton backends running, and
+    doctor says what is missing (the GPU session script goes on after such a build)."""
+    code = ("import sys; sys.modules['pplfast._cuda_C'] = None; from pplfast.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "doctor", "--quick", "--json", "--op",
+                           "token_nll", "--dtype", "fp32"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert "pplfast._cuda_C is missing" in lines[0]["backends"]["cuda"]
+    checks = [c for c in lines if c["kind"] == "check"]
+    assert {c["backend"] for c in checks} == {"cpu", "triton"}
+    failed = [c for c in _failed(lines)
+              if not (extremes_pending(c["backend"]) and "extremes" in c["case"])]
+    assert not failed, "\n".join(json.dumps(c) for c in failed)
