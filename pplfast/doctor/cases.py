@@ -79,7 +79,7 @@ def _targets(gen, V, *shape):
 
 def _top(dtype) -> float:
     """M, a logit near the top of the dtype's range: 3e38 for float32 and bfloat16 (issue rows
-    of the float32 extremes), 57640 for float16."""
+    of the float32 extremes), about 5.8e4 for float16."""
     return min(3e38, 0.88 * torch.finfo(dtype).max)
 
 
