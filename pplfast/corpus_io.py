@@ -236,7 +236,7 @@ def _json_records(path, name):
                 lineno += 1
                 if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw = raw[len(codecs.BOM_UTF8):]
-                if not raw.strip():
+                if raw.isspace() or not raw:
                     continue
                 if raw.lstrip().startswith(b"["):  # the first record is an array: the file is one
                     yield from _ArrayReader(raw, f, name, lineno).items()
@@ -244,7 +244,7 @@ def _json_records(path, name):
                 yield lineno, _json_line(raw, name, lineno)
                 for raw in f:
                     lineno += 1
-                    if raw.strip():
+                    if not raw.isspace():  # a blank line is no record (but counts as a line)
                         yield lineno, _json_line(raw, name, lineno)
     except _READ_ERRORS as exc:
         raise _Broken(_file_error(name, lineno + 1, str(exc))) from None
@@ -317,11 +317,12 @@ class _ArrayReader:
         n = self.count + 1
         raise _Broken(ReadError(self.name, n, reason, f"{self.name}:{n}: {reason}", True))
 
+    _parse = json.JSONDecoder().raw_decode
+
     def value(self):
-        parse = json.JSONDecoder().raw_decode
         while True:
             try:
-                value, end = parse(self.buf, self.pos)
+                value, end = self._parse(self.buf, self.pos)
             except json.JSONDecodeError as exc:
                 if self.more():
                     continue  # perhaps cut by the buffer's end
@@ -475,11 +476,13 @@ class IdIndex:
     def _has(self, key: Tuple[int, int]) -> bool:
         if key in self._recent:
             return True
-        high, low = np.uint64(key[0]), np.uint64(key[1])
+        if not self._runs:
+            return False
+        high, low = np.uint64(key[0]), key[1]
         for highs, lows in self._runs:
-            i = int(np.searchsorted(highs, high, side="left"))
+            i = highs.searchsorted(high)
             while i < len(highs) and highs[i] == high:  # 64-bit halves rarely repeat
-                if lows[i] == low:
+                if int(lows[i]) == low:
                     return True
                 i += 1
         return False

@@ -408,3 +408,32 @@ def test_atomic_output_keeps_the_old_file_on_failure_and_cleans_up(tmp_path):
     with pytest.raises(CorpusIOError, match=r"^cannot write --json '.*nope/x.json': directory .* does not exist$"):
         with atomic_output(str(tmp_path / "nope" / "x.json"), label="--json"):
             pass
+
+
+def test_json_array_streamed_across_buffers(tmp_path):
+    from pplfast.corpus_io import CorpusIOError, iter_documents
+
+    rng = random.Random(11)
+    # elements, multi-byte characters and numbers cut by the 64 KiB reads at every offset
+    records = [{"text": "é東✓ " * rng.randint(0, 40) + str(i), "n": rng.random() * 10 ** rng.randint(0, 30)}
+               for i in range(3000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=rng.choice([None, 1])),
+                    encoding="utf-8")
+    docs = list(iter_documents([str(path)], keep_record=True))
+    assert [d.record for d in docs] == records and docs[-1].id == f"{path}:3000"
+    for content, message in (
+            ("[]", None),
+            ('  [ {"text": "a"} ]  \n', None),
+            ('[{"text": "a"}, 7]', "e.json:2: not a JSON object"),
+            ('[{"text": "a"},]', "e.json:2: not valid JSON (Illegal trailing comma before end of array: line 1 column 16)"),
+            ('[{"text": "a"}', "e.json:2: not valid JSON (the array is not closed: line 1 column 15)"),
+            ('[{"text": "a"}] x', "e.json:2: not valid JSON (Extra data after the array: line 1 column 17)"),
+            ('[{"text": "a"},\n {"text": "b\n', "e.json:2: not valid JSON (Invalid control character at: line 2 column 13)")):
+        (tmp_path / "e.json").write_text(content)
+        if message is None:
+            assert len(list(iter_documents([str(tmp_path / "e.json")]))) == content.count("{")
+            continue
+        with pytest.raises(CorpusIOError) as info:
+            list(iter_documents([str(tmp_path / "e.json")]))
+        assert str(info.value) == f"{tmp_path}/{message}", content

@@ -316,6 +316,7 @@ def test_json_file_per_document_and_summary_first(saved, tmp_path, capsys):
     assert figures["num_windows"] >= len(texts)
     docs = figures["documents"]
     assert len(docs) == len(texts)
+    assert [d["id"] for d in docs] == [f"{root / 'docs.jsonl'}:{i + 1}" for i in range(len(texts))]
     assert sum(d["num_tokens"] for d in docs) == figures["num_tokens"]
     assert sum(d["sum_nll"] for d in docs) == pytest.approx(figures["sum_nll"], rel=1e-9)
     assert not list(tmp_path.glob(".*"))  # no temporary or lock file left behind
