@@ -278,9 +278,11 @@ def test_sglang_generate(server, saved, loaded):
     for j in range(1, len(ids)):
         lp, token, _ = meta["input_token_logprobs"][j]
         assert token == ids[j] and close(lp, float(logp[j - 1, ids[j]]))
-        assert [t for _, t, _ in meta["input_top_logprobs"][j]] == logp[j - 1].topk(2).indices.tolist()
+        top = logp[j - 1].topk(2).indices.tolist()
+        assert [t for _, t, _ in meta["input_top_logprobs"][j]] == top
     greedy = int(logp[-1].argmax())
-    assert meta["output_token_logprobs"][0][1] == greedy and out["text"] == tokenizer.decode([greedy])
+    assert meta["output_token_logprobs"][0][1] == greedy
+    assert out["text"] == tokenizer.decode([greedy])
     assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 1
     # a batch, from a later start, with texts in the triples
     body.update(input_ids=[ids, ids[:10]], logprob_start_len=4, return_text_in_logprobs=True)
@@ -295,7 +297,8 @@ def test_sglang_generate(server, saved, loaded):
                                     "sampling_params": {"max_new_tokens": 0}}).json()
     assert out["text"] == "" and out["meta_info"]["input_token_logprobs"] == []
     bad = server.post("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 8}})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampling_params.max_new_tokens"
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "sampling_params.max_new_tokens"
 
 
 # ---------------------------------------------------------------- native score and compare
@@ -326,10 +329,9 @@ def test_score_equals_score_texts(server, saved, loaded, options):
             for g, w, s in zip(tokens[name], getattr(doc.stats, name).tolist(), tokens["scored"]):
                 assert (g is None) if not s else close(g, w, 1e-5), name
         scored = doc.scored
-        assert [a for a, s in zip(tokens["argmax"], scored) if s] == doc.stats.argmax[scored].tolist()
-        assert [a for a, s in zip(tokens["rank"], scored) if s] == doc.stats.rank[scored].tolist()
-        assert [a for a, s in zip(tokens["top_k_ids"], scored) if s] == \
-            doc.stats.top_k_ids[scored].tolist()
+        for name in ("argmax", "rank", "top_k_ids"):
+            got_scored = [a for a, s in zip(tokens[name], scored) if s]
+            assert got_scored == getattr(doc.stats, name)[scored].tolist(), name
 
 
 def test_score_token_ids_and_errors(server, saved, loaded):

@@ -161,13 +161,11 @@ class Batcher:
         if not seqs:
             return
         kind = jobs[0].kind
-        for p in self._plan(kind, seqs):
-            for row in p.rows:  # rows of jobs whose client left since are not run
-                row.members = [s for s in row.members if not owner[id(s)].cancelled]
-            p.rows = [r for r in p.rows if r.members]
-            if not p.rows:
+        for planned in self._plan(kind, seqs):
+            # rows of jobs whose client left, or that failed in an earlier pass, are not run
+            p = planned.keeping(lambda s: not (owner[id(s)].cancelled or owner[id(s)]._failed))
+            if p is None:
                 continue
-            p.__post_init__()
             in_pass = [owner[id(s)] for s in p.sequences]
             started = time.perf_counter()
             try:

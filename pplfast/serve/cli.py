@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_spec", nargs="?", metavar="MODEL",
                         help="the model to serve: a saved Hugging Face model directory or hub id, "
                              "or NAME=PATH to serve it as NAME (default name: MODEL as given)")
-    parser.add_argument("--model", dest="models", action="append", default=[],
+    parser.add_argument("--model", dest="models", action="append", default=None,
                         metavar="NAME=PATH", help="one more model (repeat); a second model "
                                                   "enables /v1/compare")
     parser.add_argument("--host", default="127.0.0.1",
@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (info: one line per request)")
     parser.add_argument("--ray", action="store_true",
-                        help="run as a Ray Serve deployment (needs ray[serve]); connects to "
-                             "$RAY_ADDRESS or starts a local Ray instance")
+                        help="run as a Ray Serve deployment (pip install \"pplfast[ray-serve]\"); "
+                             "connects to $RAY_ADDRESS or starts a local Ray instance")
     parser.add_argument("--replicas", type=int, default=1, help="with --ray: replicas")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per replica")
 
@@ -72,7 +72,8 @@ def _error(message: str) -> int:
 def model_specs(args) -> list:
     """``[(name, path)]`` from MODEL and every ``--model``; ValueError on a bad one."""
     specs = []
-    for i, spec in enumerate(([args.model_spec] if args.model_spec else []) + args.models):
+    given = ([args.model_spec] if args.model_spec else []) + (args.models or [])
+    for i, spec in enumerate(given):
         if i > 0 or "=" in spec and not os.path.exists(spec):
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:

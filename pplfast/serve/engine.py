@@ -23,13 +23,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import Comparison, TokenComparison, linear_compare, linear_token_nll, linear_token_stats
 from .._models import ModelLoadError, first_line, load_model
-from ..api import linear_token_nll
-from .._results import TokenComparison
-from ..comparison import Comparison, linear_compare
 from ..hf import (_context_length, _last_hidden, _llamacpp_bos, _model_device, _model_head,
                   _prefix_id, _schedules, _text_config, vocab_size)
-from ..stats import linear_token_stats
 from ..windows import Window
 from .packing import NO_TARGET, Pass, pass_inputs, pass_reads, scatter_results
 
@@ -60,7 +57,7 @@ class ModelEngine:
     """One served causal LM: its tokenizer, head and limits, and the passes run on it.
 
     ``run`` and ``run_compare`` are called from the model's one scoring thread; the rest is
-    read-only after construction (token texts are cached under a lock).
+    read-only after construction but for the cache of token texts.
     """
 
     def __init__(self, name: str, model, tokenizer, *, backend: str = "auto",
@@ -78,8 +75,11 @@ class ModelEngine:
             raise ModelLoadError(f"model {name!r}: pplfast cannot score it without building its "
                                  f"logits ({why}); the server only scores through the fused head")
         self.tree = _probe_trees(self.head.body, model, self.vocab_size) if trees else None
+        self._use_cache = _accepts_use_cache(self.head.body)
         self._texts: Dict[int, str] = {}
-        self._texts_lock = threading.Lock()
+        # one tokenizer call at a time: a fast tokenizer used from several threads can raise
+        # "Already borrowed" when a call changes its truncation or padding state
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def load(cls, name: str, path: str, *, device: torch.device, dtype: str = "auto",
@@ -94,16 +94,18 @@ class ModelEngine:
         ids = [int(i) for i in ids]
         missing = sorted({i for i in ids if i not in self._texts})
         if missing:
-            texts = self.tokenizer.batch_decode([[i] for i in missing])
-            with self._texts_lock:
-                self._texts.update(zip(missing, texts))
+            with self._tokenizer_lock:
+                texts = self.tokenizer.batch_decode([[i] for i in missing])
+            self._texts.update(zip(missing, texts))
         return [self._texts[i] for i in ids]
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> List[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+        with self._tokenizer_lock:
+            return self.tokenizer.decode([int(i) for i in ids])
 
     def special_token(self, name: str) -> Optional[str]:
         value = getattr(self.tokenizer, name, None)
@@ -142,7 +144,7 @@ class ModelEngine:
             kwargs["attention_mask"] = mask.to(self.device)
         if inputs.position_ids is not None:
             kwargs["position_ids"] = inputs.position_ids.to(self.device)
-        if _accepts_use_cache(self.head.body):
+        if self._use_cache:
             kwargs["use_cache"] = False
         hidden = _last_hidden(self.head.body(**kwargs))
         flat = hidden.reshape(-1, hidden.shape[-1])

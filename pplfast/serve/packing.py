@@ -87,6 +87,13 @@ class Pass:
     def sequences(self) -> List[Sequence]:
         return [s for r in self.rows for s in r.members]
 
+    def keeping(self, keep) -> Optional["Pass"]:
+        """This pass without the sequences for which ``keep(seq)`` is false (a tree row keeps its
+        prefix: still shared by the members left); None when nothing is left."""
+        rows = [Row(kept, r.prefix if len(kept) > 1 else len(kept[0])) for r in self.rows
+                for kept in [[s for s in r.members if keep(s)]] if kept]
+        return Pass(rows) if rows else None
+
 
 def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(len(a), len(b))
