@@ -2,10 +2,10 @@
 from ._dispatch import BACKENDS, BackendUnavailableError
 from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
-from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
+from .comparison import ComparisonResult, TokenComparison, compare, linear_compare
 from .hf_compare import compare_models
 from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
-from .metric import Perplexity, PerplexityResult
+from .metric import Comparison, Perplexity, PerplexityResult
 from .stats import TokenStats, linear_token_stats, token_stats
 from .windows import Window, make_windows
 from . import reference  # the float64 oracle, pplfast.reference

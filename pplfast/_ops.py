@@ -1,74 +1,226 @@
-"""The two public ops as ``torch.library`` custom ops (``pplfast::token_nll``,
-``pplfast::linear_token_nll``), registered in Python above the pybind11 layer.
+"""Every public op as a ``torch.library`` custom op (``torch.ops.pplfast.<op>``), registered in
+Python above the pybind11 layer, each with a fake implementation.
 
-``pplfast.api`` validates arguments, normalises layouts and resolves the backend in Python, then
-calls one of these ops; the op's body checks the target range (when asked), counts the scored
-rows and runs the backend's launcher. Under ``torch.compile`` the ops are leaves of the graph:
-their fake implementations give the output's shape, dtype and device without running anything,
-so an eval step with ``fullgraph=True`` compiles, and at run time the op's body runs as in eager
-mode, target-range check (one host sync) included unless ``check_targets=False``.
+``pplfast._frontend`` validates, lays out and resolves the backend at trace time, then calls one
+of these ops; an op's body makes the run-time part of the call, written once here for all six:
+the target-range check (when asked), the scored-row count that sizes the gather of the rows to
+score (hidden-states ops; both in one host sync), the empty answers (no rows, no vocabulary, a
+zero-width output layer), then the backend's launcher (``pplfast._dispatch``). Under
+``torch.compile`` the ops are leaves of the graph: their fake implementations give each output's
+shape, dtype and device without running anything, so an eval step compiles with
+``fullgraph=True`` and runs the body as in eager mode.
+
+Outputs are flat: ``(N,)`` per field, ``(N, top_k)`` for the top-k fields (``(N, 0)`` when
+``top_k == 0``); float fields float32, integer fields int64; ignored rows 0 and -1.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from . import _dispatch, _validate
 from ._chunked import _select_scored
 
+Tensor = torch.Tensor
+
+# the fields of each op's result, in order: (is a float field, has a top-k axis)
+_NLL = ((True, False),)
+_STATS = ((True, False), (True, False), (True, False),  # nll, entropy, max_logprob
+          (False, False), (False, False),  # argmax, rank
+          (False, True), (True, True))  # top_k_ids, top_k_logprobs
+_COMPARE = ((True, False),) * 4 + ((False, False),) * 2  # kl, kl_reverse, nll_base, nll_test,
+# argmax_base, argmax_test
+
+
+def _filled(like: Tensor, n: int, fields, top_k: int = 0, *, fake: bool = False) -> tuple:
+    """Outputs for ``n`` rows of which none is scored: 0 (float fields) and -1 (integer fields);
+    with ``fake``, uninitialised (the fake implementations: shapes, dtypes and device only)."""
+    out = []
+    for is_float, has_k in fields:
+        shape = (n, top_k) if has_k else (n,)
+        dtype = torch.float32 if is_float else torch.int64
+        if fake:
+            out.append(like.new_empty(shape, dtype=dtype))
+        else:
+            out.append(torch.full(shape, 0 if is_float else -1, dtype=dtype, device=like.device))
+    return tuple(out)
+
+
+def _prologue(targets: Tensor, V: int, ignore_index: int, check: bool, count: bool):
+    """``(flat int64 targets, mask, scored count or None)``; one host sync when checking or
+    counting."""
+    mask, n_scored = _validate.scored_targets(targets, V, ignore_index, check=check, count=count)
+    flat = targets.reshape(-1).to(torch.int64).contiguous()
+    return flat, mask.reshape(-1), n_scored
+
+
+def _bias_rows(weight: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
+    """The ``(1, n, V)`` logits of a zero-width output layer: its bias (or zeros) in every row,
+    through a stride-0 view."""
+    row = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return row.expand(1, n, weight.shape[0])
+
+
+# ---- token_nll / linear_token_nll --------------------------------------------------------------
 
 @torch.library.custom_op("pplfast::token_nll", mutates_args=())
-def token_nll(logits3: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-              softcap: Optional[float], temperature: float, backend: str,
-              check_targets: bool) -> torch.Tensor:
-    """float32 ``(targets.numel(),)`` NLL of the rows of ``logits3`` (B, T, V).
-
-    ``targets`` holds B * T ids in any shape (its shape names positions in the range error);
-    ``backend`` is a concrete backend name (already resolved).
-    """
+def token_nll(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Optional[float],
+              temperature: float, backend: str, check_targets: bool) -> Tensor:
+    """float32 ``(targets.numel(),)`` NLL of the rows of ``logits3`` (B, T, V)."""
     V = logits3.shape[-1]
-    if check_targets:
-        _validate.scored_targets(targets, V, ignore_index, check=True, count=False)
-    flat = targets.reshape(-1).to(torch.int64).contiguous()
+    flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
     if flat.numel() == 0 or V == 0:
-        # no rows, or every target is ignore_index (the range check allows nothing else at V=0)
-        return torch.zeros(flat.numel(), dtype=torch.float32, device=logits3.device)
+        return _filled(logits3, flat.numel(), _NLL)[0]
     return _dispatch.module(backend).token_nll(logits3, flat, ignore_index, softcap, temperature)
 
 
 @token_nll.register_fake
-def _token_nll_fake(logits3, targets, ignore_index, softcap, temperature, backend, check_targets):
-    return logits3.new_empty(targets.numel(), dtype=torch.float32)
+def _(logits3, targets, ignore_index, softcap, temperature, backend, check_targets):
+    return _filled(logits3, targets.numel(), _NLL, fake=True)[0]
 
 
 @torch.library.custom_op("pplfast::linear_token_nll", mutates_args=())
-def linear_token_nll(hidden2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     targets: torch.Tensor, ignore_index: int, softcap: Optional[float],
-                     temperature: float, backend: str, check_targets: bool) -> torch.Tensor:
-    """float32 ``(targets.numel(),)`` NLL of ``hidden2 @ weight.T + bias`` (hidden2: (N, D)).
-
-    One host sync: the scored rows are counted (they size the gather of the rows to score) in
-    the same reduction as the target-range check.
-    """
+def linear_token_nll(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     ignore_index: int, softcap: Optional[float], temperature: float,
+                     backend: str, check_targets: bool) -> Tensor:
+    """float32 ``(targets.numel(),)`` NLL of ``hidden2 @ weight.T + bias`` (hidden2: (N, D))."""
     V, D = weight.shape
-    mask, count = _validate.scored_targets(targets, V, ignore_index, check=check_targets,
-                                           count=D > 0)
-    flat = targets.reshape(-1).to(torch.int64).contiguous()
-    if flat.numel() == 0 or V == 0:
-        return torch.zeros(flat.numel(), dtype=torch.float32, device=hidden2.device)
+    flat, mask, count = _prologue(targets, V, ignore_index, check_targets, D > 0)
     launchers = _dispatch.module(backend)
+    if flat.numel() == 0 or V == 0:
+        return _filled(hidden2, flat.numel(), _NLL)[0]
     if D == 0:
-        # every row's logits are the bias (or zeros): score one row through a stride-0 view
-        row = bias if bias is not None else weight.new_zeros(V)
-        return launchers.token_nll(row.expand(1, flat.numel(), V), flat, ignore_index, softcap,
-                                   temperature)
-    scored = _select_scored(flat, ignore_index, mask=mask.reshape(-1), count=count)
+        return launchers.token_nll(_bias_rows(weight, bias, flat.numel()), flat, ignore_index,
+                                   softcap, temperature)
+    scored = _select_scored(flat, ignore_index, mask=mask, count=count)
     return launchers.linear_token_nll(hidden2, weight, bias, flat, ignore_index, softcap,
                                       temperature, scored=scored)
 
 
 @linear_token_nll.register_fake
-def _linear_token_nll_fake(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
-                           backend, check_targets):
-    return hidden2.new_empty(targets.numel(), dtype=torch.float32)
+def _(hidden2, weight, bias, targets, ignore_index, softcap, temperature, backend, check_targets):
+    return _filled(hidden2, targets.numel(), _NLL, fake=True)[0]
+
+
+# ---- token_stats / linear_token_stats ----------------------------------------------------------
+
+_Stats = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _stats_tuple(fields, like: Tensor, top_k: int) -> tuple:
+    """A launcher's seven fields, top-k ones as ``(N, 0)`` tensors when ``top_k == 0``."""
+    fields = list(fields)
+    n = fields[0].shape[0]
+    if not top_k:
+        fields[5] = like.new_empty((n, 0), dtype=torch.int64)
+        fields[6] = like.new_empty((n, 0), dtype=torch.float32)
+    return tuple(fields)
+
+
+@torch.library.custom_op("pplfast::token_stats", mutates_args=())
+def token_stats(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Optional[float],
+                temperature: float, top_k: int, backend: str, check_targets: bool) -> _Stats:
+    """``TokenStats`` fields of the rows of ``logits3`` (B, T, V), flat."""
+    V = logits3.shape[-1]
+    flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
+    if flat.numel() == 0 or V == 0:
+        return _filled(logits3, flat.numel(), _STATS, top_k)
+    fields = _dispatch.module(backend).token_stats(logits3, flat, ignore_index, softcap,
+                                                   temperature, top_k)
+    return _stats_tuple(fields, logits3, top_k)
+
+
+@token_stats.register_fake
+def _(logits3, targets, ignore_index, softcap, temperature, top_k, backend, check_targets):
+    return _filled(logits3, targets.numel(), _STATS, top_k, fake=True)
+
+
+@torch.library.custom_op("pplfast::linear_token_stats", mutates_args=())
+def linear_token_stats(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       ignore_index: int, softcap: Optional[float], temperature: float,
+                       top_k: int, backend: str, check_targets: bool) -> _Stats:
+    """``TokenStats`` fields of ``hidden2 @ weight.T + bias``, flat."""
+    V, D = weight.shape
+    flat, mask, count = _prologue(targets, V, ignore_index, check_targets, D > 0)
+    launchers = _dispatch.module(backend)
+    if flat.numel() == 0 or V == 0:
+        return _filled(hidden2, flat.numel(), _STATS, top_k)
+    if D == 0:
+        fields = launchers.token_stats(_bias_rows(weight, bias, flat.numel()), flat,
+                                       ignore_index, softcap, temperature, top_k)
+    else:
+        fields = launchers.linear_token_stats(hidden2, weight, bias, flat, ignore_index, softcap,
+                                              temperature, top_k)
+    return _stats_tuple(fields, hidden2, top_k)
+
+
+@linear_token_stats.register_fake
+def _(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k, backend,
+      check_targets):
+    return _filled(hidden2, targets.numel(), _STATS, top_k, fake=True)
+
+
+# ---- compare / linear_compare ------------------------------------------------------------------
+
+_Compared = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("pplfast::compare", mutates_args=())
+def compare(logits3_base: Tensor, logits3_test: Tensor, targets: Tensor, ignore_index: int,
+            softcap: Optional[float], temperature: float, backend: str,
+            check_targets: bool) -> _Compared:
+    """``TokenComparison`` fields of two models' rows (each (B, T, V)), flat."""
+    V = logits3_base.shape[-1]
+    flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
+    if flat.numel() == 0 or V == 0:
+        return _filled(logits3_base, flat.numel(), _COMPARE)
+    return tuple(_dispatch.module(backend).compare(logits3_base, logits3_test, flat,
+                                                   ignore_index, softcap, temperature))
+
+
+@compare.register_fake
+def _(logits3_base, logits3_test, targets, ignore_index, softcap, temperature, backend,
+      check_targets):
+    return _filled(logits3_base, targets.numel(), _COMPARE, fake=True)
+
+
+def _zero_width_logits(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], n: int):
+    """The ``(1, n, V)`` logits of one model of a comparison in which a model has a zero-width
+    output layer: that model's bias rows, the other's ``F.linear`` in float32 (this rare case
+    builds the logits)."""
+    if hidden2.shape[-1] == 0:
+        return _bias_rows(weight, bias, n)
+    z = torch.nn.functional.linear(hidden2.float(), weight.float(),
+                                   None if bias is None else bias.float())
+    return z.unsqueeze(0)
+
+
+@torch.library.custom_op("pplfast::linear_compare", mutates_args=())
+def linear_compare(hidden2_base: Tensor, weight_base: Tensor, bias_base: Optional[Tensor],
+                   hidden2_test: Tensor, weight_test: Tensor, bias_test: Optional[Tensor],
+                   targets: Tensor, ignore_index: int, softcap: Optional[float],
+                   temperature: float, backend: str, check_targets: bool) -> _Compared:
+    """``TokenComparison`` fields of both models' ``hidden2 @ weight.T + bias``, flat."""
+    V = weight_base.shape[0]
+    zero_width = hidden2_base.shape[-1] == 0 or hidden2_test.shape[-1] == 0
+    flat, mask, count = _prologue(targets, V, ignore_index, check_targets, not zero_width)
+    launchers = _dispatch.module(backend)
+    n = flat.numel()
+    if n == 0 or V == 0:
+        return _filled(hidden2_base, n, _COMPARE)
+    if zero_width:
+        fields = launchers.compare(_zero_width_logits(hidden2_base, weight_base, bias_base, n),
+                                   _zero_width_logits(hidden2_test, weight_test, bias_test, n),
+                                   flat, ignore_index, softcap, temperature)
+    else:
+        fields = launchers.linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
+                                          weight_test, bias_test, flat, ignore_index, softcap,
+                                          temperature)
+    return tuple(fields)
+
+
+@linear_compare.register_fake
+def _(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test, targets,
+      ignore_index, softcap, temperature, backend, check_targets):
+    return _filled(hidden2_base, targets.numel(), _COMPARE, fake=True)

@@ -1,9 +1,9 @@
-"""Result types of the per-token ops: plain dataclasses of tensors, below every other module
-(the public functions, the backends and the float64 reference all return them): ``TokenStats``,
-and ``TokenComparison`` / ``ComparisonResult`` of the two-model comparison."""
+"""Result types: plain dataclasses below every other module (the public functions, the backends,
+the metrics and the float64 reference return them): ``TokenStats``, ``TokenComparison`` /
+``ComparisonResult`` of the two-model comparison, and ``PerplexityResult``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -106,3 +106,35 @@ class ComparisonResult:
         """The figures as plain Python numbers (no per-token tensors), e.g. for JSON."""
         return {f: getattr(self, f) for f in self.__dataclass_fields__
                 if f not in ("token_comparison", "scored")}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Corpus figures. NLL in nats; ``*_stderr`` from the per-token NLL variance.
+
+    ``perplexity_stderr`` is llama.cpp's ``PPL +/-``: ``perplexity * mean_nll_stderr`` with
+    ``mean_nll_stderr = sqrt((E[nll^2] - E[nll]^2) / (num_tokens - 1))``. The byte and word
+    figures are ratios of sums over all documents (lm-evaluation-harness): ``bits_per_byte =
+    sum(nll) / num_bytes / ln 2``, ``byte_perplexity = exp(sum(nll) / num_bytes)``,
+    ``word_perplexity = exp(sum(nll) / num_words)``; None unless every update gave the counts.
+    ``mean_entropy`` (nats) and ``top1_accuracy`` (fraction of scored tokens whose argmax is the
+    target) cover the tokens of the ``stats=True`` updates; None when there were none.
+    """
+
+    perplexity: float
+    mean_nll: float
+    num_tokens: int
+    sum_nll: float
+    bits_per_token: float
+    mean_nll_stderr: float
+    perplexity_stderr: float
+    num_bytes: Optional[int] = None
+    num_words: Optional[int] = None
+    bits_per_byte: Optional[float] = None
+    byte_perplexity: Optional[float] = None
+    word_perplexity: Optional[float] = None
+    mean_entropy: Optional[float] = None
+    top1_accuracy: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -111,27 +111,66 @@ def leading_shape(name: str, x: torch.Tensor, targets: torch.Tensor, shift: bool
         )
 
 
-def linear_shapes(hidden, weight, bias) -> None:
+def linear_shapes(hidden, weight, bias, suffix: str = "") -> None:
+    """``hidden`` (..., D), ``weight`` (V, D) of the same dtype and ``bias`` (V,) or None;
+    ``suffix`` names the model in the messages (``weight_base``, ...)."""
+    w, h, b = "weight" + suffix, "hidden" + suffix, "bias" + suffix
     if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (V, D), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{w} must be 2-D (V, D), got shape {tuple(weight.shape)}")
     D = hidden.shape[-1]
     if weight.shape[1] != D:
         hint = ""
         if weight.shape[0] == D:
             hint = " (it looks transposed: pass the nn.Linear / lm_head layout (V, D))"
         raise ValueError(
-            f"weight has shape {tuple(weight.shape)} but hidden has width D={D}: "
-            f"weight must be (V, {D}){hint}"
+            f"{w} has shape {tuple(weight.shape)} but {h} has width D={D}: "
+            f"{w} must be (V, {D}){hint}"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+        raise TypeError(f"{w} dtype {weight.dtype} differs from {h} dtype {hidden.dtype}")
     if bias is not None:
-        float_tensor("bias", bias)
+        float_tensor(b, bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(
-                f"bias has shape {tuple(bias.shape)} but weight has V={weight.shape[0]} rows: "
-                f"bias must be ({weight.shape[0]},)"
+                f"{b} has shape {tuple(bias.shape)} but {w} has V={weight.shape[0]} rows: "
+                f"{b} must be ({weight.shape[0]},)"
             )
+
+
+def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two models' logits: the same positions and the same vocabulary."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape "
+                         f"{tuple(b.shape)}: both models must give the same positions and "
+                         "the same vocabulary size")
+
+
+def same_lead(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two models' hidden states: the same positions (their widths may differ)."""
+    if tuple(a.shape[:-1]) != tuple(b.shape[:-1]):
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape "
+                         f"{tuple(b.shape)}: the leading shapes (positions) must match")
+
+
+def same_vocabulary(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two output layers: the same number of rows (the vocabulary size)."""
+    if a.ndim == 2 and b.ndim == 2 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape "
+                         f"{tuple(b.shape)}: the two vocabularies must have the same size")
+
+
+MAX_TOP_K = 64
+
+
+def top_k(value, V: int) -> int:
+    """``top_k`` as an int in ``[0, min(V, 64)]``, else ValueError naming it and its value."""
+    bound = min(V, MAX_TOP_K)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= bound:
+        raise ValueError(f"top_k must be an int in [0, {bound}] (min(V, {MAX_TOP_K}) with "
+                         f"V={V}), got {value!r}")
+    return int(value)
 
 
 def scored_mask(targets: torch.Tensor, ignore_index) -> torch.Tensor:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .comparison import Comparison, ComparisonResult, TokenComparison, compare, linear_compare
+from .comparison import ComparisonResult, TokenComparison, compare, linear_compare
+from .metric import Comparison
 from .hf import (IGNORE, _call, _check_batch_size, _check_ids, _check_window, _context_length,
                  _llamacpp_bos, _logits, _model_device, _model_head, _pack_jobs, _prefix_id,
                  _progress_bar, _schedules, documents, scored_hidden, vocab_size, window_inputs)

@@ -1,60 +1,78 @@
-"""Streaming perplexity: float64 sums that add up across batches, processes and documents.
+"""Streaming metrics: :class:`Perplexity` and :class:`Comparison`, float64 sums that add up
+across batches, processes and documents.
 
-The state is ten float64 sums, so ``merge`` is an addition and ``sync`` one ``all_reduce``:
-sum of NLL, sum of squared NLL, scored tokens, bytes, words, and the tokens that came with byte
-(word) counts, so a ratio over bytes is only reported when every token's bytes were counted; with
-``stats=True`` updates, also the sum of entropies, the count of tokens whose argmax is the target,
-and the tokens those two cover.
+``Perplexity``'s state is ten float64 sums, so ``merge`` is an addition and ``sync`` one
+``all_reduce``: sum of NLL, sum of squared NLL, scored tokens, bytes, words, and the tokens that
+came with byte (word) counts, so a ratio over bytes is only reported when every token's bytes
+were counted; with ``stats=True`` updates, also the sum of entropies, the count of tokens whose
+argmax is the target, and the tokens those two cover. ``Comparison``'s state is twelve float64
+sums plus, for the percentiles, each scored token's KL and Δp.
+
+Updates read no tensor data on the host (no ``.item()``, no boolean-mask indexing), so an eval
+step that calls ``Perplexity.update`` or ``Comparison.update`` compiles with
+``torch.compile(fullgraph=True)``. :func:`safe_exp` is the package's one exp of a reported
+figure.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import List, Optional
 
-import numpy as np
 import torch
 
 from . import _validate
+from ._results import ComparisonResult, PerplexityResult, TokenComparison
+from ._summary import COMPARISON_SUMS, TOKENS, comparison_statistics, safe_exp
 from .api import linear_token_nll, token_nll
+from .comparison import compare, linear_compare
 from .stats import linear_token_stats, token_stats
+
+__all__ = ["Comparison", "ComparisonResult", "Perplexity", "PerplexityResult", "safe_exp"]
 
 _STATE_SIZE = 10
 _SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(7)
 _SUM_ENTROPY, _TOP1, _TOKENS_W_STATS = 7, 8, 9
 
 
-@dataclass(frozen=True)
-class PerplexityResult:
-    """Corpus figures. NLL in nats; ``*_stderr`` from the per-token NLL variance.
+def _process_group_device(group):
+    """The device collectives of ``group`` run on (CPU for gloo, the current GPU for NCCL);
+    an error naming the fix when no process group is initialised."""
+    import torch.distributed as dist
 
-    ``perplexity_stderr`` is llama.cpp's ``PPL +/-``: ``perplexity * mean_nll_stderr`` with
-    ``mean_nll_stderr = sqrt((E[nll^2] - E[nll]^2) / (num_tokens - 1))``. The byte and word
-    figures are ratios of sums over all documents (lm-evaluation-harness): ``bits_per_byte =
-    sum(nll) / num_bytes / ln 2``, ``byte_perplexity = exp(sum(nll) / num_bytes)``,
-    ``word_perplexity = exp(sum(nll) / num_words)``; None unless every update gave the counts.
-    ``mean_entropy`` (nats) and ``top1_accuracy`` (fraction of scored tokens whose argmax is the
-    target) cover the tokens of the ``stats=True`` updates; None when there were none.
-    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("sync() needs an initialised torch.distributed process group")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    perplexity: float
-    mean_nll: float
-    num_tokens: int
-    sum_nll: float
-    bits_per_token: float
-    mean_nll_stderr: float
-    perplexity_stderr: float
-    num_bytes: Optional[int] = None
-    num_words: Optional[int] = None
-    bits_per_byte: Optional[float] = None
-    byte_perplexity: Optional[float] = None
-    word_perplexity: Optional[float] = None
-    mean_entropy: Optional[float] = None
-    top1_accuracy: Optional[float] = None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
+    """The float64 ``sums`` added over every rank of ``group`` (a copy, on the CPU)."""
+    import torch.distributed as dist
+
+    total = sums.to(_process_group_device(group), copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.cpu()
+
+
+def all_gather_rows(values: torch.Tensor, group=None) -> torch.Tensor:
+    """``(k, n_rank)`` float32 values of every rank of ``group``, concatenated along the second
+    axis in rank order (the ranks may hold different ``n``), on the CPU."""
+    import torch.distributed as dist
+
+    device = _process_group_device(group)
+    local = values.to(device)
+    world = dist.get_world_size(group)
+    length = torch.tensor([local.shape[1]], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    longest = max(int(x) for x in lengths)
+    padded = torch.zeros(local.shape[0], longest, dtype=local.dtype, device=device)
+    padded[:, : local.shape[1]] = local
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:, : int(k)] for g, k in zip(gathered, lengths)], dim=1).cpu()
 
 
 def _count(value, name: str) -> Optional[int]:
@@ -92,6 +110,7 @@ class Perplexity:
 
     def reset(self) -> "Perplexity":
         self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
+        self._placed = False  # the state moves to the device of the first update
         self._global: Optional[torch.Tensor] = None  # the all-reduced state after sync()
         return self
 
@@ -182,8 +201,8 @@ class Perplexity:
             *self._stats_sums(stats, targets, scored, zero),
         ])
         # the state follows the device of the first update, so GPU updates never synchronise
-        if self._state.device != nll.device and not bool(self._state.any()):
-            self._state = self._state.to(nll.device)
+        if not self._placed:
+            self._state, self._placed = self._state.to(nll.device), True
         self._state = self._state + update.to(self._state.device)
         self._global = None
 
@@ -199,6 +218,7 @@ class Perplexity:
         """Add another metric's local sums into this one (e.g. from another shard); returns self."""
         if not isinstance(other, Perplexity):
             raise TypeError(f"other must be a Perplexity, got {type(other).__name__}")
+        self._placed = True
         self._state = self._state + other._state.to(self._state.device)
         self._global = None
         return self
@@ -209,16 +229,7 @@ class Perplexity:
         ``compute()`` then reports the totals over all ranks until the next ``update``,
         ``merge`` or ``reset``; the local sums are kept, so calling ``sync`` twice is harmless.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("sync() needs an initialised torch.distributed process group")
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        total = self._state.to(device, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        self._global = total
+        self._global = all_reduce_sums(self._state, group)
         return self
 
     def compute(self) -> PerplexityResult:
@@ -260,14 +271,132 @@ class Perplexity:
         return PerplexityResult(**result)
 
 
-def safe_exp(x):
-    """``exp(x)`` of a figure (perplexity from a mean NLL, ...): ``inf`` past exp's range instead
-    of ``OverflowError`` (floats) or numpy's overflow warning (arrays). The package's one exp of
-    a reported figure: a float gives a float, an array a float64 array."""
-    if isinstance(x, np.ndarray):
-        with np.errstate(over="ignore"):
-            return np.exp(x.astype(np.float64, copy=False))
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
+class Comparison:
+    """Streaming comparison of a base and a test model over batches (and ranks).
+
+    Example::
+
+        metric = pplfast.Comparison()
+        for batch in loader:
+            metric.update(base(batch).logits, test(batch).logits, batch, shift=True)
+        print(metric.compute().kl_mean)
+
+    The state is twelve float64 sums plus, for the percentiles, every token's KL and Δp as
+    float32 on the host with its scored mask (9 bytes per token; the unscored ones are dropped
+    when the values are read); ``merge`` and ``sync`` carry both.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> "Comparison":
+        self._sums = torch.zeros(COMPARISON_SUMS, dtype=torch.float64)
+        self._tokens: List[tuple] = []  # (kl, delta_p, scored), flat, per update
+        self._global = None  # (sums, kl, dp) over all ranks after sync()
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        sums = self._global[0] if self._global is not None else self._sums
+        return int(sums[TOKENS].item())
+
+    def update(self, logits_base: torch.Tensor, logits_test: torch.Tensor,
+               targets: torch.Tensor, **options) -> TokenComparison:
+        """:func:`pplfast.compare` of a batch, added; returns its :class:`TokenComparison`."""
+        result = compare(logits_base, logits_test, targets, **options)
+        self.update_tokens(result, targets, ignore_index=options.get("ignore_index", -100),
+                           shift=options.get("shift", False))
+        return result
+
+    def update_linear(self, hidden_base: torch.Tensor, weight_base: torch.Tensor,
+                      hidden_test: torch.Tensor, weight_test: torch.Tensor,
+                      targets: torch.Tensor, **options) -> TokenComparison:
+        """:func:`pplfast.linear_compare` of a batch, added; returns its comparison."""
+        result = linear_compare(hidden_base, weight_base, hidden_test, weight_test, targets,
+                                **options)
+        self.update_tokens(result, targets, ignore_index=options.get("ignore_index", -100),
+                           shift=options.get("shift", False))
+        return result
+
+    def update_tokens(self, comparison: TokenComparison, targets: Optional[torch.Tensor] = None,
+                      *, ignore_index: int = -100, shift: bool = False,
+                      scored: Optional[torch.Tensor] = None) -> None:
+        """Add a :class:`TokenComparison` computed elsewhere. The scored tokens are those whose
+        target is not ``ignore_index`` (``targets`` as passed to ``compare``, with ``shift``), or
+        the ``scored`` bool mask, or all of them."""
+        if not isinstance(comparison, TokenComparison):
+            raise TypeError(f"comparison must be a TokenComparison, got "
+                            f"{type(comparison).__name__}")
+        shape = tuple(comparison.kl.shape)
+        if scored is None:
+            if targets is None:
+                scored = torch.ones(shape, dtype=torch.bool, device=comparison.kl.device)
+            else:
+                _validate.target_tensor(targets)
+                if shift:
+                    targets = targets[..., 1:]
+                if tuple(targets.shape) != shape:
+                    raise ValueError(f"targets has shape {tuple(targets.shape)} (after shift) but "
+                                     f"the comparison has shape {shape}")
+                scored = _validate.scored_mask(targets, ignore_index)
+        elif scored.dtype != torch.bool or tuple(scored.shape) != shape:
+            raise ValueError(f"scored must be a bool tensor of shape {shape}, got "
+                             f"{scored.dtype} {tuple(scored.shape)}")
+        scored = scored.to(comparison.kl.device).reshape(-1)
+        zero = torch.zeros((), dtype=torch.float64, device=scored.device)
+
+        def values(x):  # float64, 0 where not scored (whatever NaN or inf sits there)
+            return torch.where(scored, x.reshape(-1).double(), zero)
+
+        nll_t, nll_b, kl = values(comparison.nll_test), values(comparison.nll_base), \
+            values(comparison.kl)
+        dp = torch.exp(-nll_t) - torch.exp(-nll_b)  # 0 where not scored
+        same = scored & (comparison.argmax_base.reshape(-1) == comparison.argmax_test.reshape(-1))
+        dp2 = dp * dp
+        update = torch.stack([
+            scored.sum().double(), nll_t.sum(), (nll_t * nll_t).sum(), nll_b.sum(),
+            (nll_b * nll_b).sum(), (nll_t * nll_b).sum(), kl.sum(), (kl * kl).sum(), dp.sum(),
+            dp2.sum(), (dp2 * dp2).sum(), same.sum().double(),
+        ])
+        self._sums = self._sums + update.cpu()
+        self._tokens.append((kl.float().cpu(), dp.float().cpu(), scored.cpu()))
+        self._global = None
+
+    def _values(self):
+        """``(2, n)`` float32: the KL and Δp of the scored tokens added here."""
+        if not self._tokens:
+            return torch.zeros(2, 0, dtype=torch.float32)
+        kl, dp, scored = (torch.cat(x) for x in zip(*self._tokens))
+        return torch.stack([kl[scored], dp[scored]])
+
+    def merge(self, other: "Comparison") -> "Comparison":
+        """Add another metric's local state (sums and per-token values); returns self."""
+        if not isinstance(other, Comparison):
+            raise TypeError(f"other must be a Comparison, got {type(other).__name__}")
+        self._sums = self._sums + other._sums
+        self._tokens.extend(other._tokens)
+        self._global = None
+        return self
+
+    def sync(self, group=None) -> "Comparison":
+        """All-reduce the sums and all-gather the per-token KL and Δp over ``torch.distributed``
+        (every rank must call it); ``compute()`` then reports all ranks until the next change."""
+        sums = all_reduce_sums(self._sums, group)
+        values = all_gather_rows(self._values(), group)
+        self._global = (sums, values[0], values[1])
+        return self
+
+    def compute(self) -> ComparisonResult:
+        """llama.cpp's statistics over everything added (after ``sync``: over all ranks).
+
+        Raises:
+            ValueError: no token has been scored.
+        """
+        if self._global is not None:
+            sums, kl, dp = self._global
+        else:
+            sums, (kl, dp) = self._sums, self._values()
+        if sums[TOKENS] <= 0:
+            raise ValueError("Comparison.compute() called with no scored tokens: call update() "
+                             "with at least one target that is not ignore_index first")
+        return comparison_statistics(sums, kl, dp)

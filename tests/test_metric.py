@@ -228,7 +228,8 @@ def test_safe_exp_is_the_one_exp_of_every_figure():
     figures = res.compute()
     assert figures.perplexity == figures.byte_perplexity == figures.word_perplexity == math.inf
     package = pathlib.Path(pplfast.__file__).parent
-    bare = [f"{path.name}:{n}" for path in sorted(package.rglob("*.py")) if path.name != "metric.py"
+    home = package / "_summary.py"  # safe_exp's own module (pplfast.metric re-exports it)
+    bare = [f"{path.name}:{n}" for path in sorted(package.rglob("*.py")) if path != home
             for n, line in enumerate(path.read_text().splitlines(), 1)
             if re.search(r"\b(math|np|numpy)\.exp\(", line)]
     assert bare == []
