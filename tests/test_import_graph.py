@@ -37,6 +37,7 @@ class Edge(NamedTuple):
     target: str
     lazy: bool  # inside a function
     line: int
+    names: tuple = ()  # the names a `from target import ...` takes (not submodules)
 
 
 def module_files(packages: Dict[str, Path]) -> Dict[str, Path]:
@@ -54,8 +55,8 @@ def _edges_of(name: str, path: Path, known: set, root: str) -> List[Edge]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     edges = []
 
-    def add(target: str, lazy: bool, line: int) -> None:
-        edge = Edge(name, target, lazy, line)
+    def add(target: str, lazy: bool, line: int, names: tuple = ()) -> None:
+        edge = Edge(name, target, lazy, line, names)
         if target != name and (target == root or target.startswith(root + ".")) and edge not in edges:
             edges.append(edge)
 
@@ -73,7 +74,10 @@ def _edges_of(name: str, path: Path, known: set, root: str) -> List[Edge]:
                     base = f"{anchor}.{base}" if base else anchor
                 for alias in child.names:
                     full = f"{base}.{alias.name}"
-                    add(full if full in known else base, inner, child.lineno)
+                    if full in known:
+                        add(full, inner, child.lineno)
+                    else:
+                        add(base, inner, child.lineno, (alias.name,))
             elif (isinstance(child, ast.Constant) and isinstance(child.value, str)
                   and child.value in known):
                 add(child.value, True, child.lineno)  # importlib.import_module("pplfast.x")
@@ -156,6 +160,95 @@ def test_engine_imports_go_down_the_layers():
     assert not upward, "imports that do not go down the layers: " + ", ".join(
         f"{e.source}:{e.line} -> {e.target}" for e in upward)
     assert set(rank) - EXTENSIONS <= set(GRAPH), "a layer names a module that does not exist"
+
+
+# ---- the wings above the engine (README "Layout", docs/architecture.md) --------------------
+# cli -> serve / corpus -> models -> engine -> kernels and the compiled extensions. A module
+# imports its own wing or a lower one, never a sibling (serve and corpus know nothing of each
+# other), and from another wing (the engine included) only public names of public modules:
+# no leading underscore in the module path or in the imported name. The package-wide helpers
+# below are the only underscore modules every layer may use.
+
+WING_RANKS = {"kernels": 0, "engine": 1, "models": 2, "corpus": 3, "serve": 3, "cli": 4,
+              "top": 5}
+SHIMS = {"pplfast.windows": "models", "pplfast.lm_eval": "models", "pplfast.ray": "corpus",
+         "pplfast.__main__": "cli"}  # documented import paths kept as re-exports
+SHARED_HELPERS = {"pplfast._optional", "pplfast._version", "pplfast._env"}
+# what the engine may take from below: the compiled extensions (named with an underscore, as
+# compiled modules are) and the kernels' launchers
+ENGINE_BELOW = EXTENSIONS
+
+
+def wing(module: str) -> str:
+    if module == "pplfast":
+        return "top"
+    if module in SHIMS:
+        return SHIMS[module]
+    parts = module.split(".")
+    if parts[1] in ("kernels", "_C", "_cuda_C"):
+        return "kernels"
+    return parts[1] if parts[1] in ("models", "corpus", "serve", "cli") else "engine"
+
+
+def _private(module: str, names=()) -> bool:
+    return (module not in SHARED_HELPERS | ENGINE_BELOW
+            and any(part.startswith("_") and part != "__init__" for part in module.split(".")[1:])
+            or any(n.startswith("_") for n in names))
+
+
+def wing_violations(graph) -> List[str]:
+    out = []
+    for edges in graph.values():
+        for e in edges:
+            a, b = wing(e.source), wing(e.target)
+            where = f"{e.source}:{e.line} -> {e.target}"
+            if a == b:
+                continue
+            if WING_RANKS[b] > WING_RANKS[a] or (WING_RANKS[b] == WING_RANKS[a] and a != "top"):
+                out.append(f"{where} (wing {a} imports wing {b})")
+            elif a != "top" and _private(e.target, e.names):
+                out.append(f"{where} {list(e.names) or ''} (a private name of wing {b})")
+    return out
+
+
+def command_imports(graph) -> List[str]:
+    """Imports of one command by another (pplfast.cli.<command>[.*])."""
+    def command(module):
+        parts = module.split(".")
+        if len(parts) > 2 and parts[1] == "cli" and parts[2] not in ("main", "_common"):
+            return parts[2]
+        return None
+
+    return [f"{e.source}:{e.line} -> {e.target}" for edges in graph.values() for e in edges
+            if command(e.source) and command(e.target) and command(e.source) != command(e.target)]
+
+
+def test_wings_import_downwards_and_only_public_names():
+    bad = wing_violations(GRAPH)
+    assert not bad, "imports across the wings:\n" + "\n".join(bad)
+
+
+def test_no_command_imports_another_command():
+    bad = command_imports(GRAPH)
+    assert not bad, "a command imports another command: " + ", ".join(bad)
+
+
+def test_the_wings_exist():
+    assert {wing(m) for m in GRAPH} >= {"kernels", "engine", "models", "corpus", "serve", "cli"}
+
+
+def test_wing_rules_can_fail():
+    graph = {
+        "pplfast.models.score": [Edge("pplfast.models.score", "pplfast.cli.main", False, 3)],
+        "pplfast.cli.score": [Edge("pplfast.cli.score", "pplfast.models.head", False, 4, ("_probe",)),
+                              Edge("pplfast.cli.score", "pplfast._dispatch", False, 5, ("resolve",)),
+                              Edge("pplfast.cli.score", "pplfast._optional", False, 6, ("require",)),
+                              Edge("pplfast.cli.score", "pplfast.cli.compare", False, 7)],
+        "pplfast.serve.app": [Edge("pplfast.serve.app", "pplfast.corpus.io", False, 8)],
+    }
+    bad = wing_violations(graph)
+    assert len(bad) == 4 and not any("_optional" in b for b in bad), bad
+    assert command_imports(graph) == ["pplfast.cli.score:7 -> pplfast.cli.compare"]
 
 
 # ---- the checks can fail ------------------------------------------------------------------
