@@ -5,6 +5,14 @@ with ``z`` the (soft-capped, temperature-scaled) logits, and returns float64. Ro
 chunks, so the float64 copies of the logits stay within a few tens of MiB whatever the number of
 rows; ``linear_token_nll`` also holds a float64 copy of the whole weight (V x D x 8 bytes: 4 GiB
 for a 128k x 4096 output layer), since the oracle favours plainness over memory.
+
+Every quantity is formed relative to the row's maximum ``m`` of the soft-capped logits ``y``:
+``d = (y - m) / temperature`` lies in ``[-inf, 0]`` and ``log p = d - log(sum(exp(d)))``, so
+``nll = log(sum(exp(d))) - d[target]``. ``logsumexp(z) - z[target]`` would subtract two numbers
+of the size of the logits: near the top of the float range (|z| ~ 1e38) float64 rounds the small
+log-sum term away and the difference to 0. Where ``m`` is not finite (a +inf entry, an all -inf
+row, NaN) the reference point is 0 instead, so that the special values come out as
+``logsumexp(z) - z[target]`` gives them (README "Special values").
 """
 from __future__ import annotations
 
@@ -18,22 +26,38 @@ _CHUNK_BYTES = 64 << 20
 
 
 def _transform(z: torch.Tensor, softcap: Optional[float], temperature: float) -> torch.Tensor:
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    """``z`` soft-capped, then divided by ``temperature``: the function's ``z`` in absolute units
+    (what ``logsumexp`` of the definition reads; the ops themselves use :func:`_relative`)."""
+    z = _capped(z, softcap)
     if temperature != 1.0:
         z = z / temperature
     return z
 
 
-def _nll_rows(z: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """z: (n, V) float64, targets: (n,) int64 -> (n,) float64 NLL, 0 where ignored."""
+def _capped(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def _relative(y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``d = (y - m) / temperature`` per row of float64 ``y`` (n, V), ``m`` the row's maximum where
+    it is finite and 0 where it is not (+inf entry, all -inf, NaN): d <= 0 on finite rows."""
+    if y.shape[-1] == 0:
+        return y
+    m = y.max(dim=-1, keepdim=True).values
+    ref = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (y - ref) / temperature
+
+
+def _nll_rows(d: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """d: (n, V) float64 from :func:`_relative`, targets: (n,) int64 -> (n,) float64 NLL, 0 where
+    ignored."""
     scored = targets != ignore_index
     safe = torch.where(scored, targets, torch.zeros_like(targets))
-    if z.shape[-1] == 0:
-        return torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    lse = torch.logsumexp(z, dim=-1)
-    target_logit = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(scored, lse - target_logit, torch.zeros_like(lse))
+    if d.shape[-1] == 0:
+        return torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
+    lse = torch.logsumexp(d, dim=-1)
+    target = d.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored, lse - target, torch.zeros_like(lse))
 
 
 def _shifted(x: torch.Tensor, targets: torch.Tensor, shift: bool):
@@ -64,8 +88,8 @@ def token_nll(
     out = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
     step = _rows_per_chunk(V)
     for start in range(0, flat.shape[0], step):
-        z = _transform(flat[start : start + step].double(), softcap, temperature)
-        out[start : start + step] = _nll_rows(z, flat_targets[start : start + step], ignore_index)
+        d = _relative(_capped(flat[start : start + step].double(), softcap), temperature)
+        out[start : start + step] = _nll_rows(d, flat_targets[start : start + step], ignore_index)
     return out.reshape(lead)
 
 
@@ -95,32 +119,38 @@ def linear_token_nll(
         z = flat[start : start + step].double() @ weight64.T
         if bias64 is not None:
             z = z + bias64
-        z = _transform(z, softcap, temperature)
-        out[start : start + step] = _nll_rows(z, flat_targets[start : start + step], ignore_index)
+        d = _relative(_capped(z, softcap), temperature)
+        out[start : start + step] = _nll_rows(d, flat_targets[start : start + step], ignore_index)
     return out.reshape(lead)
 
 
-def _stats_rows(z: torch.Tensor, targets: torch.Tensor, ignore_index: int, top_k: int) -> dict:
-    """Statistics of float64 rows ``z`` (n, V) (see :func:`token_stats`)."""
-    n, V = z.shape
+def _stats_rows(y: torch.Tensor, targets: torch.Tensor, ignore_index: int, top_k: int,
+                temperature: float) -> dict:
+    """Statistics of the soft-capped float64 rows ``y`` (n, V) (see :func:`token_stats`), from
+    ``d = (y - max) / temperature`` (:func:`_relative`): ``log p = d - log(sum(exp(d)))``."""
+    n, V = y.shape
     scored = targets != ignore_index
     if V == 0:  # only ignored rows can exist (top_k is then 0)
-        z = torch.zeros(n, 1, dtype=z.dtype, device=z.device)
+        y = torch.zeros(n, 1, dtype=y.dtype, device=y.device)
     safe = torch.where(scored, targets, torch.zeros_like(targets))
-    lse = torch.logsumexp(z, dim=-1)
-    target_logit = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    nll = (lse - target_logit).clamp_min(0.0)  # NaN stays NaN
-    logp = z - lse.unsqueeze(-1)
-    terms = torch.where(z == float("-inf"), torch.zeros_like(z), logp.exp() * logp)  # 0·log 0 = 0
-    entropy = torch.where(torch.isfinite(lse), -terms.sum(-1), torch.full_like(lse, float("nan")))
-    max_logprob = (z.max(-1).values - lse).clamp_max(0.0)
-    argmax = z.argmax(-1)
-    rank = (z > target_logit.unsqueeze(-1)).sum(-1)
+    d = _relative(y, temperature)
+    log_sum = torch.logsumexp(d, dim=-1)  # the row's log-sum-exp relative to its maximum
+    target_y = y.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    target_d = d.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    nll = (log_sum - target_d).clamp_min(0.0)  # NaN stays NaN
+    logp = d - log_sum.unsqueeze(-1)
+    terms = torch.where(d == float("-inf"), torch.zeros_like(d), logp.exp() * logp)  # 0·log 0 = 0
+    # a +inf entry, an all -inf row or NaN: the distribution is undefined
+    defined = torch.isfinite(y.max(-1).values)
+    entropy = torch.where(defined, -terms.sum(-1), torch.full_like(log_sum, float("nan")))
+    max_logprob = (d.max(-1).values - log_sum).clamp_max(0.0)
+    argmax = y.argmax(-1)
+    rank = (y > target_y.unsqueeze(-1)).sum(-1)
     out = {"nll": nll, "entropy": entropy.clamp_min(0.0), "max_logprob": max_logprob,
            "argmax": argmax, "rank": rank}
     if top_k:
-        values, ids = torch.topk(z, top_k, dim=-1)
-        out["top_k_ids"], out["top_k_logprobs"] = ids, values - lse.unsqueeze(-1)
+        ids = torch.topk(y, top_k, dim=-1).indices
+        out["top_k_ids"], out["top_k_logprobs"] = ids, logp.gather(-1, ids)
     zero = scored.unsqueeze(-1) if top_k else None
     for name, value in out.items():
         fill = -1 if value.dtype == torch.int64 else 0.0
@@ -167,8 +197,9 @@ def token_stats(
     parts = []
     step = _rows_per_chunk(V)
     for start in range(0, flat.shape[0], step):
-        z = _transform(flat[start : start + step].double(), softcap, temperature)
-        parts.append(_stats_rows(z, flat_targets[start : start + step], ignore_index, top_k))
+        y = _capped(flat[start : start + step].double(), softcap)
+        parts.append(_stats_rows(y, flat_targets[start : start + step], ignore_index, top_k,
+                                 temperature))
     return _stats_result(parts, lead, top_k)
 
 
@@ -199,36 +230,37 @@ def linear_token_stats(
         z = flat[start : start + step].double() @ weight64.T
         if bias64 is not None:
             z = z + bias64
-        z = _transform(z, softcap, temperature)
-        parts.append(_stats_rows(z, flat_targets[start : start + step], ignore_index, top_k))
+        parts.append(_stats_rows(_capped(z, softcap), flat_targets[start : start + step],
+                                 ignore_index, top_k, temperature))
     return _stats_result(parts, lead, top_k)
 
 
 # ---- compare: two models' rows read together (README "Comparing two models") ------------------
 
-def _compare_rows(zp: torch.Tensor, zq: torch.Tensor, raw_p: torch.Tensor, raw_q: torch.Tensor,
-                  targets: torch.Tensor, ignore_index: int):
+def _compare_rows(yp: torch.Tensor, yq: torch.Tensor, raw_p: torch.Tensor, raw_q: torch.Tensor,
+                  targets: torch.Tensor, ignore_index: int, temperature: float):
     """float64 (kl, kl_reverse, nll_base, nll_test) and int64 (argmax_base, argmax_test) of rows.
 
-    ``zp``/``zq`` are the transformed float64 rows, ``raw_p``/``raw_q`` the logits before the
+    ``yp``/``yq`` are the soft-capped float64 rows, ``raw_p``/``raw_q`` the logits before the
     (monotone) transform, whose argmax is reported. Ignored rows get 0 and -1.
     """
     scored = targets != ignore_index
-    n = zp.shape[0]
-    lp = torch.log_softmax(zp, dim=-1)
-    lq = torch.log_softmax(zq, dim=-1)
+    n = yp.shape[0]
+    dp, dq = _relative(yp, temperature), _relative(yq, temperature)
+    lp = dp - torch.logsumexp(dp, dim=-1, keepdim=True)
+    lq = dq - torch.logsumexp(dq, dim=-1, keepdim=True)
     p, q = lp.exp(), lq.exp()
     # p_v = 0 contributes 0 (even where q_v = 0); p_v > 0 = q_v gives +inf; NaN stays NaN
     kl = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1).clamp_min(0.0)
     kl_rev = torch.where(q == 0, 0.0, q * (lq - lp)).sum(-1).clamp_min(0.0)
     # +inf in either row: its softmax is undefined, both KLs are NaN
-    undefined = torch.isposinf(zp).any(-1) | torch.isposinf(zq).any(-1)
+    undefined = torch.isposinf(yp).any(-1) | torch.isposinf(yq).any(-1)
     kl = torch.where(undefined, float("nan"), kl)
     kl_rev = torch.where(undefined, float("nan"), kl_rev)
-    zero = torch.zeros(n, dtype=torch.float64, device=zp.device)
-    minus_one = torch.full((n,), -1, dtype=torch.int64, device=zp.device)
+    zero = torch.zeros(n, dtype=torch.float64, device=yp.device)
+    minus_one = torch.full((n,), -1, dtype=torch.int64, device=yp.device)
     out = [torch.where(scored, x, zero) for x in
-           (kl, kl_rev, _nll_rows(zp, targets, ignore_index), _nll_rows(zq, targets, ignore_index))]
+           (kl, kl_rev, _nll_rows(dp, targets, ignore_index), _nll_rows(dq, targets, ignore_index))]
     out += [torch.where(scored, torch.argmax(x, dim=-1), minus_one) for x in (raw_p, raw_q)]
     return out
 
@@ -236,14 +268,15 @@ def _compare_rows(zp: torch.Tensor, zq: torch.Tensor, raw_p: torch.Tensor, raw_q
 _COMPARE_FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
 
 
-def _compare_chunks(rows, targets, ignore_index, lead, n, device, step):
-    """Run ``rows(start, stop) -> (zp, zq, raw_p, raw_q)`` chunk by chunk; dict of the fields."""
+def _compare_chunks(rows, targets, ignore_index, temperature, lead, n, device, step):
+    """Run ``rows(start, stop) -> (yp, yq, raw_p, raw_q)`` (soft-capped and raw float64 rows)
+    chunk by chunk; dict of the fields."""
     out = {name: torch.empty(n, dtype=torch.float64 if i < 4 else torch.int64, device=device)
            for i, name in enumerate(_COMPARE_FIELDS)}
     for start in range(0, n, step):
-        zp, zq, raw_p, raw_q = rows(start, start + step)
+        yp, yq, raw_p, raw_q = rows(start, start + step)
         for name, value in zip(_COMPARE_FIELDS, _compare_rows(
-                zp, zq, raw_p, raw_q, targets[start : start + step], ignore_index)):
+                yp, yq, raw_p, raw_q, targets[start : start + step], ignore_index, temperature)):
             out[name][start : start + step] = value
     return {name: value.reshape(lead) for name, value in out.items()}
 
@@ -275,10 +308,10 @@ def compare(
 
     def rows(start, stop):
         a, b = base[start:stop].double(), test[start:stop].double()
-        return _transform(a, softcap, temperature), _transform(b, softcap, temperature), a, b
+        return _capped(a, softcap), _capped(b, softcap), a, b
 
-    return _compare_chunks(rows, flat_targets, ignore_index, lead, base.shape[0], logits_base.device,
-                           _rows_per_chunk(3 * V))
+    return _compare_chunks(rows, flat_targets, ignore_index, temperature, lead, base.shape[0],
+                           logits_base.device, _rows_per_chunk(3 * V))
 
 
 def linear_compare(
@@ -315,7 +348,7 @@ def linear_compare(
             a = a + bb
         if bt is not None:
             b = b + bt
-        return _transform(a, softcap, temperature), _transform(b, softcap, temperature), a, b
+        return _capped(a, softcap), _capped(b, softcap), a, b
 
-    return _compare_chunks(rows, flat_targets, ignore_index, lead, hb.shape[0], hidden_base.device,
-                           _rows_per_chunk(3 * V))
+    return _compare_chunks(rows, flat_targets, ignore_index, temperature, lead, hb.shape[0],
+                           hidden_base.device, _rows_per_chunk(3 * V))

@@ -68,6 +68,121 @@ def row_lse(logits, *, softcap=None, temperature=1.0, shift=False) -> torch.Tens
     return torch.logsumexp(z, dim=-1)
 
 
+# ---- logits at the top of the float32 range ------------------------------------------------
+#
+# README "Accuracy": near the top of the float range the log-sum-exp is ~3e38, and a bound of
+# 2e-6 * |lse| would accept any answer. Every backend works relative to the row's maximum, so
+# the error of a value is that of float32 arithmetic on numbers of its own size and of the
+# logits that carry weight beside the maximum: the bound's scale is max(|value|, |lse of the
+# row's logits of ordinary size|), where the extremes (|logit| >= ORDINARY_BOUND) never count
+# (:func:`extreme_scale`). With a softcap every logit is of ordinary size and the scale is the
+# usual |lse|.
+
+ORDINARY_BOUND = 1e30
+EXTREME = 3e38
+
+# (softcap, temperature): the temperatures that overflow a division of the logits (0.5), turn a
+# float32-overflowing difference back into a finite NLL (3.0), and bring differences of 6e38
+# down to a few units, where the sum's terms must not overflow either (5e37)
+EXTREME_OPTIONS = [(None, 1.0), (None, 0.5), (None, 3.0), (None, 5e37), (30.0, 1.0),
+                   (30.0, 0.5), (30.0, 3.0)]
+
+
+def extreme_option_params(shift_too: bool = False) -> list:
+    """``pytest.param(dict(softcap=, temperature=[, shift=]))`` per :data:`EXTREME_OPTIONS`
+    entry, and with ``shift_too`` two shifted ones."""
+    sets = [dict(softcap=c, temperature=t) for c, t in EXTREME_OPTIONS]
+    if shift_too:
+        sets += [dict(softcap=None, temperature=0.5, shift=True),
+                 dict(softcap=30.0, temperature=3.0, shift=True)]
+    return [pytest.param(o, id=f"cap{o['softcap'] or 0:g}-t{o['temperature']:g}"
+                         f"{'-shift' if o.get('shift') else ''}") for o in sets]
+
+
+def float32_extreme_rows(V: int, dtype: torch.dtype = torch.float32,
+                         generator: Optional[torch.Generator] = None):
+    """``(logits (9, V) dtype, targets (9,))`` (V >= 3): rows at the top of the float range.
+
+    0: two tied maxima of 3e38, the target one of them (``[3e38, 3e38, -1]`` at V = 3): log 2;
+    1: every logit 3e38 (300 of them at V = 300): log V;
+    2: 3e38 and the target at -3e38: 6e38 / T, finite in float32 only for T > 1.77;
+    3: every logit -3e38: log V;
+    4: every other logit -3e38, the rest (the target among them) ordinary;
+    5: the dtype's largest finite value twice and its negative at the target;
+    6: one 3e38, the target ordinary: (3e38 - y_t) / T;
+    7: ordinary logits and the target at minus the largest value;
+    8: one 3e38 at the target and -3e38 everywhere else: log(1 + (V - 1) e^{-6e38 / T}), which
+       only a sum whose terms do not overflow gets right at T = 5e37.
+    The other logits are ordinary (about 3 in size); the targets of rows 0 and 8 are column 0.
+    """
+    top = torch.finfo(dtype).max
+    x = torch.randn(9, V, generator=generator) * 3
+    t = torch.randint(0, V, (9,), generator=generator)
+    x[0, :2] = EXTREME
+    t[0] = 0
+    x[1] = EXTREME
+    x[2, 0], x[2, 1], t[2] = EXTREME, -EXTREME, 1
+    x[3] = -EXTREME
+    x[4, ::2], t[4] = -EXTREME, 1
+    x[5, 0] = x[5, 2] = top
+    x[5, 1], t[5] = -top, 1
+    x[6, 0], t[6] = EXTREME, V - 1
+    x[7, 1], t[7] = -top, 1
+    x[8] = -EXTREME
+    x[8, 0], t[8] = EXTREME, 0
+    return x.to(dtype), t
+
+
+EXTREME_BIASES = ["tied_max", "max_min", "all_max", "all_min", "half_min", "limits",
+                  "one_max_rest_min"]
+
+
+def extreme_bias(case: str, V: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (V,) bias that carries one of :data:`EXTREME_BIASES` into every row of the logits
+    (ordinary products added to 3e38 round back to 3e38, in float32 and float64 alike): two tied
+    maxima of 3e38 (columns 0, 1); 3e38 and -3e38; all 3e38; all -3e38; every other -3e38; the
+    dtype's largest finite value at 0 and 2 and its negative at 1; one 3e38 among -3e38."""
+    top = torch.finfo(dtype).max
+    bias = torch.randn(V)
+    if case == "tied_max":
+        bias[:2] = EXTREME
+    elif case == "max_min":
+        bias[0], bias[1] = EXTREME, -EXTREME
+    elif case == "all_max":
+        bias[:] = EXTREME
+    elif case == "all_min":
+        bias[:] = -EXTREME
+    elif case == "half_min":
+        bias[::2] = -EXTREME
+    elif case == "limits":
+        bias[0] = bias[2] = top
+        bias[1] = -top
+    elif case == "one_max_rest_min":
+        bias[:] = -EXTREME
+        bias[0] = EXTREME
+    else:
+        raise ValueError(case)
+    return bias.to(dtype)
+
+
+def extreme_scale(logits: torch.Tensor, value: torch.Tensor, *, softcap=None,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """The tolerance scale of the module notes for ``value`` (the leading shape of ``logits``,
+    or that plus one trailing axis, as top-k log-probabilities): max(|value|, |logsumexp of the
+    row's soft-capped logits below ORDINARY_BOUND, divided by the temperature|), non-finite parts
+    counted as 0."""
+    y = logits.double()
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    z = torch.where(y.abs() < ORDINARY_BOUND, y / temperature, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse.abs(), 0.0)
+    v = value.detach().cpu().double()
+    if v.ndim > lse.ndim:
+        lse = lse.unsqueeze(-1)
+    return torch.maximum(lse, torch.where(torch.isfinite(v), v.abs(), 0.0))
+
+
 def assert_nll_close(actual: torch.Tensor, expected: torch.Tensor, lse: Optional[torch.Tensor] = None,
                      *, rtol: float = LSE_RTOL, atol: Optional[torch.Tensor] = None, what: str = "nll"):
     """Elementwise |actual - expected| <= rtol * max(1, |lse|) (or ``atol``, a per-element bound).
