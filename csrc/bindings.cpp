@@ -56,13 +56,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lse_finish",
       [](std::uintptr_t row_max, std::uintptr_t row_sum, std::uintptr_t target_logit,
-         std::uintptr_t targets, int64_t ignore_index, int64_t rows, std::uintptr_t out) {
+         std::uintptr_t targets, int64_t ignore_index, int64_t rows, double temperature,
+         std::uintptr_t out) {
         py::gil_scoped_release release;
         pplfast::lse_finish(ptr<const float>(row_max), ptr<const double>(row_sum),
                             ptr<const double>(target_logit), ptr<const int64_t>(targets),
-                            ignore_index, rows, ptr<float>(out));
+                            ignore_index, rows, temperature, ptr<float>(out));
       },
-      "NLL from the running state: (row_max - target_logit) + log(row_sum), clamped at 0.");
+      "NLL from the running state: (row_max - target_logit) / temperature + log(row_sum), "
+      "clamped at 0.");
 
   m.def(
       "token_stats",
@@ -106,14 +108,14 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t row_max, std::uintptr_t row_sum, std::uintptr_t row_ent,
          std::uintptr_t amax_idx, std::uintptr_t rank, std::uintptr_t target_logit,
          std::uintptr_t targets, int64_t ignore_index, int64_t rows, int64_t top_k,
-         std::uintptr_t nll, std::uintptr_t entropy, std::uintptr_t max_logprob,
-         std::uintptr_t argmax, std::uintptr_t rank_out, std::uintptr_t top_ids,
-         std::uintptr_t top_vals) {
+         double temperature, std::uintptr_t nll, std::uintptr_t entropy,
+         std::uintptr_t max_logprob, std::uintptr_t argmax, std::uintptr_t rank_out,
+         std::uintptr_t top_ids, std::uintptr_t top_vals) {
         py::gil_scoped_release release;
         pplfast::stats_finish(ptr<const float>(row_max), ptr<const double>(row_sum),
                               ptr<const double>(row_ent), ptr<const int64_t>(amax_idx),
                               ptr<const int64_t>(rank), ptr<const double>(target_logit),
-                              ptr<const int64_t>(targets), ignore_index, rows, top_k,
+                              ptr<const int64_t>(targets), ignore_index, rows, top_k, temperature,
                               ptr<float>(nll), ptr<float>(entropy), ptr<float>(max_logprob),
                               ptr<int64_t>(argmax), ptr<int64_t>(rank_out), ptr<int64_t>(top_ids),
                               ptr<float>(top_vals));
@@ -145,11 +147,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "compare_finish",
       [](std::uintptr_t state, std::uintptr_t targets, int64_t ignore_index, int64_t rows,
-         std::uintptr_t kl, std::uintptr_t kl_reverse, std::uintptr_t nll_base,
-         std::uintptr_t nll_test, std::uintptr_t argmax_base, std::uintptr_t argmax_test) {
+         double temperature, std::uintptr_t kl, std::uintptr_t kl_reverse,
+         std::uintptr_t nll_base, std::uintptr_t nll_test, std::uintptr_t argmax_base,
+         std::uintptr_t argmax_test) {
         py::gil_scoped_release release;
         pplfast::compare_finish(ptr<const double>(state), ptr<const int64_t>(targets),
-                                ignore_index, rows, ptr<float>(kl), ptr<float>(kl_reverse),
+                                ignore_index, rows, temperature, ptr<float>(kl),
+                                ptr<float>(kl_reverse),
                                 ptr<float>(nll_base), ptr<float>(nll_test),
                                 ptr<int64_t>(argmax_base), ptr<int64_t>(argmax_test));
       },

@@ -52,7 +52,9 @@ def token_nll(logits3, targets, ignore_index, softcap, temperature) -> torch.Ten
 
 
 def new_state(rows: int):
-    """Running state for :func:`lse_update`: (row_max=-inf, row_sum=0, target_logit=0)."""
+    """Running state for :func:`lse_update`: (row_max=-inf, row_sum=0, target_logit=0): the
+    maximum of the soft-capped logits y, the sum of exp((y - row_max) / temperature) and the
+    soft-capped target logit."""
     return (
         torch.full((rows,), float("-inf"), dtype=torch.float32),
         torch.zeros(rows, dtype=torch.float64),
@@ -77,12 +79,15 @@ def lse_update(logits2, targets, v_offset, ignore_index, softcap, temperature,
     )
 
 
-def lse_finish(row_max, row_sum, target_logit, targets, ignore_index) -> torch.Tensor:
-    """NLL (float32) from the running state; 0 where ``targets == ignore_index``."""
+def lse_finish(row_max, row_sum, target_logit, targets, ignore_index,
+               temperature) -> torch.Tensor:
+    """NLL (float32) from the running state folded with ``temperature``:
+    ``(row_max - target_logit) / temperature + log(row_sum)``; 0 where ``targets ==
+    ignore_index``."""
     n = targets.shape[0]
     out = torch.empty(n, dtype=torch.float32)
     _C.lse_finish(row_max.data_ptr(), row_sum.data_ptr(), target_logit.data_ptr(),
-                  targets.data_ptr(), ignore_index, n, out.data_ptr())
+                  targets.data_ptr(), ignore_index, n, temperature, out.data_ptr())
     return out
 
 
@@ -140,7 +145,7 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, n_scored, budget):
         lse_update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
                    row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
-    nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index)
+    nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index, temperature)
     return _scatter_scored(out, rows, nll)
 
 
@@ -223,9 +228,10 @@ def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
     return out
 
 
-def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, temperature, step):
-    """Each scored row's transformed target logit (float32), the rank's threshold: one dot
-    product per row in float32, as the tiles' GEMM computes it, transformed in float64."""
+def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, step):
+    """Each scored row's soft-capped target logit (float32), the rank's threshold: one dot
+    product per row in float32, as the tiles' GEMM computes it, soft-capped in float64 (the
+    temperature, increasing, orders nothing differently)."""
     out = torch.empty(targets.shape[0], dtype=torch.float32)
     for r0 in range(0, targets.shape[0], step):
         t = targets[r0 : r0 + step]
@@ -236,7 +242,7 @@ def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, temperatur
         z = z.double()
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        out[r0 : r0 + step] = z / temperature
+        out[r0 : r0 + step] = z
     return out
 
 
@@ -261,7 +267,7 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     if n:
         step = max(1, budget // max(1, 8 * hidden2.shape[1]))
         threshold = _target_thresholds(hidden2, weight, bias, scored_targets, rows, softcap,
-                                       temperature, step)
+                                       step)
         for logits, v0, r0, m in logit_tiles(hidden2, weight, bias, rows, n, budget):
             s_row, s_col = logits.stride()
             _C.stats_update(
@@ -274,7 +280,8 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     _C.stats_finish(
         row_max.data_ptr(), row_sum.data_ptr(), row_ent.data_ptr(), amax_idx.data_ptr(),
         rank.data_ptr(), target_logit.data_ptr(), scored_targets.data_ptr(), ignore_index, n, k,
-        *(t.data_ptr() for t in scored[:5]), top_ids.data_ptr(), top_vals.data_ptr(),
+        temperature, *(t.data_ptr() for t in scored[:5]), top_ids.data_ptr(),
+        top_vals.data_ptr(),
     )
     scored = (*scored[:5], top_ids, top_vals)
     if rows is None:
@@ -316,12 +323,13 @@ def compare_update(base3, test3, targets, v_offset, ignore_index, softcap, tempe
     )
 
 
-def compare_finish(state, targets, ignore_index):
-    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` from the state."""
+def compare_finish(state, targets, ignore_index, temperature):
+    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` from the state folded
+    with ``temperature``."""
     n = targets.shape[0]
     floats = [torch.empty(n, dtype=torch.float32) for _ in range(4)]
     ints = [torch.empty(n, dtype=torch.int64) for _ in range(2)]
-    _C.compare_finish(state.data_ptr(), targets.data_ptr(), ignore_index, n,
+    _C.compare_finish(state.data_ptr(), targets.data_ptr(), ignore_index, n, temperature,
                       *(t.data_ptr() for t in floats), *(t.data_ptr() for t in ints))
     return (*floats, *ints)
 
@@ -331,7 +339,7 @@ def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperat
     state = compare_state(B * T)
     compare_update(logits3_base, logits3_test, targets, 0, ignore_index, softcap, temperature,
                    state)
-    return compare_finish(state, targets, ignore_index)
+    return compare_finish(state, targets, ignore_index, temperature)
 
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
@@ -365,5 +373,5 @@ def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_te
         for (zb, v0, r0, n), (zt, _, _, _) in zip(base_tiles, test_tiles):
             compare_update(zb.unsqueeze(0), zt.unsqueeze(0), scored_targets[r0 : r0 + n], v0,
                            ignore_index, softcap, temperature, state[r0 : r0 + n])
-    fields = compare_finish(state, scored_targets, ignore_index)
+    fields = compare_finish(state, scored_targets, ignore_index, temperature)
     return _scatter_compare(fields, rows, N)

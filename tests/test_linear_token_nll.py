@@ -411,22 +411,27 @@ def test_gpu_three_way_rule(N, D, V, dtype, backend):
         assert_nll_close(out, expected, lse, rtol=4 * LSE_RTOL)
 
 
-def test_cpu_lse_finish_special_states():
-    """lse_finish from hand-made running states: (max - target) + log(sum), the reference's
-    special values (NaN, +-inf), never below 0, 0 for ignored rows."""
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_cpu_lse_finish_special_states(temperature):
+    """lse_finish from hand-made running states: (max - target) / temperature + log(sum), the
+    reference's special values (NaN, +-inf), never below 0, 0 for ignored rows. The first term
+    is formed in double: at 3e38 - (-3e38) a float32 difference is +inf, while its third is
+    2e38."""
     from pplfast import _cpu
 
-    inf, nan = float("inf"), float("nan")
+    inf, nan, t = float("inf"), float("nan"), temperature
     #            max,   sum,  target, expected NLL
     cases = [(5.0, 1.0, 5.0, 0.0),            # the target is the maximum, alone
              (5.0, 2.0, 5.0, 0.6931471805599453),
-             (1e4, 1.5, 1e4 - 3.0, 3.0 + 0.4054651081081644),
+             (1e4, 1.5, 1e4 - 3.0, 3.0 / t + 0.4054651081081644),
+             (3e38, 2.0, 3e38, 0.6931471805599453),  # tied maxima near the float32 limit
+             (3e38, 1.0, -3e38, 6e38 / t),     # float32: +inf at t = 1, 2e38 at t = 3
              (3.0, 2.0, -inf, inf),            # target logit -inf in a finite row
              (inf, 0.0, 7.0, inf),             # +inf elsewhere in the row
              (inf, nan, inf, nan),             # +inf at the target: inf - inf
              (-inf, 0.0, -inf, nan),           # all -inf row
              (nan, 1.0, 2.0, nan),             # NaN seen in the row
-             (2.0, 1.0, 0.0, 2.0),
+             (2.0, 1.0, 0.0, 2.0 / t),
              (9.0, 1.0, 3.0, 0.0)]             # ignored (target index set below)
     n = len(cases)
     row_max = torch.tensor([c[0] for c in cases], dtype=torch.float32)
@@ -434,7 +439,8 @@ def test_cpu_lse_finish_special_states():
     target_logit = torch.tensor([c[2] for c in cases], dtype=torch.float64)
     targets = torch.zeros(n, dtype=torch.int64)
     targets[-1] = -100
-    got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100)
-    want = torch.tensor([c[3] for c in cases], dtype=torch.float64)
-    assert_nll_close(got, want, torch.tensor([c[0] for c in cases]).nan_to_num(0.0, 0.0, 0.0))
+    got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100, temperature)
+    want = torch.tensor([c[3] for c in cases], dtype=torch.float64).float().double()
+    # the bound scales with the NLL itself, never with the logits' size (3e38)
+    assert_nll_close(got, want, want.nan_to_num(0.0, 0.0, 0.0))
     assert not bool((got < 0).any())

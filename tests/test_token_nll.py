@@ -173,7 +173,7 @@ def test_cpu_running_state_matches_one_pass():
         for start in range(0, 5003, 1024):
             _cpu.lse_update(logits[:, start : start + 1024], targets, start, -100, 5.0, 0.9,
                             row_max, row_sum, target_logit)
-        got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100)
+        got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100, 0.9)
         want = reference.token_nll(logits, targets, softcap=5.0, temperature=0.9)
         assert_nll_close(got, want, row_lse(logits, softcap=5.0, temperature=0.9))
 

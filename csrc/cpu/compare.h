@@ -22,9 +22,10 @@ void compare_update(const void* base, int base_dtype, int64_t base_batch_stride,
                     double softcap, double temperature, double* state, int nthreads);
 
 // kl, kl_reverse, nll_base, nll_test (float32) and argmax_base, argmax_test (int64) of each row;
-// 0 and -1 where ignored.
+// 0 and -1 where ignored. `temperature` is the one the state was folded with.
 void compare_finish(const double* state, const int64_t* targets, int64_t ignore_index,
-                    int64_t rows, float* kl, float* kl_reverse, float* nll_base, float* nll_test,
-                    int64_t* argmax_base, int64_t* argmax_test);
+                    int64_t rows, double temperature, float* kl, float* kl_reverse,
+                    float* nll_base, float* nll_test, int64_t* argmax_base,
+                    int64_t* argmax_test);
 
 }  // namespace pplfast

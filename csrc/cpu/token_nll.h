@@ -15,16 +15,18 @@ void token_nll(const void* logits, int dtype, int64_t batch, int64_t time, int64
                float* out, int nthreads);
 
 // Fold a (rows, cols) slab of logits whose first column is vocabulary index v_offset into the
-// running per-row state (row_max, row_sum = sum exp(z - row_max)), and record the transformed
-// target logit when the target falls inside the slab. Ignored rows are left untouched.
+// running per-row state (row_max = max of the soft-capped logits y, row_sum = sum exp((y - row_max)
+// / temperature)), and record the soft-capped target logit when the target falls inside the slab.
+// Ignored rows are left untouched.
 void lse_update(const void* logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride,
                 int64_t col_stride, int64_t v_offset, const int64_t* targets,
                 int64_t ignore_index, double softcap, double temperature, float* row_max,
                 double* row_sum, double* target_logit, int nthreads);
 
-// out[r] = (row_max - target_logit) + log(row_sum), never below 0, and 0 where ignored; NaN and
-// +-inf as the reference.
+// out[r] = (row_max - target_logit) / temperature + log(row_sum), never below 0, and 0 where
+// ignored; NaN and +-inf as the reference.
 void lse_finish(const float* row_max, const double* row_sum, const double* target_logit,
-                const int64_t* targets, int64_t ignore_index, int64_t rows, float* out);
+                const int64_t* targets, int64_t ignore_index, int64_t rows, double temperature,
+                float* out);
 
 }  // namespace pplfast

@@ -1,24 +1,27 @@
 // Native CPU kernels: per-token statistics (NLL, entropy, max log-probability, argmax, target
 // rank, top-k) in one pass over each row of logits.
 //
-// The pass is token_nll's (blocks of BLOCK elements loaded, transformed into an L1 buffer,
-// folded into a running max and a double running sum of exp(z - max)), extended with:
-//   - the entropy sum ent = sum exp(z - max) * (z - max), rescaled with the running max:
-//     when the max grows from m to m', ent' = e^{m - m'} (ent + (m - m') sum). Then
+// The pass is token_nll's (blocks of BLOCK elements loaded, soft-capped into an L1 buffer y,
+// folded into a running max m of y and a double running sum of exp(d), d = (y - m) / T), extended
+// with:
+//   - the entropy sum ent = sum exp(d) * d, rescaled with the running max: when the max grows
+//     from m to m', with a = (m - m') / T, ent' = e^a (ent + a sum). Then
 //     H = -sum p log p = log(sum) - ent / sum and max log p = -log(sum);
 //   - the running argmax: a block whose max beats the running one is searched for the first
 //     index holding it (lowest index on ties, as torch.argmax);
-//   - the rank: the target logit is read (and transformed by the same vector code) first, then
-//     every element is compared with it while the block is loaded;
-//   - a sorted top-k list per row (k <= 64, in L1): an element enters only when it beats the
-//     k-th value, which after the first blocks is rare.
+//   - the rank: the target logit is read (and soft-capped by the same vector code) first, then
+//     every element is compared with it while the block is loaded (the temperature is monotone:
+//     the soft-capped values order the entries);
+//   - a sorted top-k list of soft-capped values per row (k <= 64, in L1): an element enters only
+//     when it beats the k-th value, which after the first blocks is rare. Their log-probabilities
+//     are (y - m) / T - log(sum), formed in double at the end.
 // Rows are shared among OpenMP threads; with fewer rows than threads each row is cut into column
 // ranges whose partial statistics are merged in column order. A separate kernel from token_nll,
 // so that the NLL alone never pays for the statistics.
 //
 // Special values: NaN is detected on the raw input (before tanh, which would map it to a finite
 // value) and makes nll, entropy and max log p NaN; -inf entries add exp(-inf) = 0 to both sums
-// (the difference z - max is clamped at -87.3 before the product, so 0 * -inf never occurs);
+// (the exponent d is clamped at -87.3 before the product, so 0 * -inf never occurs);
 // a +inf entry makes the log-sum-exp +inf, entropy and max log p NaN (inf - inf), as the float64
 // reference.
 #include "token_stats.h"
@@ -41,9 +44,9 @@ constexpr float kExpFloor = -87.3f;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 struct Stats {
-  float max = kNegInf;
-  double sum = 0.0;
-  double ent = 0.0;  // sum exp(z - max) * (z - max)
+  float max = kNegInf;  // of the soft-capped logits y
+  double sum = 0.0;     // sum exp(d), d = (y - max) / T
+  double ent = 0.0;     // sum exp(d) * d
   bool nan = false;
   float amax = kNegInf;
   int64_t amax_idx = -1;  // -1: nothing seen yet
@@ -79,7 +82,7 @@ struct TopK {
 };
 
 // Merge the statistics of a later column range `p` into `into`.
-inline void merge(Stats& into, const Stats& p) {
+inline void merge(Stats& into, const Stats& p, double inv_temperature) {
   into.nan = into.nan || p.nan;
   into.rank += p.rank;
   if (p.amax_idx >= 0 && (into.amax_idx < 0 || p.amax > into.amax)) {
@@ -98,7 +101,8 @@ inline void merge(Stats& into, const Stats& p) {
     into.max = m;
     return;
   }
-  const double da = static_cast<double>(into.max) - m, db = static_cast<double>(p.max) - m;
+  const double da = (static_cast<double>(into.max) - m) * inv_temperature;
+  const double db = (static_cast<double>(p.max) - m) * inv_temperature;
   const double sa = std::exp(da), sb = std::exp(db);
   into.ent = sa * (into.ent + da * into.sum) + sb * (p.ent + db * p.sum);
   into.sum = sa * into.sum + sb * p.sum;
@@ -106,31 +110,31 @@ inline void merge(Stats& into, const Stats& p) {
 }
 
 #ifdef PPLFAST_AVX2
-template <bool SOFTCAP, bool TEMPERATURE>
+template <bool SOFTCAP>
 inline __m256 transform8(__m256 x, const Transform& tf) {
   if constexpr (SOFTCAP)
     x = _mm256_mul_ps(_mm256_set1_ps(tf.softcap),
                       tanh8(_mm256_mul_ps(x, _mm256_set1_ps(tf.inv_softcap))));
-  if constexpr (TEMPERATURE) x = _mm256_mul_ps(x, _mm256_set1_ps(tf.inv_temperature));
   return x;
 }
 #endif
 
-// The transformed value of one raw logit, by the same code as the row pass (so that the
+// The soft-capped value of one raw logit, by the same code as the row pass (so that the
 // target compares equal to itself wherever it is read).
-template <bool SOFTCAP, bool TEMPERATURE>
+template <bool SOFTCAP>
 inline float transform_one(float raw, const Transform& tf) {
 #ifdef PPLFAST_AVX2
-  return _mm256_cvtss_f32(transform8<SOFTCAP, TEMPERATURE>(_mm256_set1_ps(raw), tf));
+  return _mm256_cvtss_f32(transform8<SOFTCAP>(_mm256_set1_ps(raw), tf));
 #else
   return tf.apply(raw);
 #endif
 }
 
-// Fold one transformed block (padded with -inf to a multiple of 8) into the sums, prefetching
+// Fold one soft-capped block (padded with -inf to a multiple of 8) into the sums, prefetching
 // the next block's cache lines (`next`, `next_bytes`) meanwhile, as token_nll's fold_block does.
-inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max, const char* next,
-                      int64_t next_bytes) {
+template <bool TEMPERATURE>
+inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max,
+                      const Transform& tf, const char* next, int64_t next_bytes) {
   if (block_max == kNegInf) return;
   const float m = std::max(acc.max, block_max);
   if (m == kPosInf) {
@@ -139,36 +143,37 @@ inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max, 
   }
   double block_sum, block_ent;
 #ifdef PPLFAST_AVX2
-  const __m256 vm = _mm256_set1_ps(m), floor = _mm256_set1_ps(kExpFloor);
+  // exponents u in rel's unit (common.h); the entropy moment takes them clamped where exp clamps
+  // and in natural units (d = u * rel_unit, off the exp's dependency chain), where
+  // |exp(d) d| <= 1/e: no lane sum can overflow at any temperature
+  const __m256 ref = rel8_ref<TEMPERATURE>(m), floor = _mm256_set1_ps(tf.rel_exp.clamp);
+  const __m256 scale = _mm256_set1_ps(tf.rel_exp.scale);
+  const __m256 unit = _mm256_set1_ps(static_cast<float>(tf.rel_unit));
+  auto natural = [&](__m256 u) {
+    u = _mm256_max_ps(u, floor);
+    if constexpr (TEMPERATURE) return _mm256_mul_ps(u, unit);
+    return u;
+  };
   // four accumulators and the tail into the first, as token_nll's fold_block: the sum of
   // exponentials, hence the NLL, comes out bit for bit the same
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
   int64_t i = 0;
   int64_t prefetched = 0;
+  auto step = [&](int64_t j, __m256& s, __m256& t) {
+    const __m256 u = rel8<TEMPERATURE>(_mm256_load_ps(z + j), ref);
+    const __m256 e = exp8_scaled(u, scale);
+    s = _mm256_add_ps(s, e);
+    t = _mm256_fmadd_ps(e, natural(u), t);
+  };
   for (; i + 32 <= len; i += 32) {
     for (int k = 0; k < 2 && prefetched < next_bytes; ++k, prefetched += 64)
       _mm_prefetch(next + prefetched, _MM_HINT_T0);
-    const __m256 d0 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i), vm), floor);
-    const __m256 d1 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i + 8), vm), floor);
-    const __m256 d2 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i + 16), vm), floor);
-    const __m256 d3 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i + 24), vm), floor);
-    const __m256 e0 = exp8_nonpos(d0), e1 = exp8_nonpos(d1);
-    const __m256 e2 = exp8_nonpos(d2), e3 = exp8_nonpos(d3);
-    s0 = _mm256_add_ps(s0, e0);
-    s1 = _mm256_add_ps(s1, e1);
-    s2 = _mm256_add_ps(s2, e2);
-    s3 = _mm256_add_ps(s3, e3);
-    t0 = _mm256_fmadd_ps(e0, d0, t0);
-    t1 = _mm256_fmadd_ps(e1, d1, t1);
-    t2 = _mm256_fmadd_ps(e2, d2, t2);
-    t3 = _mm256_fmadd_ps(e3, d3, t3);
+    step(i, s0, t0);
+    step(i + 8, s1, t1);
+    step(i + 16, s2, t2);
+    step(i + 24, s3, t3);
   }
-  for (; i < len; i += 8) {
-    const __m256 d0 = _mm256_max_ps(_mm256_sub_ps(_mm256_load_ps(z + i), vm), floor);
-    const __m256 e0 = exp8_nonpos(d0);
-    s0 = _mm256_add_ps(s0, e0);
-    t0 = _mm256_fmadd_ps(e0, d0, t0);
-  }
+  for (; i < len; i += 8) step(i, s0, t0);
   block_sum = hsum8_double(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   block_ent = hsum8_double(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3)));
 #else
@@ -176,7 +181,8 @@ inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max, 
   (void)next_bytes;
   float ls[8] = {0, 0, 0, 0, 0, 0, 0, 0}, lt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < len; ++i) {
-    const float d = std::max(z[i] - m, kExpFloor);
+    const float d = std::max(rel<TEMPERATURE>(z[i], m) * static_cast<float>(tf.rel_unit),
+                             kExpFloor);
     const float e = std::exp(d);
     ls[i & 7] += e;
     lt[i & 7] += e * d;
@@ -191,7 +197,8 @@ inline void fold_sums(Stats& acc, const float* z, int64_t len, float block_max, 
     acc.sum = block_sum;
     acc.ent = block_ent;
   } else {
-    const double da = static_cast<double>(acc.max) - m, sa = std::exp(da);
+    const double da = (static_cast<double>(acc.max) - m) * tf.inv_temperature;
+    const double sa = std::exp(da);
     acc.ent = sa * (acc.ent + da * acc.sum) + block_ent;
     acc.sum = sa * acc.sum + block_sum;
   }
@@ -220,7 +227,7 @@ inline void topk_block(TopK& top, const float* z, int64_t n, int64_t id0) {
 }
 
 // One pass over `len` elements (element stride `stride`) whose first is vocabulary column
-// `col0`; `threshold` is the transformed target logit and `target_col` its column.
+// `col0`; `threshold` is the soft-capped target logit and `target_col` its column.
 // With TOPK, the load loop also flags elements above the k-th value held when the block starts;
 // the block is searched for top-k entries only when one is flagged (rare after the first blocks).
 template <int DT, bool SOFTCAP, bool TEMPERATURE, bool TOPK>
@@ -253,7 +260,7 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
           x = _mm256_load_ps(raw);
         }
         vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // before tanh
-        x = transform8<SOFTCAP, TEMPERATURE>(x, tf);
+        x = transform8<SOFTCAP>(x, tf);
         if (i + 8 > n) {
           const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n - i)),
                                             _CMP_LT_OQ);
@@ -300,8 +307,8 @@ void row_stats_t(const void* base, int64_t len, int64_t stride, int64_t col0, co
     }
     constexpr int64_t kBytes = DT == kFloat32 ? 4 : 2;
     const int64_t next_n = stride == 1 ? std::min(BLOCK, len - start - n) : 0;
-    fold_sums(acc, z, padded, block_max, static_cast<const char*>(base) + (start + n) * kBytes,
-              next_n * kBytes);
+    fold_sums<TEMPERATURE>(acc, z, padded, block_max, tf,
+                           static_cast<const char*>(base) + (start + n) * kBytes, next_n * kBytes);
     if constexpr (TOPK) {
       if (candidates || !top->full()) topk_block(*top, z, n, first);
     }
@@ -324,7 +331,7 @@ struct Kernel {
                                                    a.threshold, a.target_col, acc, top);
   }
   static float transform(float raw, const Transform& tf) {
-    return transform_one<SOFTCAP, TEMPERATURE>(raw, tf);
+    return transform_one<SOFTCAP>(raw, tf);
   }
 };
 
@@ -361,15 +368,16 @@ inline void write_ignored(int64_t r, int64_t k, float* nll, float* entropy, floa
   }
 }
 
-// Final values of one scored row; `top_lp` holds the raw top logits on entry.
-// The NLL is token_nll's finish_nll of the same (max, sum, target): the same bits.
-inline void finish_row(int64_t r, const Stats& s, float target_logit, int64_t k, float* nll,
-                       float* entropy, float* max_logprob, int64_t* argmax, int64_t* rank,
-                       float* top_lp) {
-  double lse = static_cast<double>(s.max);  // +-inf stays
-  if (s.nan || std::isnan(s.max)) lse = kNaN;
-  else if (std::isfinite(s.max)) lse += std::log(s.sum);
-  nll[r] = finish_nll(s.max, s.sum, s.nan, target_logit);
+// Final values of one scored row; `top_lp` holds the soft-capped top logits y on entry, and
+// leaves with (y - max) / T - log(sum), formed in double (y - max reaches -2 FLT_MAX). The NLL is
+// token_nll's finish_nll of the same (max, sum, target): the same bits.
+inline void finish_row(int64_t r, const Stats& s, float target_logit, int64_t k,
+                       double inv_temperature, float* nll, float* entropy, float* max_logprob,
+                       int64_t* argmax, int64_t* rank, float* top_lp) {
+  // +inf max: -inf for finite entries, NaN for the +inf ones; all -inf: NaN; NaN seen: NaN
+  const double top = s.nan ? kNaN : static_cast<double>(s.max);
+  const double log_sum = std::isfinite(s.max) ? std::log(s.sum) : 0.0;
+  nll[r] = finish_nll(s.max, s.sum, s.nan, target_logit, inv_temperature);
   if (s.nan || !std::isfinite(s.max)) {
     entropy[r] = static_cast<float>(kNaN);
     max_logprob[r] = static_cast<float>(kNaN);
@@ -381,7 +389,8 @@ inline void finish_row(int64_t r, const Stats& s, float target_logit, int64_t k,
   argmax[r] = s.amax_idx < 0 ? 0 : s.amax_idx;
   rank[r] = s.rank;
   for (int64_t j = 0; j < k; ++j)
-    top_lp[r * k + j] = static_cast<float>(static_cast<double>(top_lp[r * k + j]) - lse);
+    top_lp[r * k + j] = static_cast<float>(
+        (static_cast<double>(top_lp[r * k + j]) - top) * inv_temperature - log_sum);
 }
 
 }  // namespace
@@ -392,6 +401,7 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
                  int64_t top_k, float* nll, float* entropy, float* max_logprob, int64_t* argmax,
                  int64_t* rank, int64_t* top_ids, float* top_logprobs, int nthreads) {
   const int64_t rows = batch * time, k = top_k;
+  if (rows <= 0) return;
   const Transform tf = make_transform(softcap, temperature);
   auto row_offset = [&](int64_t r) { return (r / time) * batch_stride + (r % time) * time_stride; };
   const int64_t splits = column_splits(rows, cols, nthreads);
@@ -403,6 +413,7 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
     auto target32 = [&](int64_t r) {  // as token_nll forms its target
       return tf.apply(load_scalar(logits, dtype, row_offset(r) + targets[r] * col_stride));
     };
+    const double inv_t = tf.inv_temperature;
     if (splits == 1) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
       for (int64_t r = 0; r < rows; ++r) {
@@ -415,7 +426,8 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
         if (k > 0) top.reset();
         const RowArgs a{cols, col_stride, 0, targets[r], threshold(r)};
         K::row(element_ptr(logits, dtype, row_offset(r)), a, tf, acc, k > 0 ? &top : nullptr);
-        finish_row(r, acc, target32(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
+        finish_row(r, acc, target32(r), k, inv_t, nll, entropy, max_logprob, argmax, rank,
+                   top_logprobs);
       }
       return;
     }
@@ -445,11 +457,12 @@ void token_stats(const void* logits, int dtype, int64_t batch, int64_t time, int
       if (k > 0) top.reset();
       for (int64_t piece = 0; piece < splits; ++piece) {
         const int64_t task = r * splits + piece;
-        merge(acc, parts[task]);
+        merge(acc, parts[task], inv_t);
         for (int64_t j = 0; j < k && part_ids[task * k + j] >= 0; ++j)
           top.insert(part_vals[task * k + j], part_ids[task * k + j]);
       }
-      finish_row(r, acc, target32(r), k, nll, entropy, max_logprob, argmax, rank, top_logprobs);
+      finish_row(r, acc, target32(r), k, inv_t, nll, entropy, max_logprob, argmax, rank,
+                 top_logprobs);
     }
   });
 }
@@ -460,6 +473,7 @@ void stats_update(const void* logits, int dtype, int64_t rows, int64_t cols, int
                   int64_t top_k, float* row_max, double* row_sum, double* row_ent,
                   float* amax_val, int64_t* amax_idx, int64_t* rank, double* target_logit,
                   float* top_vals, int64_t* top_ids, int nthreads) {
+  if (rows <= 0) return;
   const int64_t k = top_k;
   const Transform tf = make_transform(softcap, temperature);
   dispatch(dtype, tf, [&](auto kernel) {
@@ -479,7 +493,7 @@ void stats_update(const void* logits, int dtype, int64_t rows, int64_t cols, int
       TopK top{top_vals + r * k, top_ids + r * k, k};
       const RowArgs a{cols, col_stride, v_offset, t, threshold[r]};
       K::row(element_ptr(logits, dtype, r * row_stride), a, tf, tile, k > 0 ? &top : nullptr);
-      merge(acc, tile);
+      merge(acc, tile, tf.inv_temperature);
       row_max[r] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.max;
       row_sum[r] = acc.sum;
       row_ent[r] = acc.ent;
@@ -497,8 +511,9 @@ void stats_update(const void* logits, int dtype, int64_t rows, int64_t cols, int
 void stats_finish(const float* row_max, const double* row_sum, const double* row_ent,
                   const int64_t* amax_idx, const int64_t* rank, const double* target_logit,
                   const int64_t* targets, int64_t ignore_index, int64_t rows, int64_t top_k,
-                  float* nll, float* entropy, float* max_logprob, int64_t* argmax,
-                  int64_t* rank_out, int64_t* top_ids, float* top_vals) {
+                  double temperature, float* nll, float* entropy, float* max_logprob,
+                  int64_t* argmax, int64_t* rank_out, int64_t* top_ids, float* top_vals) {
+  const double inv_temperature = 1.0 / temperature;
   for (int64_t r = 0; r < rows; ++r) {
     if (targets[r] == ignore_index) {
       write_ignored(r, top_k, nll, entropy, max_logprob, argmax, rank_out, top_ids, top_vals);
@@ -511,8 +526,8 @@ void stats_finish(const float* row_max, const double* row_sum, const double* row
     s.ent = row_ent[r];
     s.amax_idx = amax_idx[r];
     s.rank = rank[r];
-    finish_row(r, s, static_cast<float>(target_logit[r]), top_k, nll, entropy, max_logprob, argmax, rank_out,
-               top_vals);
+    finish_row(r, s, static_cast<float>(target_logit[r]), top_k, inv_temperature, nll, entropy,
+               max_logprob, argmax, rank_out, top_vals);
   }
 }
 
