@@ -46,8 +46,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return save_models(tmp_path_factory.mktemp("serve_faults"))[0]
+def paths(tmp_path_factory):
+    return save_models(tmp_path_factory.mktemp("serve_faults"), seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def path(paths):
+    return paths[0]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,16 @@ def test_bad_requests_get_4xx_naming_the_field(server, raw, status, param):
                       headers={**AUTH, "Content-Type": "application/json"})
     error = error_of(r, status)
     assert error["param"] == param, error
+    still_answers(server)
+
+
+def test_a_request_never_loads_a_model(server, paths):
+    """A saved model that is not served, named by its path, is an unknown model."""
+    error = error_of(post(server, body([[1, 2, 3]], model=paths[1])), 404)
+    assert error["param"] == "model" and error["code"] == "model_not_found"
+    r = requests.get(server.url + "/tokenizer_info", params={"model": paths[1]}, headers=AUTH,
+                     timeout=30)
+    error_of(r, 404)
     still_answers(server)
 
 

@@ -188,7 +188,7 @@ def test_a_body_that_ignores_positions_gets_no_trees():
 def test_a_model_scored_only_through_its_logits_is_refused():
     import transformers as tf
 
-    from pplfast._models import ModelLoadError
+    from pplfast.serve.engine import ModelLoadError
 
     class Scaled(tf.LlamaForCausalLM):
         def forward(self, *args, **kwargs):
