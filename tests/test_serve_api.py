@@ -23,14 +23,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
-from test_hf import build_model, corpus  # noqa: E402
+from builders import build_model, corpus  # noqa: E402
 
 CONTEXT = 64
 READY = re.compile(r"listening on (http://[^ ]+)")
 
 
 def train_tokenizer(vocab_size=320):
-    """test_hf's byte-level BPE, with BOS at id 1: lm-eval's remote tokenizer takes EOS as the
+    """builders' byte-level BPE, with BOS at id 1: lm-eval's remote tokenizer takes EOS as the
     prefix token when the BOS id is 0 (``bos_token_id or eos_token_id``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

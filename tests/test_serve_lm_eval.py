@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("fastapi")
 pytest.importorskip("tenacity")  # lm-eval's API models
 
-from test_hf import corpus  # noqa: E402
+from builders import corpus  # noqa: E402
 from test_serve_api import CONTEXT, ServerProcess, save_models  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 
 from helpers import assert_nll_close  # noqa: E402
-from test_hf import build_model  # noqa: E402
+from builders import build_model  # noqa: E402
 
 from pplfast.serve.engine import ModelEngine  # noqa: E402
 from pplfast.serve.packing import (NO_TARGET, Pass, Row, Sequence, group_rows,  # noqa: E402
