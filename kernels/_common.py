@@ -1,11 +1,16 @@
 """Math shared by the Triton kernels: constants, tanh, special-value rules, online log-sum-exp.
 
-Every kernel keeps, per row, a running maximum ``m`` of the (soft-capped) logits and a sum
-``s = sum exp2((z - m) * exp2_scale)`` with ``exp2_scale = log2(e) / temperature``; the NLL is
+Every kernel keeps, per row, a running maximum ``m`` of the (soft-capped) logits ``y`` (the
+temperature is never applied to the values) and a sum ``s = sum exp2((y - m) * exp2_scale)`` with
+``exp2_scale = log2(e) / temperature``; the NLL is
 
-    nll = (m - z[target]) / temperature + log(s)
+    nll = (m - y[target]) / temperature + log(s)
 
-which subtracts the two large terms before the small one is added.
+which subtracts the two large terms before the small one is added, the first term in float64:
+``m - y[target]`` reaches 2 FLT_MAX (logits at both ends of the float range), and its quotient by
+a temperature above 1 may be finite. The exponent is formed as ``(y / 2 - m / 2) * (2 *
+exp2_scale)`` (:func:`exp2_shifted`, :func:`half_diff`): the halves are exact and their difference
+never overflows, where ``y - m`` would become -inf while ``(y - m) / temperature`` is finite.
 
 Special values. The reference point of the exponentials is ``m`` clamped to the finite range
 (:func:`finite_ref`), never ``m`` itself: -inf entries add exactly 0; a row of -inf keeps
@@ -72,9 +77,18 @@ def finite_ref(m):
 
 
 @triton.jit
+def half_diff(x, ref_max):
+    """``(x - ref) / 2`` with ``ref = finite_ref(ref_max)``, as ``x / 2 - ref / 2``: exact halves,
+    one rounding, and never an overflow (``x - ref`` overflows below -FLT_MAX); broadcasts."""
+    return x * 0.5 - finite_ref(ref_max) * 0.5
+
+
+@triton.jit
 def exp2_shifted(x, ref_max, exp2_scale):
-    """``exp2((x - ref) * exp2_scale)`` with ``ref = finite_ref(ref_max)``; broadcasts."""
-    return tl.exp2((x - finite_ref(ref_max)) * exp2_scale)
+    """``exp2((x - ref) * exp2_scale)`` with ``ref = finite_ref(ref_max)`` (through
+    :func:`half_diff`, so that a difference beyond -FLT_MAX still counts where the temperature
+    brings it back into range); broadcasts."""
+    return tl.exp2(half_diff(x, ref_max) * (2.0 * exp2_scale))
 
 
 @triton.jit
@@ -95,8 +109,10 @@ def merge(max_a, sum_a, max_b, sum_b, exp2_scale):
 
 @triton.jit
 def nll_from_lse(row_max, row_sum, target_logit, inv_temp):
-    """``(m - z_t) / temperature + log(s)``, clamped at 0; NaN and +inf are kept."""
-    nll = (row_max - target_logit) * inv_temp + tl.log(row_sum.to(tl.float32))
+    """``(m - y_t) / temperature + log(s)``, clamped at 0; NaN and +inf are kept. The first term
+    in float64 (one per row): ``m - y_t`` may pass FLT_MAX where its quotient does not."""
+    gap = (row_max.to(tl.float64) - target_logit.to(tl.float64)) * inv_temp
+    nll = (gap + tl.log(row_sum.to(tl.float32)).to(tl.float64)).to(tl.float32)
     return tl.where(nll < 0.0, 0.0, nll)
 
 

@@ -1,19 +1,27 @@
 """Two models' logits compared in one pass: KL both ways, both NLLs, both argmaxes.
 
 Algorithm. Program (row, split) reads vocabulary entries [split * chunk, ...) of the base row a and
-the test row b together, in blocks of BLOCK_V. For each side it keeps the online log-sum-exp state
-of its own row, a running maximum ``m`` and BLOCK_V lane sums ``s`` of ``exp((z - m) / T)``, and
-BLOCK_V lane sums of
+the test row b together, in blocks of BLOCK_V, soft-capped (the temperature scales exponents,
+never values: ``_common``). For each side it keeps the online log-sum-exp state of its own row,
+a running maximum ``m`` and BLOCK_V lane sums ``s`` of ``exp((y - m) / T)``, and BLOCK_V lane sums
 
-    A = Σ_v exp((a_v - m_p) / T) · (a_v - b_v) / T      (and the mirror for the test side),
+    A = Σ_v exp((a_v - m_p) / T) · (u_a - u_b) · H,    u = (y - m) / 2  (``_common.half_diff``),
 
-both rescaled by ``exp((m_old - m_new) / T)`` when the maximum grows. Then
-``KL(p‖q) = A / s_p − lse_p + lse_q`` with ``lse = m / T + log(s)``. Terms whose ``a_v − b_v`` is
-not finite are left out of A: ``a_v = −inf`` is ``p_v = 0`` (term 0); for ``b_v = −inf`` the lane
-maximum of ``a_v`` there is kept, and the KL is +inf when that entry has ``p_v > 0``. NaN is
-found on the loaded values (before the softcap's tanh, which would hide it) and tracked as the
-index of the first NaN, which is also the row's argmax then (``torch.argmax``); otherwise the
-argmax is the lowest index of the largest raw logit, tracked per block.
+(and the mirror for the test side), every difference taken relative to the two running maxima,
+so nothing of the size of the logits is subtracted from another and none overflows (``u`` lies in
+[-FLT_MAX, 0]). ``H = 2^-40 / T`` (at least the smallest normal float) keeps the lane sums in
+range: a sum that overflows means a KL beyond the float range. When the maxima grow, ``s`` and
+``A`` scale by ``exp((m - m') / T)`` and every difference moves by the shift of both maxima:
+``A' = a (A + shift H s)``. Then, with ``A`` brought back to the logits' units,
+
+    KL(p‖q) = Σ p_v (log p_v - log q_v) = A / (T s_p) - log s_p + log s_q.
+
+Terms whose difference is not finite are left out of A: ``a_v = −inf`` is ``p_v = 0`` (term 0);
+for ``b_v = −inf`` the lane maximum of ``a_v`` there is kept, and the KL is +inf when that entry
+has ``p_v > 0`` (those terms also stay in ``s``: where they weigh anything, the KL is +inf
+anyway). NaN is found on the loaded values (before the softcap's tanh, which would hide it) and
+tracked as the index of the first NaN, which is also the row's argmax then (``torch.argmax``);
+otherwise the argmax is the lowest index of the largest raw logit, tracked per block.
 
 Each program writes its partial state (ten floats, four indices); the launcher merges the splits
 of a row and finishes in float64 with PyTorch (a few element-wise operations on ``rows x splits``
@@ -27,10 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import capped, device_guard, finite_ref, rescale
+from ._common import capped, device_guard, half_diff, rescale
 
 _LOG2E = 1.4426950408889634
-_FLOAT32_MAX = 3.4028234663852886e38
 _NO_INDEX = 2147483647
 _FLOATS, _INTS = 10, 4
 
@@ -57,20 +64,20 @@ def _argmax_update(x, idx, run_max, run_arg, first_nan):
 
 
 @triton.jit
-def _side_update(own, d, row_max, sums, a_sums, exp2_scale):
-    """Fold one block into one side's (max, lane sums of exp, lane sums of exp * d)."""
-    new_max = tl.maximum(row_max, tl.max(own, axis=0))
+def _rescale_side(sums, a_sums, row_max, new_max, shift, exp2_scale):
+    """One side's lane sums moved to its new maximum: ``s' = a s``, ``A' = a A + s' shift``
+    (``shift``: the move of the difference of the two maxima, in A's units; 0 while either
+    maximum is -inf, where A holds no term)."""
     alpha = rescale(row_max, new_max, exp2_scale)
-    e = tl.exp2((own - finite_ref(new_max)) * exp2_scale)
-    finite = tl.abs(d) < float("inf")  # false for ±inf and NaN
-    return new_max, sums * alpha + e, a_sums * alpha + tl.where(finite, e * d, 0.0)
+    sums = sums * alpha
+    return sums, a_sums * alpha + sums * shift
 
 
 @triton.jit
 def _compare_kernel(
     base_ptr, test_ptr, targets_ptr, part_f_ptr, part_i_ptr,
     T, V, sb_b, sb_t, sb_v, st_b, st_t, st_v, chunk, n_split, ignore_index,
-    softcap, inv_softcap, inv_temp, exp2_scale,
+    softcap, inv_softcap, exp2_scale, a_scale,
     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -117,9 +124,25 @@ def _compare_kernel(
         zb = tl.where(xb != xb, -float("inf"), zb)
         at_p = tl.maximum(at_p, tl.where(zb == -float("inf"), za, -float("inf")))
         at_q = tl.maximum(at_q, tl.where(za == -float("inf"), zb, -float("inf")))
-        d = (za - zb) * inv_temp
-        max_p, s_p, a_p = _side_update(za, d, max_p, s_p, a_p, exp2_scale)
-        max_q, s_q, a_q = _side_update(zb, -d, max_q, s_q, a_q, exp2_scale)
+        new_p = tl.maximum(max_p, tl.max(za, axis=0))
+        new_q = tl.maximum(max_q, tl.max(zb, axis=0))
+        # the difference (u_a - u_b) of every term so far moves by half_diff(max_p, new_p) -
+        # half_diff(max_q, new_q): finite once both maxima are (an -inf one holds no term)
+        shift = half_diff(max_p, new_p) - half_diff(max_q, new_q)
+        shift = tl.where(tl.abs(shift) < float("inf"), shift * a_scale, 0.0)
+        s_p, a_p = _rescale_side(s_p, a_p, max_p, new_p, shift, exp2_scale)
+        s_q, a_q = _rescale_side(s_q, a_q, max_q, new_q, -shift, exp2_scale)
+        max_p, max_q = new_p, new_q
+        ua = half_diff(za, max_p)
+        ub = half_diff(zb, max_q)
+        ea = tl.exp2(ua * (2.0 * exp2_scale))
+        eb = tl.exp2(ub * (2.0 * exp2_scale))
+        d = ua - ub
+        d = tl.where(tl.abs(d) < float("inf"), d * a_scale, 0.0)  # ±inf and NaN: no term
+        s_p += ea
+        a_p += ea * d
+        s_q += eb
+        a_q -= eb * d
 
     part = row.to(tl.int64) * n_split + split
     pf = part_f_ptr + part * 10
@@ -144,32 +167,45 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _merge_side(pf, pi, inv_temp):
-    """Merge the splits of one side: (lse, A / s, largest own value where the other is -inf,
-    argmax, has NaN), float64 / int64 per row."""
+def _merge_side(pf, pi, other_max, inv_temp, a_scale):
+    """Merge the splits of one side, float64 / int64 per row: ``(row max, log s, A / s in the
+    logits' units, largest own value where the other is -inf, argmax, has NaN)``.
+    ``other_max``: the other side's per-split maxima (A is relative to both)."""
     m, s, a, at, raw_max = (pf[..., k] for k in range(5))
     arg, first_nan = pi[..., 0], pi[..., 1]
     row_max = m.max(dim=1).values
-    ref = row_max.clamp(-_FLOAT32_MAX, _FLOAT32_MAX).unsqueeze(1)
-    weight = torch.where(m == row_max.unsqueeze(1), 1.0, torch.exp((m - ref) * inv_temp))
+    other_row_max = other_max.max(dim=1).values
+    top = row_max.unsqueeze(1)
+    weight = torch.where(m == top, 1.0, torch.exp((m - top) * inv_temp))
+    # each split's A is relative to its own two maxima: move it to the row's (2 / a_scale: to
+    # the logits' units)
+    shift = (m - top) - (other_max - other_row_max.unsqueeze(1))
+    a_units = a * (2.0 / a_scale) + torch.where(s > 0, shift * s, 0.0)
     s_total = (s * weight).sum(1)
-    a_total = (a * weight).sum(1)
-    lse = torch.where(torch.isfinite(row_max), row_max * inv_temp + torch.log(s_total), row_max)
+    a_total = torch.where(weight > 0, a_units * weight, 0.0).sum(1)
     nan_index = first_nan.min(dim=1).values
     has_nan = nan_index != _NO_INDEX
     best = raw_max.max(dim=1).values.unsqueeze(1)
     argmax = torch.where(raw_max == best, arg, _NO_INDEX).min(dim=1).values
     argmax = torch.where(has_nan, nan_index, argmax)
-    return lse, a_total / s_total, at.max(dim=1).values * inv_temp, argmax, has_nan, row_max
+    return row_max, torch.log(s_total), a_total / s_total, at.max(dim=1).values, argmax, has_nan
 
 
-def _kl(own, other):
-    lse, a_over_s, at, _, nan, row_max = own
-    lse_o, _, _, _, nan_o, row_max_o = other
-    kl = (a_over_s - lse + lse_o).clamp_min(0.0)
-    kl = torch.where(torch.exp(at - lse) > 0, float("inf"), kl)
+def _kl(own, other, inv_temp):
+    row_max, log_s, a_over_s, at, _, nan = own
+    row_max_o, log_s_o, _, _, _, nan_o = other
+    kl = (a_over_s * inv_temp - log_s + log_s_o).clamp_min(0.0)
+    # p_v > 0 (in float64) at an entry where the other row is -inf
+    kl = torch.where(torch.exp((at - row_max) * inv_temp - log_s) > 0, float("inf"), kl)
     undefined = nan | nan_o | ~torch.isfinite(row_max) | ~torch.isfinite(row_max_o)
     return torch.where(undefined, float("nan"), kl)
+
+
+def _a_scale(temperature: float) -> float:
+    """``H`` of the module notes, ``2^-40 / temperature`` as a float32, never below the smallest
+    normal float32."""
+    return float(torch.tensor(max(2.0**-40 / float(temperature), 2.0**-126),
+                              dtype=torch.float32))
 
 
 def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index, softcap,
@@ -179,7 +215,7 @@ def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_
         base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
         chunk, n_split, ignore_index,
         float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
-        1.0 / float(temperature), _LOG2E / float(temperature),
+        _LOG2E / float(temperature), _a_scale(temperature),
         HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
     )
 
@@ -241,20 +277,21 @@ def compare_forward(
             _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index,
                     softcap, temperature, block, warps)
     inv_temp = 1.0 / float(temperature)
+    h = _a_scale(temperature)
     pf = part_f.double()
-    p = _merge_side(pf[..., :5], part_i[..., :2], inv_temp)
-    q = _merge_side(pf[..., 5:], part_i[..., 2:], inv_temp)
+    p = _merge_side(pf[..., :5], part_i[..., :2], pf[..., 5], inv_temp, h)
+    q = _merge_side(pf[..., 5:], part_i[..., 2:], pf[..., 0], inv_temp, h)
     scored = targets != ignore_index
     safe = torch.where(scored, targets, 0).view(B, T, 1)
-    fields = [_kl(p, q), _kl(q, p)]
+    fields = [_kl(p, q, inv_temp), _kl(q, p, inv_temp)]
     for side, logits in ((p, base3), (q, test3)):
-        z = logits.gather(2, safe).reshape(rows).double()
+        y = logits.gather(2, safe).reshape(rows).double()
         if has_softcap:
-            z = softcap * torch.tanh(z / softcap)
-        nll = side[0] - z * inv_temp
-        nll = torch.where(nll < 0, 0.0, nll)  # rounding of two large terms; NaN and inf kept
-        fields.append(torch.where(side[4], float("nan"), nll))
+            y = softcap * torch.tanh(y / softcap)
+        nll = (side[0] - y) * inv_temp + side[1]  # (m - y_t) / T + log s, in float64
+        nll = torch.where(nll < 0, 0.0, nll)  # rounding; NaN and inf kept
+        fields.append(torch.where(side[5], float("nan"), nll))
     zero = torch.zeros((), dtype=torch.float64, device=device)
     out = [torch.where(scored, f, zero).float() for f in fields]
-    out += [torch.where(scored, side[3], -1) for side in (p, q)]
+    out += [torch.where(scored, side[4], -1) for side in (p, q)]
     return tuple(out)

@@ -11,10 +11,12 @@ folds the tile into a running state per row:
 - ``(m, s)``, the maximum and the float64 sum of ``exp((z - m) / T)``: folded exactly as the NLL
   kernel folds them (``_common.merge``), so the NLL is that kernel's, bit for bit, for the same
   tiles and splits;
-- ``e``, the float64 entropy moment ``sum exp((z - m) / T) (z - m) / T``: each tile's relative to
-  its own maximum, moved to the running one with ``kernels/token_stats.py``'s rescale
+- ``e``, the float64 entropy moment ``sum exp(d) d``, ``d = (z - m) / T`` (``z - m`` halved
+  first, ``_common.half_diff``, so that no difference overflows): each tile's relative to its own
+  maximum, moved to the running one with ``kernels/token_stats.py``'s rescale
   (``e' = a (e + (m - m') / T s)``); at the end ``entropy = log s - e / s`` and
-  ``max log p = -log s`` (``token_stats._finish``, also its special-value rules);
+  ``max log p = -log s`` (``token_stats._finish``, also its special-value rules). ``m`` and the
+  target logit stay in the units of the logits: the temperature never scales them;
 - the argmax: each tile's maximum and the lowest column holding it replace the running pair only
   when strictly larger, so the lowest index wins ties between tiles;
 - the rank: the count of columns v != target with ``z_v > z_target``.
@@ -53,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, device_guard, exp2_shifted, finite_ref, merge, nll_from_lse, rescale
+from ._common import LOG2E, device_guard, exp2_shifted, half_diff, merge, nll_from_lse, rescale
 from .linear_token_nll import (_FINISH_BLOCK_S, block_rows, choose_splits, launch_rows,
                                logits_tile, split_columns, target_logit)
 from .token_stats import _finish, _rescale
@@ -66,9 +68,8 @@ def _fold(row_max, row_sum, row_ent, blk_max, blk_sum, blk_ent, exp2_scale, inv_
     """Merge a block's (max, sum, entropy moment) into the running state, elementwise: the sum
     by ``_common.merge`` (the NLL kernel's), the moment by ``token_stats._rescale``."""
     new_max, new_sum = merge(row_max, row_sum, blk_max, blk_sum, exp2_scale)
-    new_ref = new_max * inv_temp
-    _, ent_a = _rescale(row_sum, row_ent, row_max * inv_temp, new_ref)
-    _, ent_b = _rescale(blk_sum, blk_ent, blk_max * inv_temp, new_ref)
+    _, ent_a = _rescale(row_sum, row_ent, row_max, new_max, inv_temp)
+    _, ent_b = _rescale(blk_sum, blk_ent, blk_max, new_max, inv_temp)
     return new_max, new_sum, ent_a + ent_b
 
 
@@ -120,10 +121,10 @@ def _stats_partial_kernel(
         tile_max = tl.max(z, 1)
         p = exp2_shifted(z, tile_max[:, None], exp2_scale)
         tile_sum = tl.sum(p, 1)
-        # entropy moment relative to the tile's maximum (times 1 / T once per row); exp(-inf) *
-        # -inf and underflowed terms add 0
-        rel = z - finite_ref(tile_max)[:, None]
-        tile_ent = tl.sum(tl.where(p > 0, p * rel, 0.0), 1) * inv_temp
+        # entropy moment relative to the tile's maximum, in halves (times 2 / T once per row);
+        # exp(-inf) * -inf and underflowed terms add 0
+        rel = half_diff(z, tile_max[:, None])
+        tile_ent = tl.sum(tl.where(p > 0, p * rel, 0.0), 1) * (2.0 * inv_temp)
         row_max, row_sum, row_ent = _fold(row_max, row_sum, row_ent, tile_max,
                                           tile_sum.to(tl.float64), tile_ent.to(tl.float64),
                                           exp2_scale, inv_temp)
@@ -178,8 +179,7 @@ def _stats_finish_kernel(
         blk_max = tl.max(part_max, 1)
         weight = rescale(part_max, blk_max[:, None], exp2_scale).to(tl.float64)
         blk_sum = tl.sum(part_sum * weight, 1)
-        _, part_ent = _rescale(part_sum, part_ent, part_max * inv_temp,
-                               blk_max[:, None] * inv_temp)
+        _, part_ent = _rescale(part_sum, part_ent, part_max, blk_max[:, None], inv_temp)
         blk_ent = tl.sum(part_ent, 1)
         row_max, row_sum, row_ent = _fold(row_max, row_sum, row_ent, blk_max, blk_sum, blk_ent,
                                           exp2_scale, inv_temp)
@@ -195,8 +195,8 @@ def _stats_finish_kernel(
     target_z = tl.load(target_z_ptr + safe)
     nll = nll_from_lse(row_max, row_sum, target_z, inv_temp)
     nan = row_sum != row_sum
-    _, entropy, max_logprob, _ = _finish(row_max * inv_temp, row_sum.to(tl.float32),
-                                         row_ent.to(tl.float32), nan, target_z * inv_temp, ok)
+    _, entropy, max_logprob, _, _ = _finish(row_max, row_sum.to(tl.float32),
+                                            row_ent.to(tl.float32), nan, target_z, ok, inv_temp)
     tl.store(nll_ptr + rows, nll, mask=ok)
     tl.store(ent_ptr + rows, entropy, mask=ok)
     tl.store(mlp_ptr + rows, max_logprob, mask=ok)

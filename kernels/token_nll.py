@@ -8,7 +8,9 @@ long sequential fp32 sum ever forms. The target logit is one extra scalar load, 
 
     nll = (m - z[target]) / temperature + log(sum(s))
 
-which subtracts the two large terms before the small one is added. Ignored rows load nothing.
+which subtracts the two large terms before the small one is added (the first term in float64,
+``_common.nll_from_lse``: logits near the top of the float range give differences beyond it).
+``m`` and ``z`` stay in the units of the logits at every temperature. Ignored rows load nothing.
 
 Programs. With enough rows (>= 2 x SM count) each program owns one whole row and writes its NLL.
 With fewer rows the vocabulary is also split into ``n_split`` chunks, one program per (row, chunk):

@@ -1,14 +1,17 @@
 """Per-token statistics from logits: NLL, entropy, max log-probability, argmax and target rank in
 one pass over each row (fp32 online logsumexp, as ``token_nll.py``), and the top-k beside it.
 
-Algorithm. Row r is read in blocks of BLOCK_V entries, z = capped(x) / temperature. The program
-keeps a running maximum ``m`` (scalar) and two vectors of BLOCK_V partial sums relative to it:
-``s = sum exp(z - m)`` and ``e = sum exp(z - m) (z - m)``; when ``m`` grows to ``m'`` both are
-rescaled (``e' = a (e + (m - m') s)``, ``s' = a s``, ``a = exp(m - m')``). Then
+Algorithm. Row r is read in blocks of BLOCK_V entries, y = capped(x) (the temperature scales the
+exponents, never the values: ``_common``). The program keeps a running maximum ``m`` of y
+(scalar) and two vectors of BLOCK_V partial sums relative to it, with ``d = (y - m) / T``:
+``s = sum exp(d)`` and ``e = sum exp(d) d``; when ``m`` grows to ``m'`` both are rescaled
+(``e' = a (e + delta s)``, ``s' = a s``, ``delta = (m - m') / T``, ``a = exp(delta)``). Then
 
-    log-sum-exp = m + log S,   entropy = log S - E / S,   max log p = -log S.
+    nll = (m - y_t) / T + log S,   entropy = log S - E / S,   max log p = -log S,
 
-The target logit is loaded (and transformed by the same code) before the pass; each block adds
+the first term of the NLL in float64 (it reaches 2 FLT_MAX / T), nothing else larger than log V.
+
+The target logit is loaded (and soft-capped by the same code) before the pass; each block adds
 the count of its entries strictly above it (the rank) and its first index holding the block
 maximum replaces the running argmax when strictly larger (lowest index on ties). NaN is detected
 on the raw values (before tanh, which would map it to a finite number) and makes nll, entropy and
@@ -20,8 +23,9 @@ writing a partial (max, S, E, nan, argmax value and index, rank) that ``_stats_m
 combines in chunk order.
 
 Top-k (``top_k > 0``): softcap and temperature are increasing functions, so the top-k ids of the
-raw logits are those of z; they come from ``torch.topk`` over chunks of rows of the input (read in
-place, a second pass), and their log-probabilities from z and the kernel's log-sum-exp.
+raw logits are those of z; they come from ``torch.topk`` over chunks of the scored rows of the
+input (a second pass; ignored rows are never read), and their log-probabilities,
+``(y - m) / T - log S``, from the kernel's ``m`` and ``log S`` in float64.
 """
 from __future__ import annotations
 
@@ -31,38 +35,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import capped, device_guard, finite_ref
+from ._common import capped, device_guard, half_diff
 from .token_nll import _INTERPRETER_SM_COUNT, plan
 
 _NO_INDEX = tl.constexpr(2**62)  # "no argmax yet": larger than any vocabulary index
 
 
 @triton.jit
-def _rescale(s, e, m_old, m_new):
-    # (s, e) relative to m_old -> relative to m_new >= m_old; identity when unchanged
-    delta = tl.where(m_old == m_new, 0.0, m_old - finite_ref(m_new))
+def _rescale(s, e, m_old, m_new, inv_temp):
+    """(s, e) relative to the maximum m_old -> relative to m_new >= m_old (both of y; the
+    exponent delta = (m_old - m_new) / T through half_diff, never an overflow); identity when
+    unchanged, 0 from an empty state (m_old = -inf)."""
+    delta = tl.where(m_old == m_new, 0.0, half_diff(m_old, m_new) * (2.0 * inv_temp))
     a = tl.where(m_old == m_new, 1.0, tl.exp2(delta * 1.4426950408889634))
     e = tl.where(a > 0, a * (e + delta * s), 0.0)
     return a * s, e
 
 
 @triton.jit
-def _finish(m, S, E, nan, target_z, scored):
+def _finish(m, S, E, nan, target_y, scored, inv_temp):
+    """nll, entropy, max log p, and the row's (m, log S) for the top-k (m NaN on a NaN row)."""
     log_s = tl.log(tl.where(scored, S, 1.0))
-    nll = (m - target_z) + log_s
+    gap = (m.to(tl.float64) - target_y.to(tl.float64)) * inv_temp  # float64: up to 2 FLT_MAX / T
+    nll = (gap + log_s.to(tl.float64)).to(tl.float32)
     nll = tl.where(nll < 0, 0.0, nll)  # never negative; NaN stays
     bad = nan | (m == float("inf")) | (m == -float("inf"))
     entropy = tl.where(bad, float("nan"), tl.maximum(log_s - E / tl.where(scored, S, 1.0), 0.0))
     max_logprob = tl.where(bad, float("nan"), tl.minimum(-log_s, 0.0))
     nll = tl.where(nan, float("nan"), nll)
-    lse = tl.where(nan, float("nan"), tl.where(bad, m, m + log_s))
-    return nll, entropy, max_logprob, lse
+    return nll, entropy, max_logprob, tl.where(nan, float("nan"), m), log_s
 
 
 @triton.jit
 def _token_stats_kernel(
-    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, lse_ptr, part_f_ptr,
-    part_i_ptr, T, V, stride_b, stride_t, stride_v, chunk, n_split, ignore_index,
+    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, max_ptr, logs_ptr,
+    part_f_ptr, part_i_ptr, T, V, stride_b, stride_t, stride_v, chunk, n_split, ignore_index,
     softcap, inv_softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -81,7 +88,7 @@ def _token_stats_kernel(
     end = tl.where(scored, end, start)  # an ignored row loads nothing
 
     tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
-    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+    target_y = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP)
 
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
@@ -97,16 +104,16 @@ def _token_stats_kernel(
         x = tl.load(row_ptr + idx.to(tl.int64) * stride_v, mask=mask, other=-float("inf"))
         x = x.to(tl.float32)
         nan = nan | (x != x).to(tl.int32)
-        z = capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
-        above += (z > target_z).to(tl.int32)
-        block_max = tl.max(z, axis=0)
-        first = tl.min(tl.where((z == block_max) & mask, idx.to(tl.int64), _NO_INDEX), axis=0)
+        y = capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP)
+        above += (y > target_y).to(tl.int32)
+        block_max = tl.max(y, axis=0)
+        first = tl.min(tl.where((y == block_max) & mask, idx.to(tl.int64), _NO_INDEX), axis=0)
         take = (first != _NO_INDEX) & ((amax_idx == _NO_INDEX) | (block_max > amax))
         amax = tl.where(take, block_max, amax)
         amax_idx = tl.where(take, first, amax_idx)
         new_m = tl.maximum(m, block_max)
-        s, e = _rescale(s, e, m, new_m)
-        d = z - finite_ref(new_m)
+        s, e = _rescale(s, e, m, new_m, inv_temp)
+        d = half_diff(y, new_m) * (2.0 * inv_temp)
         p = tl.exp2(d * 1.4426950408889634)
         s += p
         e += tl.where(p > 0, p * d, 0.0)
@@ -125,19 +132,21 @@ def _token_stats_kernel(
         tl.store(part_i_ptr + part + 1, amax_idx)
         tl.store(part_i_ptr + part + 2, rank)
     else:
-        nll, entropy, max_logprob, lse = _finish(m, S, E, any_nan, target_z, scored)
+        nll, entropy, max_logprob, m, log_s = _finish(m, S, E, any_nan, target_y, scored,
+                                                      inv_temp)
         tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
         tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
         tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
-        tl.store(lse_ptr + row, lse)
+        tl.store(max_ptr + row, m)
+        tl.store(logs_ptr + row, log_s)
         tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
         tl.store(rank_ptr + row, tl.where(scored, rank, -1))
 
 
 @triton.jit
 def _stats_merge_kernel(
-    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, lse_ptr, part_f_ptr,
-    part_i_ptr, T, stride_b, stride_t, stride_v, n_split, ignore_index,
+    logits_ptr, targets_ptr, nll_ptr, ent_ptr, mlp_ptr, amax_ptr, rank_ptr, max_ptr, logs_ptr,
+    part_f_ptr, part_i_ptr, T, stride_b, stride_t, stride_v, n_split, ignore_index,
     softcap, inv_softcap, inv_temp, HAS_SOFTCAP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -147,7 +156,7 @@ def _stats_merge_kernel(
     t = row - b * T
     row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
     tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
-    target_z = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP) * inv_temp
+    target_y = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP)
 
     splits = tl.arange(0, BLOCK_S)
     live = splits < n_split
@@ -160,7 +169,7 @@ def _stats_merge_kernel(
     pi = tl.load(part_i_ptr + part + 1, mask=live, other=_NO_INDEX)
     pr = tl.load(part_i_ptr + part + 2, mask=live, other=0)
     m = tl.max(pm, axis=0)
-    ps, pe = _rescale(ps, pe, pm, m)
+    ps, pe = _rescale(ps, pe, pm, m, inv_temp)
     S = tl.sum(ps, axis=0)
     E = tl.sum(pe, axis=0)
     any_nan = tl.max(pn, axis=0) > 0
@@ -168,36 +177,57 @@ def _stats_merge_kernel(
     # argmax: the largest value, then the lowest index holding it (chunks are in column order)
     best = tl.max(tl.where(pi != _NO_INDEX, pa, -float("inf")), axis=0)
     amax_idx = tl.min(tl.where((pi != _NO_INDEX) & (pa == best), pi, _NO_INDEX), axis=0)
-    nll, entropy, max_logprob, lse = _finish(m, S, E, any_nan, target_z, scored)
+    nll, entropy, max_logprob, m, log_s = _finish(m, S, E, any_nan, target_y, scored, inv_temp)
     tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
     tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
     tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
-    tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, m)
+    tl.store(logs_ptr + row, log_s)
     tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
     tl.store(rank_ptr + row, tl.where(scored, rank, -1))
 
 
-def _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse, budget_rows=None):
-    """Top-k ids (int64) and log-probabilities (float32) by row chunks of ``torch.topk``."""
+def _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, row_max, log_sum):
+    """Top-k ids (int64) and log-probabilities (float32) of the scored rows, by ``torch.topk``
+    over chunks of them; ignored rows are never read and get -1 and 0.
+
+    ``row_max`` and ``log_sum`` are the kernel's per-row maximum of the soft-capped logits and
+    log of its sum: a log-probability is ``(y - row_max) / temperature - log_sum``, in float64.
+    All rows scored and the (B, T) axes mergeable into one: topk reads row chunks of the input in
+    place; otherwise each chunk of scored rows is gathered first (at most 64 MiB of float32).
+    """
     B, T, V = logits3.shape
     rows = B * T
-    ids = torch.empty((rows, top_k), dtype=torch.int64, device=logits3.device)
-    logprobs = torch.empty((rows, top_k), dtype=torch.float32, device=logits3.device)
-    step = budget_rows or max(1, (64 << 20) // max(1, V * 4))
-    for b in range(B):
-        for t0 in range(0, T, step):
-            block = logits3[b, t0 : t0 + step]  # (n, V) strided view: topk reads it in place
-            r0, r1 = b * T + t0, b * T + t0 + block.shape[0]
-            values, top = torch.topk(block, top_k, dim=-1)
-            z = values.double()
-            if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            z = z / temperature
-            ids[r0:r1] = top
-            logprobs[r0:r1] = (z - lse[r0:r1].double().unsqueeze(-1)).float()
-    ignored = targets == ignore_index
-    ids[ignored] = -1
-    logprobs[ignored] = 0.0
+    device = logits3.device
+    ids = torch.full((rows, top_k), -1, dtype=torch.int64, device=device)
+    logprobs = torch.zeros((rows, top_k), dtype=torch.float32, device=device)
+    scored = targets != ignore_index
+    count = int(scored.sum())  # one host sync: sizes the selection
+    if count == 0:
+        return ids, logprobs
+    flat = None
+    if count == rows:
+        try:
+            flat = logits3.view(rows, V)
+        except RuntimeError:  # batch and time strides do not merge: gather instead
+            flat = None
+    selected = None if flat is not None else scored.nonzero().squeeze(1)
+    step = max(1, (64 << 20) // max(1, V * 4))
+    for r0 in range(0, count, step):
+        if selected is None:
+            chunk = torch.arange(r0, min(r0 + step, count), device=device)
+            block = flat[r0 : r0 + step]
+        else:
+            chunk = selected[r0 : r0 + step]
+            block = logits3[chunk // T, chunk % T]  # (n, V): only the scored rows are read
+        values, top = torch.topk(block, top_k, dim=-1)
+        y = values.double()
+        if softcap is not None:
+            y = softcap * torch.tanh(y / softcap)
+        lp = ((y - row_max[chunk].double().unsqueeze(-1)) / temperature
+              - log_sum[chunk].double().unsqueeze(-1))
+        ids[chunk] = top
+        logprobs[chunk] = lp.float()
     return ids, logprobs
 
 
@@ -230,7 +260,7 @@ def token_stats_forward(
                          f"{targets.dtype} {tuple(targets.shape)}")
     device = logits3.device
     f32 = dict(dtype=torch.float32, device=device)
-    nll, entropy, max_logprob, lse = (torch.empty(rows, **f32) for _ in range(4))
+    nll, entropy, max_logprob, row_max, log_sum = (torch.empty(rows, **f32) for _ in range(5))
     argmax = torch.empty(rows, dtype=torch.int64, device=device)
     rank = torch.empty(rows, dtype=torch.int64, device=device)
     on_gpu = logits3.is_cuda
@@ -251,7 +281,7 @@ def token_stats_forward(
         part_i = torch.empty((rows * n_split * 4) if split else 1, dtype=torch.int64,
                              device=device)
         stride_b, stride_t, stride_v = logits3.stride()
-        outs = (nll, entropy, max_logprob, argmax, rank, lse, part_f, part_i)
+        outs = (nll, entropy, max_logprob, argmax, rank, row_max, log_sum, part_f, part_i)
         with device_guard(logits3):
             _token_stats_kernel[(rows, n_split)](
                 logits3, targets, *outs, T, V, stride_b, stride_t, stride_v, chunk, n_split,
@@ -266,5 +296,6 @@ def token_stats_forward(
                 )
     if not top_k:
         return nll, entropy, max_logprob, argmax, rank, None, None
-    ids, logprobs = _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, lse)
+    ids, logprobs = _top_k(logits3, targets, ignore_index, softcap, temperature, top_k, row_max,
+                           log_sum)
     return nll, entropy, max_logprob, argmax, rank, ids, logprobs

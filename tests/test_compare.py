@@ -1,6 +1,8 @@
 """compare / linear_compare against the float64 oracle on every backend that runs here, special
-values, bad inputs; the Comparison metric and its statistics against an implementation written
-here from llama.cpp's definitions; merge and gloo sync; CPU memory with a live control."""
+values (logits at the top of the float32 range among them, with the bound of
+``helpers.extreme_scale``), bad inputs; the Comparison metric and its statistics against an
+implementation written here from llama.cpp's definitions; merge and gloo sync; CPU memory with a
+live control."""
 import math
 import os
 import textwrap
@@ -11,8 +13,10 @@ import torch.multiprocessing as mp
 
 import pplfast
 from pplfast import reference
-from helpers import (ALL_BACKENDS, LSE_RTOL, assert_nll_close, backend_device, compile_triton,
-                     nvidia_backend, on_backend, row_lse, run_json_child)
+from helpers import (ALL_BACKENDS, EXTREME_BIASES, LSE_RTOL, ORDINARY_BOUND, assert_nll_close,
+                     backend_device, compile_triton, extreme_bias, extreme_option_params,
+                     extreme_scale, float32_extreme_rows, nvidia_backend, on_backend, row_lse,
+                     run_json_child)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
@@ -160,6 +164,95 @@ def test_special_values(backend, dtype, opts):
     assert got.argmax_base[names.index("ties")] == 10 and got.argmax_test[names.index("ties")] == 2
 
 
+# ---- the top of the float32 range (README "Special values") ---------------------------------
+
+def assert_extreme_comparison(got, expected, base, test, opts, what):
+    """Float fields against the oracle rounded to float32 (beyond FLT_MAX: +inf), within
+    2e-6 * max(1, |value|, |lse of either row's ordinary logits|) (``helpers.extreme_scale``);
+    argmaxes exact; no negative KL."""
+    so = dict(softcap=opts.get("softcap"), temperature=opts.get("temperature", 1.0))
+    for name, rows in (("kl", (base, test)), ("kl_reverse", (base, test)),
+                       ("nll_base", (base,)), ("nll_test", (test,))):
+        want = expected[name].float().double()
+        scale = torch.stack([extreme_scale(r, want, **so) for r in rows]).max(0).values
+        assert_nll_close(getattr(got, name), want, scale, what=f"{what} {name}")
+    for name in ("argmax_base", "argmax_test"):
+        assert torch.equal(getattr(got, name).cpu(), expected[name]), f"{what} {name}"
+    kl = torch.cat([got.kl, got.kl_reverse])
+    assert bool((kl[~torch.isnan(kl)] >= 0).all()), f"{what}: negative KL"
+
+
+def extreme_pair(V, pairing):
+    """``(base, test, targets)``: ``helpers.float32_extreme_rows`` against themselves (KL 0),
+    against themselves with the ordinary logits moved (the extremes shared), or against the
+    next row (extremes facing ordinary logits or other extremes: KLs of 0, log V, ~1e38 / T or
+    +inf)."""
+    base, t = float32_extreme_rows(V)
+    if pairing == "self":
+        test = base.clone()
+    elif pairing == "perturbed":
+        test = torch.where(base.abs() < ORDINARY_BOUND, base + 0.5 * torch.randn(base.shape),
+                           base)
+    else:
+        test = base.roll(1, dims=0)
+    return base, test, t
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("pairing", ["self", "perturbed", "rolled"])
+@pytest.mark.parametrize("V", [37, 300])
+def test_float32_extremes(backend, opts, pairing, V):
+    """[3e38, 3e38, -1] against itself at temperature 0.5 gave a NaN KL on the CPU backend (its
+    KL is 0)."""
+    base, test, t = extreme_pair(V, pairing)
+    got = on_backend(pplfast.compare, backend, base, test, t, **opts)
+    expected = reference.compare(base, test, t, **opts)
+    assert_extreme_comparison(got, expected, base, test, opts, f"{backend} {pairing} {opts}")
+    if pairing == "self":
+        assert bool((got.kl.abs() <= 2e-6 * float(V)).all()), got.kl
+
+
+@pytest.mark.parametrize("splits,block", [(3, 16), (5, 32)])
+@pytest.mark.parametrize("opts", extreme_option_params())
+def test_triton_split_paths_float32_extremes(splits, block, opts):
+    """Vocabulary splits of one row with different maxima (an extreme in one split, ordinary
+    logits in another), merged by the launcher in float64."""
+    from pplfast.kernels.compare import compare_forward
+
+    for pairing in ("perturbed", "rolled"):
+        base, test, t = extreme_pair(300, pairing)
+        fields = compare_forward(base.unsqueeze(0), test.unsqueeze(0), t, -100, opts["softcap"],
+                                 opts["temperature"], num_splits=splits, block_v=block)
+        got = pplfast.TokenComparison(*fields)
+        expected = reference.compare(base, test, t, **opts)
+        assert_extreme_comparison(got, expected, base, test, opts, f"splits={splits} {opts}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("case", EXTREME_BIASES)
+def test_linear_float32_extremes(backend, opts, case):
+    """Biases carrying the extremes: the test model's bias is the same case (its weights moved)
+    and, in a second call, the next case of the list."""
+    N, D, V = 6, 16, 37
+    hb = torch.randn(N, D)
+    wb = torch.randn(V, D) * (2.0 / D**0.5)
+    ht = hb + 0.1 * torch.randn(N, D)
+    wt = wb + 0.05 * torch.randn(V, D)
+    t = torch.tensor([0, 1, 2, 3, V - 1, V - 2])
+    bb = extreme_bias(case, V)
+    following = EXTREME_BIASES[(EXTREME_BIASES.index(case) + 1) % len(EXTREME_BIASES)]
+    for bt in (bb, extreme_bias(following, V)):
+        got = on_backend(pplfast.linear_compare, backend, hb, wb, ht, wt, t, bias_base=bb,
+                         bias_test=bt, **opts)
+        expected = reference.linear_compare(hb, wb, ht, wt, t, bias_base=bb, bias_test=bt,
+                                            **opts)
+        zb = torch.nn.functional.linear(hb, wb, bb)  # the kernels' float32 logits
+        zt = torch.nn.functional.linear(ht, wt, bt)
+        assert_extreme_comparison(got, expected, zb, zt, opts, f"{backend} {case} {opts}")
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_linear_compare(backend, dtype):
@@ -266,7 +359,7 @@ def test_bad_inputs():
         pplfast.linear_compare(h, w, h, torch.randn(12, 8), t[0])
     with pytest.raises(ValueError, match="hidden_base has shape"):
         pplfast.linear_compare(h, w, h[:4], w, t[0])
-    with pytest.raises(ValueError, match=r"weight must be \(V, 8\)"):
+    with pytest.raises(ValueError, match=r"weight_test must be \(V, 8\)"):
         pplfast.linear_compare(h, w, h, torch.randn(11, 7), t[0])
 
 
@@ -528,7 +621,7 @@ def test_compare_kernel_compiles_for_sm80_and_sm90():
                            part_f_ptr="*fp32", part_i_ptr="*i64", T="i32", V="i32", sb_b="i64",
                            sb_t="i64", sb_v="i32", st_b="i64", st_t="i64", st_v="i32",
                            chunk="i32", n_split="i32", ignore_index="i64", softcap="fp32",
-                           inv_softcap="fp32", inv_temp="fp32", exp2_scale="fp32")
+                           inv_softcap="fp32", exp2_scale="fp32", a_scale="fp32")
                 specs.append(dict(module="pplfast.kernels.compare", kernel="_compare_kernel",
                                   arch=arch, signature=sig,
                                   constexprs=dict(HAS_SOFTCAP=cap, BLOCK_V=block),

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import pplfast
 from pplfast import _chunked, reference
 
-from helpers import LSE_RTOL, assert_nll_close, row_lse
+from helpers import (LSE_RTOL, assert_nll_close, extreme_option_params, extreme_scale,
+                     float32_extreme_rows, row_lse)
 
 pytestmark = pytest.mark.cuda
 
@@ -156,6 +157,23 @@ def test_special_values(cuda_backend, dtype, plan, strided):
     assert torch.isinf(want[1]) and torch.isnan(want[2]) and torch.isposinf(want[3])
     assert torch.isnan(want[4]) and torch.isnan(want[5]) and torch.isnan(want[7])
     assert_nll_close(got, want, lse, what=f"special values {dtype} plan={plan}")
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("V", [3, 1031])
+def test_float32_extremes_every_plan(cuda_backend, V, opts, plan):
+    """Logits at the top of the float32 range (``helpers.float32_extreme_rows``) through every
+    kernel variant (warp or block per row, split rows merged): the exponents are formed from
+    halved differences (no overflow where (y - m) / T is finite) and the target term in double;
+    the bound scales with the NLL, never with the ~3e38 log-sum-exp."""
+    x, t = float32_extreme_rows(V)
+    logits, targets = x.cuda(), t.cuda()
+    got = run_plan(cuda_backend, logits.unsqueeze(0), targets.unsqueeze(0), *plan, **opts)[0]
+    want = reference.token_nll(x, t, **opts).float().double()
+    assert_nll_close(got.cpu(), want, extreme_scale(x, want, **opts),
+                     what=f"extremes V={V} {opts} plan={plan}")
+    assert not bool((got < 0).any())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

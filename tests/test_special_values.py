@@ -3,7 +3,12 @@ ignored rows and +-1e4 extremes, on every backend, both paths (logits through ``
 hidden states through ``linear_token_nll``), under every option combination (softcap, temperature,
 shift, bias), against the float64 reference: NaN where it is NaN, the same infinities, finite
 values within the README's accuracy bound, and no scored NLL below 0. Then confident tokens (one
-logit far above the rest) over dtypes x options: the NLL is ~0 and never negative.
+logit far above the rest) over dtypes x options: the NLL is ~0 and never negative. Then logits at
+the top of the float32 range (3e38, FLT_MAX; ``helpers.float32_extreme_rows``) under softcap and
+temperatures 0.5, 3 and 5e37, with a bound that scales with the NLL, never with the
+log-sum-exp (``helpers.extreme_scale``); the statistics and comparison ops have theirs in
+``test_token_stats.py`` and ``test_compare.py``, the reference its exact check in
+``test_reference_exact.py``.
 
 Shapes are tiny (V = 37: AVX2 blocks plus a scalar tail; 300 in a few cases) so that the Triton
 cases stay fast under the interpreter.
@@ -19,7 +24,8 @@ import torch.nn.functional as F
 import pplfast
 from pplfast import reference
 
-from helpers import ALL_BACKENDS, assert_nll_close, backend_device, row_lse
+from helpers import (ALL_BACKENDS, EXTREME_BIASES, assert_nll_close, backend_device, extreme_bias,
+                     extreme_option_params, extreme_scale, float32_extreme_rows, row_lse)
 
 HAS_CUDA = torch.cuda.is_available()
 INF, NAN = float("inf"), float("nan")
@@ -321,19 +327,121 @@ def test_confident_tokens_never_negative_hidden(backend, opts, dtype, with_bias)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_logits_near_float_max(backend):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_logits_near_float_max(backend, temperature):
     """Rows of logits around 2.5e38, finite NLL (about log V). A kernel that keeps its running
-    max as max * log2(e) (the CUDA kernel did) overflows to +inf there and returns +inf; the
-    state must stay in the logits' own units. (Temperature 1: below 1, z / temperature itself
-    exceeds the float32 range of the inputs, which the float64 reference does not model.)"""
+    max as max * log2(e) (the CUDA kernel did) overflows to +inf there and returns +inf; one that
+    divides the logits by the temperature first overflows below temperature 1 (inf - inf = NaN).
+    The state must stay in the logits' own units."""
     x = torch.full((1, 3, V), 2.5e38)
     x[0, 0, 5] = 3.0e38
     x[0, 1, ::2] = 1.0e38
     x[0, 2, 7] = -3.0e38
     targets = torch.tensor([[5, 1, 4]])
     dev = backend_device(backend)
-    got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend)
-    want = reference.token_nll(x, targets)
+    got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend, temperature=temperature)
+    want = reference.token_nll(x, targets, temperature=temperature)
     assert bool(torch.isfinite(want).all())
-    check(got, want, row_lse(x), torch.ones_like(want, dtype=torch.bool),
-          f"token_nll[{backend}, near FLT_MAX]")
+    check_extreme(got, want, x, dict(softcap=None, temperature=temperature),
+                  f"token_nll[{backend}, near FLT_MAX, t={temperature}]")
+
+
+# ---- the top of the float32 range -----------------------------------------------------------
+
+EXTREME_SHAPES = [pytest.param(3, torch.float32, id="V3-fp32"),
+                  pytest.param(300, torch.float32, id="V300-fp32"),
+                  pytest.param(37, torch.bfloat16, id="V37-bf16")]
+
+
+def extreme_logits(V, dtype, shift):
+    """``helpers.float32_extreme_rows`` as a (1, rows, V) batch; with ``shift`` one more
+    (ordinary) position, and the targets moved one place on."""
+    x, t = float32_extreme_rows(V, dtype)
+    if not shift:
+        return x.unsqueeze(0), t.unsqueeze(0)
+    x = torch.cat([x, torch.randn(1, V).to(dtype)])
+    t = torch.cat([torch.zeros(1, dtype=t.dtype), t])
+    return x.unsqueeze(0), t.unsqueeze(0)
+
+
+def check_extreme(got, want, rows, opts, what):
+    """``got`` (float32) against the float64 ``want`` rounded to float32 (a value beyond FLT_MAX
+    is +inf there), within the bound of ``helpers.extreme_scale``; never negative."""
+    want = want.float().double()
+    scale = extreme_scale(rows, want, softcap=opts["softcap"], temperature=opts["temperature"])
+    assert_nll_close(got.cpu(), want, scale, what=what)
+    assert not bool((got.cpu() < 0).any()), f"{what}: negative NLL {got.cpu().tolist()}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params(shift_too=True))
+@pytest.mark.parametrize("V,dtype", EXTREME_SHAPES)
+def test_logits_path_float32_extremes(backend, opts, V, dtype):
+    """[3e38, 3e38, -1] at temperature 0.5 gave NaN on the CPU backend (3e38 / 0.5 = +inf, then
+    inf - inf), and the reference 0 at every temperature; the true NLL is log 2."""
+    shift = opts.get("shift", False)
+    x, targets = extreme_logits(V, dtype, shift)
+    dev = backend_device(backend)
+    got = pplfast.token_nll(x.to(dev), targets.to(dev), backend=backend, **opts)
+    want = reference.token_nll(x, targets, **opts)
+    check_extreme(got, want, x[:, :-1] if shift else x, opts,
+                  f"token_nll[{backend}, {dtype}, V={V}, {opts}]")
+    if not shift and opts["softcap"] is None and opts["temperature"] <= 3:
+        assert abs(got[0, 0].item() - 0.6931472) < 1e-6, got[0, 0]  # two tied maxima alone
+
+
+def extreme_hidden(case, shift, dtype=torch.float32):
+    """(hidden (1, 6[+1], D), weight (V, D), bias (V,), targets) whose logits carry the case's
+    extremes through the bias (``helpers.extreme_bias``)."""
+    rows = 6 + int(shift)
+    hidden = torch.randn(1, rows, D)
+    weight = torch.randn(V, D) * (2.0 / D**0.5)
+    targets = torch.tensor([[0, 1, 2, 3, V - 1, V - 2, 5][:rows]])
+    return hidden.to(dtype), weight.to(dtype), extreme_bias(case, V, dtype), targets
+
+
+def run_hidden_extreme(backend, opts, case, dtype=torch.float32):
+    shift = opts.get("shift", False)
+    hidden, weight, bias, targets = extreme_hidden(case, shift, dtype)
+    dev = backend_device(backend)
+    got = pplfast.linear_token_nll(hidden.to(dev), weight.to(dev), targets.to(dev),
+                                   bias=bias.to(dev), backend=backend, **opts)
+    want = reference.linear_token_nll(hidden, weight, targets, bias=bias, **opts)
+    z = F.linear(hidden.double(), weight.double(), bias.double())
+    check_extreme(got, want, z[:, :-1] if shift else z, opts,
+                  f"linear_token_nll[{backend}, {dtype}, {case}, {opts}]")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params(shift_too=True))
+@pytest.mark.parametrize("case", EXTREME_BIASES)
+def test_hidden_path_float32_extremes(backend, opts, case):
+    run_hidden_extreme(backend, opts, case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("case", EXTREME_BIASES)
+def test_hidden_path_float32_extremes_fused_triton(opts, case, monkeypatch):
+    """The same through the fused Triton kernel (float32 hidden states take the chunked path
+    unless TF32 is allowed): float32 with TF32 allowed under the interpreter, whose dots are
+    exact float32; bfloat16 on a GPU (TF32 products would widen the error of the ordinary
+    logits). A spy proves the fused kernel ran."""
+    from pplfast import _triton
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    if not HAS_CUDA:
+        monkeypatch.setenv("PPLFAST_ALLOW_TF32", "1")
+    fused = _triton.linear_token_nll_forward
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(_triton, "linear_token_nll_forward", spy)
+    run_hidden_extreme("triton", opts, case, dtype=dtype)
+    assert calls == [dtype], f"fused kernel calls: {calls}"
+

@@ -1,7 +1,9 @@
 """token_stats / linear_token_stats (README "Token statistics") on every backend that runs here,
 against the float64 oracle ``pplfast.reference.token_stats``.
 
-Float fields: ``2e-6 * max(1, |logsumexp of the row|)``. Integer fields exact except where the
+Float fields: ``2e-6 * max(1, |logsumexp of the row|)``; on rows at the top of the float32 range
+(``helpers.float32_extreme_rows``) ``2e-6 * max(1, |value|, |lse of the ordinary logits|)``
+(``helpers.extreme_scale``), never the ~3e38 log-sum-exp. Integer fields exact except where the
 float64 comparison is a tie within one ulp of the input dtype (``_tie_band``): there any of the
 tied answers is right. Top-k ids may come in any order among ties, so they are checked by what
 they point at: distinct, in range, each at least the k-th largest logit (up to the tie band), and
@@ -15,7 +17,9 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import reference
-from helpers import ALL_BACKENDS, assert_nll_close, backend_device, on_backend, row_lse
+from helpers import (ALL_BACKENDS, EXTREME_BIASES, assert_nll_close, backend_device, extreme_bias,
+                     extreme_option_params, extreme_scale, float32_extreme_rows, on_backend,
+                     row_lse)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -36,6 +40,17 @@ def _z64(logits, softcap, temperature):
     return z / temperature
 
 
+def _logp64(logits, softcap, temperature):
+    """float64 log-probabilities, formed relative to each row's maximum (``z - lse`` subtracts
+    two numbers of 3e38 at the top of the float range)."""
+    y = logits.double()
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    m = y.max(-1, keepdim=True).values
+    d = (y - torch.where(torch.isfinite(m), m, 0.0)) / temperature
+    return d - d.logsumexp(-1, keepdim=True)
+
+
 def _tie_band(z64, dtype):
     """Per-element width within which two transformed logits count as tied: one ulp of the
     input dtype at that magnitude (the kernels compare fp32 values transformed in fp32)."""
@@ -45,12 +60,24 @@ def _tie_band(z64, dtype):
 
 
 def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperature=1.0,
-                ignore_index=IGNORE, band=None):
-    """Compare a TokenStats of (..., V) ``logits`` (shift already applied) with the oracle."""
+                ignore_index=IGNORE, band=None, extreme=False):
+    """Compare a TokenStats of (..., V) ``logits`` (shift already applied) with the oracle.
+    ``extreme``: float fields against the oracle rounded to float32, with the bound of
+    ``helpers.extreme_scale``."""
     V = logits.shape[-1]
     expected = reference.token_stats(logits, targets, top_k=top_k, ignore_index=ignore_index,
                                      softcap=softcap, temperature=temperature)
     lse = row_lse(logits, softcap=softcap, temperature=temperature)
+
+    def scale_of(want):  # per row (the leading shape), or per (row, k) of the flat top-k
+        per_row = tuple(want.shape) == tuple(lse.shape)
+        if not extreme:
+            return lse if per_row else lse.reshape(-1, 1).expand(-1, top_k)
+        return extreme_scale(logits if per_row else logits.reshape(-1, V), want,
+                             softcap=softcap, temperature=temperature)
+
+    def rounded(want):
+        return want.float().double() if extreme else want
     lead = tuple(targets.shape)
     for name in FIELDS:
         value = getattr(actual, name)
@@ -62,13 +89,16 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
         int_field = name in ("argmax", "rank", "top_k_ids")
         assert value.dtype == (torch.int64 if int_field else torch.float32), (name, value.dtype)
     for name in ("nll", "entropy", "max_logprob"):
-        assert_nll_close(getattr(actual, name), getattr(expected, name), lse, what=name)
+        want = rounded(getattr(expected, name))
+        assert_nll_close(getattr(actual, name), want, scale_of(want), what=name)
 
     z = _z64(logits, softcap, temperature).reshape(-1, V)
     t = targets.reshape(-1)
     scored = t != ignore_index
     ok_rows = scored & ~torch.isnan(z).any(-1)  # integer fields unspecified on NaN rows
-    tie = _tie_band(z, dtype) if band is None else band.reshape(-1, V)
+    # float64, so that zt +- band stays float64 (a 0-d float64 plus a float32 vector is float32,
+    # and -6e38 is -inf there)
+    tie = _tie_band(z, dtype) if band is None else band.reshape(-1, V).double()
     argmax = actual.argmax.reshape(-1)
     rank = actual.rank.reshape(-1)
     assert bool((argmax[~scored] == -1).all()) and bool((rank[~scored] == -1).all())
@@ -87,11 +117,10 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
         ids = actual.top_k_ids.reshape(-1, top_k)
         lp = actual.top_k_logprobs.reshape(-1, top_k)
         assert bool((ids[~scored] == -1).all()) and bool((lp[~scored] == 0).all())
-        want_lp = expected.top_k_logprobs.reshape(-1, top_k)
-        flat_lse = lse.reshape(-1, 1).expand(-1, top_k)
+        want_lp = rounded(expected.top_k_logprobs.reshape(-1, top_k))
         rows_ok = ok_rows.unsqueeze(-1).expand(-1, top_k)
         assert_nll_close(torch.where(rows_ok, lp, 0.0), torch.where(rows_ok, want_lp, 0.0),
-                         flat_lse, what="top_k_logprobs (sorted values)")
+                         scale_of(want_lp), what="top_k_logprobs (sorted values)")
         for r in ok_rows.nonzero().flatten().tolist():
             row_ids = ids[r]
             assert bool(((row_ids >= 0) & (row_ids < V)).all()), f"row {r}: ids {row_ids.tolist()}"
@@ -99,10 +128,11 @@ def check_stats(actual, logits, targets, *, dtype, top_k, softcap=None, temperat
             kth = torch.topk(z[r], top_k).values[-1]
             held = z[r][row_ids]
             assert bool((held >= kth - tie[r][row_ids]).all()), f"row {r}: ids below the k-th"
-        # each id's log-probability is its own: z[id] - lse
-        at_ids = z.gather(1, ids.clamp(0, V - 1)) - lse.reshape(-1, 1)  # range: checked apart
+        # each id's log-probability is its own (range: checked apart)
+        logp = _logp64(logits, softcap, temperature).reshape(-1, V)
+        at_ids = rounded(logp.gather(1, ids.clamp(0, V - 1)))
         assert_nll_close(torch.where(rows_ok, lp, 0.0), torch.where(rows_ok, at_ids, 0.0),
-                         flat_lse, what="top_k_logprobs at top_k_ids")
+                         scale_of(at_ids), what="top_k_logprobs at top_k_ids")
     else:
         assert actual.top_k_ids is None and actual.top_k_logprobs is None
     # NaN rows: NaN in the float fields (top-k log-probabilities included); the integer fields
@@ -248,6 +278,39 @@ def test_triton_split_path(num_splits):
         check_stats(stats, logits, targets, dtype=torch.float32, top_k=top_k)
 
 
+@pytest.mark.parametrize("all_scored", [False, True], ids=["ignored_rows", "all_scored"])
+def test_triton_top_k_reads_the_scored_rows_once(monkeypatch, all_scored):
+    """The top-k of the Triton statistics runs one torch.topk over the scored rows (in chunks of
+    64 MiB, here one), never a Python loop over the batch, and never reads an ignored row: NaN
+    there changes nothing."""
+    import pplfast.kernels.token_stats as kernel
+
+    B, T, V = 6, 3, 67
+    logits = torch.randn(B, T, V) * 3
+    targets = torch.randint(0, V, (B, T))
+    if not all_scored:
+        ignored = torch.zeros(B, T, dtype=torch.bool)
+        ignored[1] = True
+        ignored[4, 2] = True
+        targets[ignored] = IGNORE
+        logits[ignored] = float("nan")
+    scored = int((targets != IGNORE).sum())
+    calls, topk = [], torch.topk
+
+    def spy(x, k, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        assert not bool(torch.isnan(x).any()), "an ignored row was read"
+        return topk(x, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", spy)
+    fields = kernel.token_stats_forward(logits, targets.reshape(-1), IGNORE, 20.0, 0.8, 5)
+    monkeypatch.undo()
+    assert calls == [(scored, V)], calls
+    stats = pplfast.TokenStats(*(f.reshape(B, T, *f.shape[1:]) for f in fields))
+    check_stats(stats, logits, targets, dtype=torch.float32, top_k=5, softcap=20.0,
+                temperature=0.8)
+
+
 def test_nll_is_token_nll_bit_for_bit_on_cpu():
     for dtype in DTYPES:
         logits = torch.randn(33, 50257).to(dtype)
@@ -354,7 +417,8 @@ def test_kernels_compile_for_sm80_sm90():
     if not nvidia_backend():
         pytest.skip("triton has no NVIDIA backend here")
     outs = dict(targets_ptr="*i64", nll_ptr="*fp32", ent_ptr="*fp32", mlp_ptr="*fp32",
-                amax_ptr="*i64", rank_ptr="*i64", lse_ptr="*fp32", part_f_ptr="*fp32",
+                amax_ptr="*i64", rank_ptr="*i64", max_ptr="*fp32", logs_ptr="*fp32",
+                part_f_ptr="*fp32",
                 part_i_ptr="*i64", T="i32", stride_b="i64", stride_t="i32", stride_v="i32",
                 n_split="i32", ignore_index="i32", softcap="fp32", inv_softcap="fp32",
                 inv_temp="fp32")
@@ -435,3 +499,71 @@ def test_bench_stats_path(capsys):
     assert all(r["error"] is None and r["ms"] > 0 and r["path"] == "stats" for r in rows)
     assert "statistics path: token_stats" in captured.err
     assert main(["bench", "--path", "stats", "--shapes", "8x16x300"]) == 2
+
+
+# ---- the top of the float32 range (README "Special values") ---------------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("V,dtype", [(37, torch.float32), (300, torch.float32),
+                                     (37, torch.bfloat16)], ids=["V37-fp32", "V300-fp32",
+                                                                 "V37-bf16"])
+def test_float32_extremes(backend, opts, V, dtype):
+    """[3e38, 3e38, -1] at temperature 0.5 gave NaN entropy, max log-probability and top-k
+    log-probabilities on the CPU backend, and top-k log-probabilities of 0 (3e38 - lse, both
+    rounded to 3e38) at every temperature."""
+    logits, targets = float32_extreme_rows(V, dtype)
+    for top_k in (0, 5):
+        stats = _run(backend, logits, targets, top_k=top_k, **opts)
+        check_stats(stats, logits, targets, dtype=dtype, top_k=top_k, extreme=True, **opts)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("case", EXTREME_BIASES)
+def test_linear_float32_extremes(backend, opts, case):
+    N, D, V = 6, 16, 37
+    hidden = torch.randn(N, D)
+    weight = torch.randn(V, D) * (2.0 / D**0.5)
+    bias = extreme_bias(case, V)
+    targets = torch.tensor([0, 1, 2, 3, V - 1, V - 2])
+    logits = F.linear(hidden, weight, bias)  # the kernels' float32 logits
+    for top_k in (0, 5):
+        stats = on_backend(pplfast.linear_token_stats, backend, hidden, weight, targets,
+                           bias=bias, top_k=top_k, **opts)
+        check_stats(stats, logits, targets, dtype=torch.float32, top_k=top_k,
+                    band=1e-5 * (logits.abs() + 1), extreme=True, **opts)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", extreme_option_params())
+@pytest.mark.parametrize("case", EXTREME_BIASES)
+def test_linear_float32_extremes_fused_triton(opts, case, monkeypatch):
+    """The fused statistics kernel (top_k = 0): float32 with TF32 allowed under the interpreter
+    (exact float32 dots there), bfloat16 on a GPU; a spy proves it ran."""
+    from pplfast import _triton
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PPLFAST_ALLOW_TF32", "1")
+    fused, calls = _triton.linear_token_stats_forward, []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(_triton, "linear_token_stats_forward", spy)
+    N, D, V = 6, 16, 37
+    hidden = torch.randn(N, D).to(dtype)
+    weight = (torch.randn(V, D) * (2.0 / D**0.5)).to(dtype)
+    bias = extreme_bias(case, V, dtype)
+    targets = torch.tensor([0, 1, 2, 3, V - 1, V - 2])
+    logits = F.linear(hidden.float(), weight.float(), bias.float())
+    stats = on_backend(pplfast.linear_token_stats, "triton", hidden, weight, targets, bias=bias,
+                       **opts)
+    check_stats(stats, logits, targets, dtype=torch.float32, top_k=0,
+                band=1e-5 * (logits.abs() + 1), extreme=True, **opts)
+    assert calls == [dtype], f"fused kernel calls: {calls}"
+

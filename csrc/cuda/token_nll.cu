@@ -1,11 +1,13 @@
 // Per-token NLL over rows of logits, one pass, fp32 online logsumexp (fp32/fp16/bf16 in, fp32 out).
 //
 // Each row is read once. A thread keeps a running max m of the (soft-capped) logits z and sums
-// 2^((z - m) * c), c = log2(e) / temperature, rescaling its sums when m grows; the exponent is a
-// subtraction and a product (rounded separately: z - m is exact near the max, and the maximum's
-// own term is exactly 1), the power one ex2. The state stays in the units of z, so no m * c is
-// ever formed: maxima up to FLT_MAX work at every temperature (an m * c state overflowed to +inf
-// above about 2.4e38 * temperature). Per-thread sums go into 8 independent accumulators (one per
+// 2^((z/2 - m/2) * c), c = 2 log2(e) / temperature, rescaling its sums when m grows; the exponent
+// is an FMA and a product (rounded separately: the halves are exact, z/2 - m/2 is exact near the
+// max, and the maximum's own term is exactly 1), the power one ex2. Halving first keeps the
+// difference finite where z - m would overflow (down to -2 FLT_MAX) while (z - m) / temperature
+// does not (temperature > 1). The state stays in the units of z, so no m * c is ever formed:
+// maxima up to FLT_MAX work at every temperature (an m * c state overflowed to +inf above about
+// 2.4e38 * temperature). Per-thread sums go into 8 independent accumulators (one per
 // vector lane), then pairwise into one, then a warp butterfly and a block tree merge the (m, sum)
 // pairs, so no fp32 sum runs sequentially over more than a few dozen terms.
 //   - a warp per row for small V (8 rows per block);
@@ -15,7 +17,8 @@
 // reaches 16-byte alignment (row starts need not be aligned); other strides use scalar loads.
 // The target logit is loaded once, by one thread, through the same transform as the streamed
 // values, so it never exceeds m; the NLL is (m - z_t) / temperature + log(sum) with sum >= 1, two
-// non-negative terms (no cancellation of two large rounded terms), clamped at 0 against rounding.
+// non-negative terms (no cancellation of two large rounded terms), the first formed in double
+// (m - z_t reaches 2 FLT_MAX), clamped at 0 against rounding.
 // Offsets are 64-bit throughout.
 //
 // Special values follow torch.logsumexp in float64: -inf entries add nothing; an all -inf row
@@ -57,8 +60,8 @@ struct Params {
   int64_t rows;
   int64_t segment;
   int splits;
-  float c;  // log2(e) / temperature
-  float temperature;
+  float c;  // 2 log2(e) / temperature: the scale of halved exponents
+  double inv_temperature;
   float softcap;
   float inv_softcap;
 };
@@ -136,18 +139,18 @@ __device__ __forceinline__ float target_logit(const T* row, int64_t target, cons
 
 // ---- online logsumexp state -----------------------------------------------------------------
 //
-// Sums are kept relative to `base`: sum_true = s * 2^(base * c), with base = m where m is finite
-// and 0 otherwise (m = -inf before any finite element, m = +inf once an +inf is seen).
+// Sums are kept relative to `base`: sum_true = s * 2^(base * c / 2), with base = m where m is
+// finite and 0 otherwise (m = -inf before any finite element, m = +inf once an +inf is seen).
 
 struct Online {
-  float m;     // running max of z
-  float base;  // exponent base of the sums
+  float m;              // running max of z
+  float neg_half_base;  // -base / 2, base the exponent base of the sums
   float s[kAcc];
 };
 
 __device__ __forceinline__ void init(Online& st) {
   st.m = -INFINITY;
-  st.base = 0.f;
+  st.neg_half_base = 0.f;
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) st.s[i] = 0.f;
 }
@@ -155,12 +158,12 @@ __device__ __forceinline__ void init(Online& st) {
 // Factor that re-expresses sums kept against max `from` against max `to` (from <= to). Where a
 // max is infinite the sums carry only NaN-ness (they are 0 or NaN, or the lse is decided by the
 // +inf), so 0 is used: NaN survives, and no inf - inf is ever formed.
-// from - to <= 0 may round to -inf (maxima of opposite signs near FLT_MAX): the factor is then 0,
-// as it should be.
+// from/2 - to/2 never overflows; its product with c may round to -inf (maxima of opposite signs
+// near FLT_MAX at a low temperature): the factor is then 0, as it should be.
 __device__ __forceinline__ float rescale(float from, float to, float c) {
   if (from == to) return 1.f;
   if (from == -INFINITY || to == INFINITY) return 0.f;
-  return exp2f(__fmul_rn(__fsub_rn(from, to), c));
+  return exp2f(__fmul_rn(__fmaf_rn(from, 0.5f, -0.5f * to), c));
 }
 
 template <int N>
@@ -173,13 +176,13 @@ __device__ __forceinline__ void absorb(Online& st, const float (&z)[N], int slot
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) st.s[i] *= f;
     st.m = vmax;
-    st.base = isfinite(vmax) ? vmax : 0.f;
+    st.neg_half_base = isfinite(vmax) ? -0.5f * vmax : 0.f;
   }
-  // z - base is rounded before the product (the _rn intrinsics are never fused into an FMA): the
-  // maximum's term is exactly 2^0 = 1. z - base <= 0 may round to -inf, whose term is 0.
+  // z/2 - base/2 is rounded once, before the product (the _rn intrinsics are never contracted
+  // further): the maximum's term is exactly 2^0 = 1.
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    st.s[(slot + k) % kAcc] += exp2f(__fmul_rn(__fsub_rn(z[k], st.base), c));
+    st.s[(slot + k) % kAcc] += exp2f(__fmul_rn(__fmaf_rn(z[k], 0.5f, st.neg_half_base), c));
   }
 }
 
@@ -240,7 +243,11 @@ __device__ __forceinline__ void block_merge(float& m, float& s, float c) {
 // clamp keeps NaN (NaN < 0 is false).
 __device__ __forceinline__ float finish_nll(float m, float s, float z_t, const Params& p) {
   if (isnan(s)) return s;
-  const float nll = isinf(m) ? m - z_t : (m - z_t) / p.temperature + log2f(s) * kLn2;
+  const float nll =
+      isinf(m) ? m - z_t
+               : static_cast<float>((static_cast<double>(m) - static_cast<double>(z_t)) *
+                                        p.inv_temperature +
+                                    static_cast<double>(log2f(s) * kLn2));
   return nll < 0.f ? 0.f : nll;
 }
 
@@ -527,8 +534,8 @@ void token_nll(uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int
   p.rows = rows;
   p.segment = plan.segment;
   p.splits = plan.splits;
-  p.temperature = static_cast<float>(temperature);
-  p.c = static_cast<float>(1.4426950408889634 / temperature);  // log2(e) / temperature
+  p.inv_temperature = 1.0 / temperature;
+  p.c = static_cast<float>(2.0 * 1.4426950408889634 / temperature);  // 2 log2(e) / temperature
   p.softcap = has_softcap ? static_cast<float>(softcap) : 1.f;
   p.inv_softcap = has_softcap ? static_cast<float>(1.0 / softcap) : 1.f;
 
