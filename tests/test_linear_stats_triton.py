@@ -342,7 +342,8 @@ def test_public_api_top_k_0_fused_and_5_chunked(dtype, monkeypatch):
     ids[0, 4] = IGNORE
     opts = dict(bias=b, shift=True, softcap=8.0, temperature=1.3, backend="triton")
     stats = pplfast.linear_token_stats(hidden, weight, ids, **opts)
-    assert fused_spy.calls == [24] and chunked_spy.calls == []
+    # shift=True hands the launcher all 2 x 13 rows (no copy), each sequence's last one ignored
+    assert fused_spy.calls == [26] and chunked_spy.calls == []
     assert stats.nll.shape == (2, 12) and stats.top_k_ids is None and stats.top_k_logprobs is None
     h, t = hidden[:, :-1].reshape(-1, 40), ids[:, 1:].reshape(-1)
     check(stats, h, weight, b, t, softcap=8.0, temperature=1.3)
@@ -354,7 +355,7 @@ def test_public_api_top_k_0_fused_and_5_chunked(dtype, monkeypatch):
                                                  temperature=1.3).view(2, 12))
 
     top = pplfast.linear_token_stats(hidden, weight, ids, top_k=5, **opts)
-    assert fused_spy.calls == [24] and chunked_spy.calls == [24]
+    assert fused_spy.calls == [26] and chunked_spy.calls == [26]
     assert top.top_k_ids.shape == (2, 12, 5) and top.top_k_logprobs.dtype == torch.float32
     want = reference.linear_token_stats(hidden.cpu(), weight.cpu(), ids.cpu(), bias=b.cpu(),
                                         top_k=5, shift=True, softcap=8.0, temperature=1.3)
