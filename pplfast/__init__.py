@@ -1,13 +1,12 @@
 """pplfast: fused per-token NLL and perplexity that never build the vocabulary-sized tensor."""
 from ._dispatch import BACKENDS, BackendUnavailableError
-from .corpus import CorpusScorer
 from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .comparison import ComparisonResult, TokenComparison, compare, linear_compare
-from .hf_compare import compare_models
-from .hf import DocumentScore, ScoreResult, TextScores, score_model, score_texts
 from .metric import Comparison, Perplexity, PerplexityResult
 from .stats import TokenStats, linear_token_stats, token_stats
-from .windows import Window, make_windows
+from .models import (DocumentScore, ScoreResult, TextScores, Window, compare_models,
+                     make_windows, score_model, score_texts)
+from .corpus import CorpusScorer
 from . import reference  # the float64 oracle, pplfast.reference
 from ._version import __version__
 

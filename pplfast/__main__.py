@@ -1,7 +1,7 @@
-"""``python -m pplfast``: the ``pplfast`` command line (see :mod:`pplfast.cli`)."""
+"""``python -m pplfast``: the ``pplfast`` command line (see :mod:`pplfast.cli.main`)."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

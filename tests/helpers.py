@@ -302,30 +302,3 @@ def compile_triton(specs: list, *, extra_path: Optional[str] = None) -> list:
     assert len(results) == len(specs), proc.stdout[-2000:]
     return results
 
-
-def save_trained_llama(root, *, context=64, steps=25, seed=0):
-    """A tiny Llama and its tokenizer (from ``tests/test_hf.py``), trained ``steps`` Adam steps
-    on that file's word corpus so that text off that corpus scores far worse; saved to ``root``.
-
-    Returns ``(model, tokenizer)``, the model in eval mode.
-    """
-    import torch
-    from test_hf import build_model, corpus, train_tokenizer
-
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=context, seed=seed)
-    ids = torch.tensor(tokenizer(" ".join(corpus(400, seed=seed + 1)))["input_ids"])
-    rows = ids[: len(ids) // context * context].view(-1, context)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        batch = rows[torch.randint(0, len(rows), (16,), generator=gen)]
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return model, tokenizer

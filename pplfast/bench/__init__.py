@@ -45,7 +45,8 @@ import functools
 import json
 import sys
 
-from ..corpus_io import CorpusIOError, atomic_output
+from ..corpus.io import CorpusIOError
+from ..corpus.writer import atomic_output
 from .cases import linear_flops, logits_bytes, make_inputs
 from .measure import cpu_peak_extra, cuda_peak_extra, read_bandwidth, time_call
 from .options import (DEFAULT_BW_MIB, DTYPES, PATHS, SCHEMA, BenchError, MiB, Plan,

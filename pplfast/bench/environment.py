@@ -1,53 +1,14 @@
-"""The machine and the versions a record was measured with (also used by ``pplfast doctor``)."""
+"""The machine and the versions a record was measured with (the machine helpers are the CLI's,
+shared with ``pplfast doctor``)."""
 from __future__ import annotations
 
 import os
 import platform
-import subprocess
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def mem_total_gib() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / (1 << 20)
-    except OSError:
-        pass
-    return None
-
-
-def driver_version() -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def package_version(module: str) -> Optional[str]:
-    try:
-        from importlib import metadata
-
-        return metadata.version(module)
-    except Exception:
-        return None
+from ..cli._common import cpu_model, driver_version, mem_total_gib, package_version
 
 
 def environment(device: torch.device) -> Dict[str, object]:

@@ -16,7 +16,7 @@ import socket
 import sys
 
 from .._dispatch import BACKENDS
-from .._models import ModelLoadError, check_model_dir, first_line
+from ..models.loading import ModelLoadError, check_model_dir, first_line
 from .._optional import require
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
