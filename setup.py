@@ -26,7 +26,7 @@ import shutil
 import subprocess
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 DEFAULT_CUDA_ARCHS = "75;80;90"
 
@@ -195,7 +195,8 @@ else:
     ext_modules.append(cuda_ext)
 
 setup(
-    packages=["pplfast", "pplfast.kernels"],
+    # the package, its subpackages (the wings: models, corpus, serve, cli, ...) and the kernels
+    packages=["pplfast", *(f"pplfast.{p}" for p in find_packages("pplfast")), "pplfast.kernels"],
     package_dir={"pplfast": "pplfast", "pplfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
