@@ -126,13 +126,15 @@ def _compare_kernel(
         at_q = tl.maximum(at_q, tl.where(za == -float("inf"), zb, -float("inf")))
         new_p = tl.maximum(max_p, tl.max(za, axis=0))
         new_q = tl.maximum(max_q, tl.max(zb, axis=0))
-        # the difference (u_a - u_b) of every term so far moves by half_diff(max_p, new_p) -
-        # half_diff(max_q, new_q): finite once both maxima are (an -inf one holds no term)
-        shift = half_diff(max_p, new_p) - half_diff(max_q, new_q)
-        shift = tl.where(tl.abs(shift) < float("inf"), shift * a_scale, 0.0)
-        s_p, a_p = _rescale_side(s_p, a_p, max_p, new_p, shift, exp2_scale)
-        s_q, a_q = _rescale_side(s_q, a_q, max_q, new_q, -shift, exp2_scale)
-        max_p, max_q = new_p, new_q
+        if (new_p != max_p) | (new_q != max_q):  # rare after the first blocks
+            # the difference (u_a - u_b) of every term so far moves by half_diff(max_p, new_p)
+            # - half_diff(max_q, new_q): finite once both maxima are (an -inf one holds no term)
+            shift = half_diff(max_p, new_p) - half_diff(max_q, new_q)
+            shift = tl.where(tl.abs(shift) < float("inf"), shift * a_scale, 0.0)
+            s_p, a_p = _rescale_side(s_p, a_p, max_p, new_p, shift, exp2_scale)
+            s_q, a_q = _rescale_side(s_q, a_q, max_q, new_q, -shift, exp2_scale)
+            max_p = new_p
+            max_q = new_q
         ua = half_diff(za, max_p)
         ub = half_diff(zb, max_q)
         ea = tl.exp2(ua * (2.0 * exp2_scale))
