@@ -23,11 +23,20 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import Comparison, TokenComparison, linear_compare, linear_token_nll, linear_token_stats
-from .._models import ModelLoadError, first_line, load_model
-from ..hf import (_context_length, _last_hidden, _llamacpp_bos, _model_device, _model_head,
-                  _prefix_id, _schedules, _text_config, vocab_size)
-from ..windows import Window
+from ..api import linear_token_nll
+from ..comparison import TokenComparison, linear_compare
+from ..models.head import context_length as _context_length
+from ..models.head import last_hidden as _last_hidden
+from ..models.head import llamacpp_bos as _llamacpp_bos
+from ..models.head import model_device as _model_device
+from ..models.head import model_head as _model_head
+from ..models.head import prefix_id as _prefix_id
+from ..models.head import text_config as _text_config
+from ..models.head import vocab_size
+from ..models.loading import ModelLoadError, first_line, load_model
+from ..models.runner import schedules as _schedules
+from ..metric import Comparison
+from ..stats import linear_token_stats
 from .packing import NO_TARGET, Pass, pass_inputs, pass_reads, scatter_results
 
 TREE_MIN_SHARED = 8  # shared tokens worth a tree row
@@ -119,9 +128,9 @@ class ModelEngine:
         return _llamacpp_bos(self.model, self.tokenizer, None)
 
     def schedule(self, length: int, *, window: Optional[int], stride: Optional[int],
-                 mode: str) -> List[Window]:
-        """``score_model``'s windows for one document of ``length`` tokens (for ``rolling``,
-        positions index ``[prefix] + tokens``); ValueError for bad options."""
+                 mode: str) -> list:
+        """``score_model``'s windows (``Window`` objects) for one document of ``length`` tokens
+        (for ``rolling``, positions index ``[prefix] + tokens``); ValueError for bad options."""
         return _schedules([length], window, stride, mode, self.model)[0]
 
     @property
