@@ -200,9 +200,9 @@ def extreme_pair(V, pairing):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", extreme_option_params())
-@pytest.mark.parametrize("pairing", ["self", "perturbed", "rolled"])
-@pytest.mark.parametrize("V", [37, 300])
-def test_float32_extremes(backend, opts, pairing, V):
+@pytest.mark.parametrize("V,pairing", [(37, "self"), (300, "perturbed"), (37, "rolled"),
+                                       (300, "rolled")], ids=lambda p: str(p))
+def test_float32_extremes(backend, opts, V, pairing):
     """[3e38, 3e38, -1] against itself at temperature 0.5 gave a NaN KL on the CPU backend (its
     KL is 0)."""
     base, test, t = extreme_pair(V, pairing)
@@ -213,28 +213,27 @@ def test_float32_extremes(backend, opts, pairing, V):
         assert bool((got.kl.abs() <= 2e-6 * float(V)).all()), got.kl
 
 
-@pytest.mark.parametrize("splits,block", [(3, 16), (5, 32)])
 @pytest.mark.parametrize("opts", extreme_option_params())
-def test_triton_split_paths_float32_extremes(splits, block, opts):
+def test_triton_split_paths_float32_extremes(opts):
     """Vocabulary splits of one row with different maxima (an extreme in one split, ordinary
     logits in another), merged by the launcher in float64."""
     from pplfast.kernels.compare import compare_forward
 
     for pairing in ("perturbed", "rolled"):
-        base, test, t = extreme_pair(300, pairing)
+        base, test, t = extreme_pair(96, pairing)
         fields = compare_forward(base.unsqueeze(0), test.unsqueeze(0), t, -100, opts["softcap"],
-                                 opts["temperature"], num_splits=splits, block_v=block)
+                                 opts["temperature"], num_splits=3, block_v=16)
         got = pplfast.TokenComparison(*fields)
         expected = reference.compare(base, test, t, **opts)
-        assert_extreme_comparison(got, expected, base, test, opts, f"splits={splits} {opts}")
+        assert_extreme_comparison(got, expected, base, test, opts, f"splits {pairing} {opts}")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", extreme_option_params())
 @pytest.mark.parametrize("case", EXTREME_BIASES)
 def test_linear_float32_extremes(backend, opts, case):
-    """Biases carrying the extremes: the test model's bias is the same case (its weights moved)
-    and, in a second call, the next case of the list."""
+    """Biases carrying the extremes: the test model's weights moved, its bias the next case of
+    the list (the same extremes on both sides are the logits path's "perturbed" pairing)."""
     N, D, V = 6, 16, 37
     hb = torch.randn(N, D)
     wb = torch.randn(V, D) * (2.0 / D**0.5)
@@ -243,14 +242,13 @@ def test_linear_float32_extremes(backend, opts, case):
     t = torch.tensor([0, 1, 2, 3, V - 1, V - 2])
     bb = extreme_bias(case, V)
     following = EXTREME_BIASES[(EXTREME_BIASES.index(case) + 1) % len(EXTREME_BIASES)]
-    for bt in (bb, extreme_bias(following, V)):
-        got = on_backend(pplfast.linear_compare, backend, hb, wb, ht, wt, t, bias_base=bb,
-                         bias_test=bt, **opts)
-        expected = reference.linear_compare(hb, wb, ht, wt, t, bias_base=bb, bias_test=bt,
-                                            **opts)
-        zb = torch.nn.functional.linear(hb, wb, bb)  # the kernels' float32 logits
-        zt = torch.nn.functional.linear(ht, wt, bt)
-        assert_extreme_comparison(got, expected, zb, zt, opts, f"{backend} {case} {opts}")
+    bt = extreme_bias(following, V)
+    got = on_backend(pplfast.linear_compare, backend, hb, wb, ht, wt, t, bias_base=bb,
+                     bias_test=bt, **opts)
+    expected = reference.linear_compare(hb, wb, ht, wt, t, bias_base=bb, bias_test=bt, **opts)
+    zb = torch.nn.functional.linear(hb, wb, bb)  # the kernels' float32 logits
+    zt = torch.nn.functional.linear(ht, wt, bt)
+    assert_extreme_comparison(got, expected, zb, zt, opts, f"{backend} {case} {opts}")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
