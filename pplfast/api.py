@@ -13,10 +13,11 @@ import torch
 
 from . import _frontend
 from ._dispatch import BACKENDS, BackendUnavailableError
+from ._dispatch import module as _module
 from ._dispatch import resolve as _resolve
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "linear_perplexity", "linear_token_nll",
-           "perplexity", "resolve_backend", "token_nll"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "check_backend", "linear_perplexity",
+           "linear_token_nll", "perplexity", "resolve_backend", "token_nll"]
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -25,6 +26,16 @@ def resolve_backend(backend: str, device) -> str:
     ``PPLFAST_BACKEND`` included); raises ``ValueError`` or :class:`BackendUnavailableError`
     saying why it cannot run there."""
     return _resolve(backend, torch.device(device))
+
+
+def check_backend(backend: str) -> None:
+    """Raise :class:`BackendUnavailableError` saying what to install when the code of a concrete
+    backend (``"cpu"``, ``"triton"``, ``"cuda"``, ``"reference"``) cannot be loaded here: the
+    native extension missing from the install, or no triton. Which tensors it can run on is
+    :func:`resolve_backend`'s answer."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    _module(backend)
 
 
 def token_nll(

@@ -79,7 +79,7 @@ def _edges_of(name: str, path: Path, known: set, root: str) -> List[Edge]:
                     else:
                         add(base, inner, child.lineno, (alias.name,))
             elif (isinstance(child, ast.Constant) and isinstance(child.value, str)
-                  and child.value in known):
+                  and child.value in known and child.value != root):
                 add(child.value, True, child.lineno)  # importlib.import_module("pplfast.x")
             visit(child, inner)
 
@@ -193,7 +193,7 @@ def wing(module: str) -> str:
 def _private(module: str, names=()) -> bool:
     return (module not in SHARED_HELPERS | ENGINE_BELOW
             and any(part.startswith("_") and part != "__init__" for part in module.split(".")[1:])
-            or any(n.startswith("_") for n in names))
+            or any(n.startswith("_") and not n.endswith("__") for n in names))
 
 
 def wing_violations(graph) -> List[str]:

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from .._dispatch import BACKENDS
+from ..api import BACKENDS
 from ..models.loading import ModelLoadError, check_model_dir, first_line
 from .._optional import require
 

@@ -30,8 +30,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from ... import _env
-from ... import _dispatch  # TODO(engine): a public backend check (see _backend_status)
-from ...api import linear_token_nll, resolve_backend, token_nll
+from ...api import check_backend, linear_token_nll, resolve_backend, token_nll
 from ...comparison import compare, linear_compare
 from ...stats import linear_token_stats, token_stats
 from .._common import cpu_model, driver_version, key_values, package_version
@@ -77,7 +76,7 @@ def _backend_status(device_kind: str) -> Dict[str, Optional[str]]:
                                 f"{_env.TRITON_INTERPRET}=1 to run them on CPU tensors in "
                                 "Triton's interpreter (slow, for testing)")
         try:
-            _dispatch.module(name)  # the extension or triton itself, with how to install it
+            check_backend(name)  # the extension or triton itself, with how to install it
         except Exception as exc:
             problems.append(str(exc).splitlines()[0])
         if not problems:
