@@ -247,13 +247,14 @@ def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, step):
 
 
 def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
-                       *, budget_mb: Optional[float] = None):
+                       *, budget_mb: Optional[float] = None, scored: Optional[Scored] = None):
     """Statistics of ``F.linear(hidden2, weight, bias)`` through the CPU tile loop of the
     hidden-states NLL (:func:`logit_tiles`), folded into a running state by the
-    native ``stats_update``; the state is O(N · top_k), never N × V."""
+    native ``stats_update``; the state is O(N · top_k), never N × V. ``scored``: as in
+    :func:`linear_token_nll`."""
     N = hidden2.shape[0]
     out = _stats_outputs(N, top_k)
-    rows, scored_targets = _select_scored(targets, ignore_index)
+    rows, scored_targets = scored if scored is not None else _select_scored(targets, ignore_index)
     n = scored_targets.shape[0]
     k = top_k
     state = (
@@ -344,18 +345,19 @@ def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperat
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
                    targets, ignore_index, softcap, temperature, *,
-                   budget_mb: Optional[float] = None):
+                   budget_mb: Optional[float] = None, scored: Optional[Scored] = None):
     """:func:`compare` of ``F.linear`` of each model through the tile loop of the hidden-states
     ops (:func:`logit_tiles`), one loop per model run in lockstep (the same tile sizes, chosen
     for the wider model within half the budget each): two GEMMs per tile into two reused float32
     buffers, folded together into the two-row running state of :func:`compare_update`.
 
-    Returns ``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)``, each ``(N,)``.
+    ``scored``: as in :func:`linear_token_nll`. Returns ``(kl, kl_reverse, nll_base, nll_test,
+    argmax_base, argmax_test)``, each ``(N,)``.
     """
     budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
     N = hidden2_base.shape[0]
     V = weight_base.shape[0]
-    rows, scored_targets = _select_scored(targets, ignore_index)
+    rows, scored_targets = scored if scored is not None else _select_scored(targets, ignore_index)
     n_scored = scored_targets.shape[0]
     state = compare_state(n_scored)
     if n_scored:

@@ -120,12 +120,13 @@ def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
                                sm_count=_env.sm_count(logits3.device))
 
 
-def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
+                       *, scored: Optional[Scored] = None):
     from .kernels.token_stats import token_stats_forward
 
     launcher = functools.partial(token_stats_forward, sm_count=_env.sm_count(hidden2.device))
     return chunked_linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap,
-                                      temperature, top_k, launcher=launcher)
+                                      temperature, top_k, launcher=launcher, scored=scored)
 
 
 # compare / linear_compare have no CUDA C++ kernel yet: on CUDA tensors they run the Triton
@@ -139,7 +140,8 @@ def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperat
 
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
-                   targets, ignore_index, softcap, temperature):
+                   targets, ignore_index, softcap, temperature, *,
+                   scored: Optional[Scored] = None):
     return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
                                   weight_test, bias_test, targets, ignore_index, softcap,
-                                  temperature, launcher=compare)
+                                  temperature, launcher=compare, scored=scored)

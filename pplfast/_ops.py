@@ -150,8 +150,9 @@ def linear_token_stats(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], 
         fields = launchers.token_stats(_bias_rows(weight, bias, flat.numel()), flat,
                                        ignore_index, softcap, temperature, top_k)
     else:
+        scored = _select_scored(flat, ignore_index, mask=mask, count=count)
         fields = launchers.linear_token_stats(hidden2, weight, bias, flat, ignore_index, softcap,
-                                              temperature, top_k)
+                                              temperature, top_k, scored=scored)
     return _stats_tuple(fields, hidden2, top_k)
 
 
@@ -214,9 +215,10 @@ def linear_compare(hidden2_base: Tensor, weight_base: Tensor, bias_base: Optiona
                                    _zero_width_logits(hidden2_test, weight_test, bias_test, n),
                                    flat, ignore_index, softcap, temperature)
     else:
+        scored = _select_scored(flat, ignore_index, mask=mask, count=count)
         fields = launchers.linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
                                           weight_test, bias_test, flat, ignore_index, softcap,
-                                          temperature)
+                                          temperature, scored=scored)
     return tuple(fields)
 
 

@@ -44,7 +44,9 @@ def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
     ))
 
 
-def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k):
+def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
+                       *, scored=None):
+    del scored  # the oracle scores every row itself, ignored ones included
     return _stats_fields(reference.linear_token_stats(
         hidden2, weight, targets, bias=bias, top_k=top_k, ignore_index=ignore_index,
         softcap=softcap, temperature=temperature,
@@ -65,7 +67,8 @@ def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperat
 
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
-                   targets, ignore_index, softcap, temperature):
+                   targets, ignore_index, softcap, temperature, *, scored=None):
+    del scored  # the oracle scores every row itself, ignored ones included
     return _compare_tuple(reference.linear_compare(
         hidden2_base, weight_base, hidden2_test, weight_test, targets, bias_base=bias_base,
         bias_test=bias_test, ignore_index=ignore_index, softcap=softcap, temperature=temperature,

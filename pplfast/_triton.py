@@ -117,9 +117,9 @@ def compare(logits3_base, logits3_test, targets, ignore_index, softcap, temperat
 
 
 def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
-                   targets, ignore_index, softcap, temperature):
+                   targets, ignore_index, softcap, temperature, *, scored=None):
     """Chunked GEMMs into two reused float32 buffers feeding the logits kernel
     (``pplfast._chunked.chunked_linear_compare``); no fused two-GEMM kernel yet."""
     return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
                                   weight_test, bias_test, targets, ignore_index, softcap,
-                                  temperature, launcher=compare)
+                                  temperature, launcher=compare, scored=scored)
