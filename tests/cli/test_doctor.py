@@ -1,8 +1,6 @@
 """``pplfast doctor``: every public op on every backend against the float64 reference, streamed
 one JSON line per check, and loud on a broken backend, whichever field it breaks."""
-import functools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,34 +8,12 @@ import sys
 import pytest
 import torch
 
-import pplfast
 from pplfast import _cpu
 from pplfast.cli import doctor
 from pplfast.cli import main
-from helpers import backend_device
 
 OPS = ("token_nll", "linear_token_nll", "token_stats", "linear_token_stats", "compare",
        "linear_compare")
-
-
-@functools.lru_cache(maxsize=None)
-def extremes_pending(backend: str) -> bool:
-    """Issue 17, item 5: until the kernels compute relative to the row maximum, ``[3e38, 3e38,
-    -1]`` gives NaN or 0 where log 2 is right (and a KL of a row against itself is not 0), and
-    doctor's extremes checks fail on that backend. Remove with its uses once that fix is in."""
-    device = backend_device(backend)
-    x, t = torch.tensor([[3e38, 3e38, -1.0]], device=device), torch.tensor([0], device=device)
-    for temperature in (1.0, 0.5):
-        opts = dict(temperature=temperature, backend=backend)
-        stats = pplfast.token_stats(x, t, top_k=1, **opts)
-        same = pplfast.compare(x, x, t, **opts)
-        for value in (pplfast.token_nll(x, t, **opts), stats.nll, -stats.top_k_logprobs[:, 0],
-                      same.nll_base):
-            if not math.isclose(float(value), math.log(2), rel_tol=1e-6):
-                return True
-        if float(same.kl) != 0.0:
-            return True
-    return False
 
 
 def _doctor_json(*args, env=None):
@@ -104,19 +80,9 @@ def test_triton_under_the_interpreter(triton_run):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_every_check_but_the_pending_extremes_passes(request, backend):
-    _, lines = request.getfixturevalue(f"{backend}_run")
-    failed = [c for c in _failed(lines)
-              if not (extremes_pending(backend) and "extremes" in c["case"])]
-    assert not failed, "\n".join(json.dumps(c) for c in failed)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_the_extremes_pass(request, backend):
-    if extremes_pending(backend):
-        request.node.add_marker(pytest.mark.xfail(
-            strict=True, reason=f"issue 17 item 5: {backend} kernels near the top of float32"))
+def test_every_check_passes_the_extremes_included(request, backend):
     proc, lines = request.getfixturevalue(f"{backend}_run")
+    assert any("extremes" in c["case"] for c in lines if c["kind"] == "check")
     assert proc.returncode == 0 and lines[-1]["ok"], "\n".join(
         f"{c['op']} / {c['case']} / {c['dtype']}: {c['detail']}" for c in _failed(lines))
 
@@ -128,8 +94,7 @@ def test_text_output_one_line_per_check(capsys):
     rows = [line for line in out.splitlines() if line.startswith("cpu ") and " token_nll " in line]
     assert len(rows) == sum(c.op == "token_nll" for c in doctor.CASES)
     assert all(line.split()[1] == "token_nll" and " fp32 " in line for line in rows)
-    bad = [line for line in rows if not line.endswith(" ok")
-           and not (extremes_pending("cpu") and "extremes" in line)]
+    bad = [line for line in rows if not line.endswith(" ok")]
     assert not bad, "\n".join(bad)
     assert rc == (1 if any("FAILED" in line for line in rows) else 0)
     assert out.strip().splitlines()[-1].endswith("checks FAILED" if rc else "s)")
@@ -276,6 +241,5 @@ def test_cpu_and_triton_run_without_the_cuda_extension():
     assert "pplfast._cuda_C is missing" in lines[0]["backends"]["cuda"]
     checks = [c for c in lines if c["kind"] == "check"]
     assert {c["backend"] for c in checks} == {"cpu", "triton"}
-    failed = [c for c in _failed(lines)
-              if not (extremes_pending(c["backend"]) and "extremes" in c["case"])]
+    failed = _failed(lines)
     assert not failed, "\n".join(json.dumps(c) for c in failed)

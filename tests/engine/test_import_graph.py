@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"pplfast": ROOT / "pplfast", "pplfast.kernels": ROOT / "kernels"}
 EXTENSIONS = {"pplfast._C", "pplfast._cuda_C"}  # compiled modules: leaves
 
