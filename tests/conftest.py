@@ -40,6 +40,38 @@ def nan_filled_empty(monkeypatch):
     yield
 
 
+@pytest.fixture
+def real_empty(monkeypatch):
+    """torch.empty as it is (not NaN-filled), for tests that compile: the compiler allocates
+    with it too. Dynamo's caches are cleared before and after."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "empty", _empty)
+    monkeypatch.setattr(torch, "empty_like", _empty_like)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """The reads of tensor data by the host (each one a device sync on a GPU), as a list of the
+    methods that read."""
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero",
+                        lambda *a, **k: reads.append("nonzero") or real_nonzero(*a, **k))
+    return reads
+
+
 @pytest.fixture(autouse=True)
 def grad_mode_kept():
     """No public entry point may switch autograd off for its caller (a scoped no_grad only)."""
