@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 
 from ._common import capped, device_guard, half_diff, rescale
+from .partials import NO_INDEX, check_v_offset, cross_scale, global_ids, target_field
 
 _LOG2E = 1.4426950408889634
-_NO_INDEX = 2147483647
 _FLOATS, _INTS = 10, 4
 
 # (BLOCK_V, num_warps) on GPUs by HAS_SOFTCAP: two rows in flight per block, so half of
@@ -169,45 +169,49 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _merge_side(pf, pi, other_max, inv_temp, a_scale):
-    """Merge the splits of one side, float64 / int64 per row: ``(row max, log s, A / s in the
-    logits' units, largest own value where the other is -inf, argmax, has NaN)``.
-    ``other_max``: the other side's per-split maxima (A is relative to both)."""
-    m, s, a, at, raw_max = (pf[..., k] for k in range(5))
-    arg, first_nan = pi[..., 0], pi[..., 1]
-    row_max = m.max(dim=1).values
-    other_row_max = other_max.max(dim=1).values
-    top = row_max.unsqueeze(1)
-    weight = torch.where(m == top, 1.0, torch.exp((m - top) * inv_temp))
-    # each split's A is relative to its own two maxima: move it to the row's (2 / a_scale: to
-    # the logits' units)
-    shift = (m - top) - (other_max - other_row_max.unsqueeze(1))
-    a_units = a * (2.0 / a_scale) + torch.where(s > 0, shift * s, 0.0)
-    s_total = (s * weight).sum(1)
-    a_total = torch.where(weight > 0, a_units * weight, 0.0).sum(1)
-    nan_index = first_nan.min(dim=1).values
-    has_nan = nan_index != _NO_INDEX
-    best = raw_max.max(dim=1).values.unsqueeze(1)
-    argmax = torch.where(raw_max == best, arg, _NO_INDEX).min(dim=1).values
-    argmax = torch.where(has_nan, nan_index, argmax)
-    return row_max, torch.log(s_total), a_total / s_total, at.max(dim=1).values, argmax, has_nan
+def reduce_records(pf, pi, inv_temp, h):
+    """Merge the records ``pf[:, k]`` (float64, the ten fields of a split record) and
+    ``pi[:, k]`` (int64, four) of each row into one, in float64 (``kernels/partials.py``): the
+    cross sums move to the merged maxima of both sides. Returns ``(floats (rows, 10) float64,
+    ints (rows, 4) int64)``, the same layout."""
+    maxima = pf[..., 0], pf[..., 5]
+    merged = [m.max(dim=1).values for m in maxima]
+    floats, ints = [], []
+    for side in (0, 1):
+        m, s, cross, lone, raw_max = (pf[..., 5 * side + k] for k in range(5))
+        arg, first_nan = pi[..., 2 * side], pi[..., 2 * side + 1]
+        top, other_top = merged[side].unsqueeze(1), merged[1 - side].unsqueeze(1)
+        weight = torch.where(m == top, 1.0, torch.exp((m - top) * inv_temp))
+        # each record's numerator is relative to its own two maxima: move it to the merged ones
+        # (2 / h: to the logits' units)
+        shift = (m - top) - (maxima[1 - side] - other_top)
+        units = cross * (2.0 / h) + torch.where(s > 0, shift * s, 0.0)
+        cross_total = torch.where(weight > 0, units * weight, 0.0).sum(1) * (h / 2.0)
+        best = raw_max.max(dim=1).values
+        floats += [merged[side], (s * weight).sum(1), cross_total, lone.max(dim=1).values, best]
+        ints += [torch.where(raw_max == best.unsqueeze(1), arg, NO_INDEX).min(dim=1).values,
+                 first_nan.min(dim=1).values]
+    return torch.stack(floats, 1), torch.stack(ints, 1)
+
+
+def _side(floats, ints, side, inv_temp, h):
+    """One side of a merged record: ``(row max, log s, numerator / s in the logits' units,
+    lone, argmax, has NaN)``."""
+    m, s, cross, lone, _ = (floats[:, 5 * side + k] for k in range(5))
+    arg, first_nan = ints[:, 2 * side], ints[:, 2 * side + 1]
+    has_nan = first_nan != NO_INDEX
+    return (m, torch.log(s), cross * (2.0 / h) / s, lone, torch.where(has_nan, first_nan, arg),
+            has_nan)
 
 
 def _kl(own, other, inv_temp):
-    row_max, log_s, a_over_s, at, _, nan = own
+    row_max, log_s, a_over_s, lone, _, nan = own
     row_max_o, log_s_o, _, _, _, nan_o = other
     kl = (a_over_s * inv_temp - log_s + log_s_o).clamp_min(0.0)
     # p_v > 0 (in float64) at an entry where the other row is -inf
-    kl = torch.where(torch.exp((at - row_max) * inv_temp - log_s) > 0, float("inf"), kl)
+    kl = torch.where(torch.exp((lone - row_max) * inv_temp - log_s) > 0, float("inf"), kl)
     undefined = nan | nan_o | ~torch.isfinite(row_max) | ~torch.isfinite(row_max_o)
     return torch.where(undefined, float("nan"), kl)
-
-
-def _a_scale(temperature: float) -> float:
-    """``H`` of the module notes, ``2^-40 / temperature`` as a float32, never below the smallest
-    normal float32."""
-    return float(torch.tensor(max(2.0**-40 / float(temperature), 2.0**-126),
-                              dtype=torch.float32))
 
 
 def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index, softcap,
@@ -217,31 +221,14 @@ def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_
         base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
         chunk, n_split, ignore_index,
         float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
-        _LOG2E / float(temperature), _a_scale(temperature),
+        _LOG2E / float(temperature), cross_scale(temperature),
         HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
     )
 
 
-def compare_forward(
-    base3: torch.Tensor,
-    test3: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    softcap: Optional[float],
-    temperature: float,
-    *,
-    sm_count: Optional[int] = None,
-    num_splits: Optional[int] = None,
-    block_v: Optional[int] = None,
-):
-    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` of two ``(B, T, V)``
-    logits tensors (any strides, each its own dtype), one pass over both.
-
-    Equals ``pplfast.reference.compare`` (float64) cast to float32; ignored rows get 0 and -1 and
-    are not read. ``sm_count``: streaming multiprocessors of the device (required for CUDA
-    tensors unless ``num_splits`` is given); ``num_splits`` / ``block_v`` force the vocabulary
-    split and block size (tests, tuning).
-    """
+def _records(base3, test3, targets, ignore_index, softcap, temperature, sm_count, num_splits,
+             block_v):
+    """The kernel's split records of every row merged into one per row, float64 / int64."""
     if base3.ndim != 3 or base3.shape != test3.shape:
         raise ValueError(f"base3 and test3 must be the same (B, T, V), got {tuple(base3.shape)} "
                          f"and {tuple(test3.shape)}")
@@ -273,27 +260,90 @@ def compare_forward(
     block = min(block, max(16, triton.next_power_of_2(chunk)))
     part_f = torch.empty((rows, n_split, _FLOATS), dtype=torch.float32, device=device)
     part_i = torch.empty((rows, n_split, _INTS), dtype=torch.int64, device=device)
-    has_softcap = softcap is not None
     if rows:
         with device_guard(base3):
             _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_index,
                     softcap, temperature, block, warps)
+    return reduce_records(part_f.double(), part_i, 1.0 / float(temperature),
+                          cross_scale(temperature))
+
+
+def compare_forward(
+    base3: torch.Tensor,
+    test3: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    temperature: float,
+    *,
+    sm_count: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    block_v: Optional[int] = None,
+):
+    """``(kl, kl_reverse, nll_base, nll_test, argmax_base, argmax_test)`` of two ``(B, T, V)``
+    logits tensors (any strides, each its own dtype), one pass over both.
+
+    Equals ``pplfast.reference.compare`` (float64) cast to float32; ignored rows get 0 and -1 and
+    are not read. ``sm_count``: streaming multiprocessors of the device (required for CUDA
+    tensors unless ``num_splits`` is given); ``num_splits`` / ``block_v`` force the vocabulary
+    split and block size (tests, tuning).
+    """
+    floats, ints = _records(base3, test3, targets, ignore_index, softcap, temperature, sm_count,
+                            num_splits, block_v)
+    B, T, V = base3.shape
+    rows = B * T
     inv_temp = 1.0 / float(temperature)
-    h = _a_scale(temperature)
-    pf = part_f.double()
-    p = _merge_side(pf[..., :5], part_i[..., :2], pf[..., 5], inv_temp, h)
-    q = _merge_side(pf[..., 5:], part_i[..., 2:], pf[..., 0], inv_temp, h)
+    h = cross_scale(temperature)
+    p = _side(floats, ints, 0, inv_temp, h)
+    q = _side(floats, ints, 1, inv_temp, h)
     scored = targets != ignore_index
     safe = torch.where(scored, targets, 0).view(B, T, 1)
     fields = [_kl(p, q, inv_temp), _kl(q, p, inv_temp)]
     for side, logits in ((p, base3), (q, test3)):
         y = logits.gather(2, safe).reshape(rows).double()
-        if has_softcap:
+        if softcap is not None:
             y = softcap * torch.tanh(y / softcap)
         nll = (side[0] - y) * inv_temp + side[1]  # (m - y_t) / T + log s, in float64
         nll = torch.where(nll < 0, 0.0, nll)  # rounding; NaN and inf kept
         fields.append(torch.where(side[5], float("nan"), nll))
-    zero = torch.zeros((), dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=torch.float64, device=base3.device)
     out = [torch.where(scored, f, zero).float() for f in fields]
     out += [torch.where(scored, side[4], -1) for side in (p, q)]
     return tuple(out)
+
+
+def compare_slice_partials(
+    base3: torch.Tensor,
+    test3: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    temperature: float,
+    v_offset: int,
+    *,
+    sm_count: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    block_v: Optional[int] = None,
+):
+    """The comparison records of a vocabulary slice of both models, not finished
+    (``kernels/partials.py``).
+
+    Args:
+        base3, test3: ``(B, T, V_local)``, columns ``[v_offset, v_offset + V_local)`` of the
+            vocabulary, as :func:`compare_forward`.
+        targets: ``(B*T,)`` int64, contiguous, global ids or ``ignore_index``; a target outside
+            the slice is not read.
+        ignore_index, softcap, temperature, sm_count, num_splits, block_v: as
+            :func:`compare_forward`.
+        v_offset: global id of the slice's first column.
+
+    Returns:
+        ``(floats, ints)``: float32 ``(B*T, 12)`` (``partials.COMPARE_FLOAT_FIELDS``) and int64
+        ``(B*T, 4)`` (``partials.COMPARE_INT_FIELDS``).
+    """
+    check_v_offset(v_offset)
+    floats, ints = _records(base3, test3, targets, ignore_index, softcap, temperature, sm_count,
+                            num_splits, block_v)
+    targets_f = [target_field(x, targets, ignore_index, v_offset) for x in (base3, test3)]
+    floats = torch.cat([floats.float(), torch.stack(targets_f, 1)], 1)
+    return floats, global_ids(ints, v_offset)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale
+from .partials import check_v_offset, target_field
 
 # Vocabulary split (rows < 2 x SM count): aim for this many programs per SM in all. Under the
 # interpreter a small fixed SM count makes small test shapes take the split path too.
@@ -66,7 +67,7 @@ def _online_update(x, row_max, sums, exp2_scale):
 
 @triton.jit
 def _token_nll_kernel(
-    logits_ptr, targets_ptr, out_ptr, part_max_ptr, part_sum_ptr,
+    logits_ptr, targets_ptr, out_ptr, part_ptr,
     T, V, stride_b, stride_t, stride_v, chunk, n_split, ignore_index,
     softcap, inv_softcap, exp2_scale, inv_temp,
     HAS_SOFTCAP: tl.constexpr, VOCAB_CONTIGUOUS: tl.constexpr, SPLIT: tl.constexpr,
@@ -148,10 +149,10 @@ def _token_nll_kernel(
     row_max, sums = _online_update(x, row_max, sums, exp2_scale)
     row_max, row_sum = merge(row_max, tl.sum(sums, axis=0), edge_max, edge_sum, exp2_scale)
 
-    if SPLIT:
-        part = row.to(tl.int64) * n_split + tl.program_id(1)
-        tl.store(part_max_ptr + part, row_max)
-        tl.store(part_sum_ptr + part, row_sum)
+    if SPLIT:  # the split record (max, sum): kernels/partials.py
+        part = (row.to(tl.int64) * n_split + tl.program_id(1)) * 2
+        tl.store(part_ptr + part, row_max)
+        tl.store(part_ptr + part + 1, row_sum)
     else:
         nll = _row_nll(logits_ptr + row_off, target, scored, row_max, row_sum, stride_v,
                        softcap, inv_softcap, inv_temp, HAS_SOFTCAP)
@@ -160,29 +161,34 @@ def _token_nll_kernel(
 
 @triton.jit
 def _merge_kernel(
-    logits_ptr, targets_ptr, out_ptr, part_max_ptr, part_sum_ptr,
+    logits_ptr, targets_ptr, out_ptr, part_ptr,
     T, stride_b, stride_t, stride_v, n_split, ignore_index,
     softcap, inv_softcap, exp2_scale, inv_temp,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FINISH: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """Merge the split records of a row: FINISH writes its NLL, otherwise its (max, sum) into
+    columns 0 and 1 of the ``(rows, 3)`` slice records (``kernels/partials.py``)."""
     row = tl.program_id(0)
-    target = tl.load(targets_ptr + row)
-    scored = target != ignore_index
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
-
     splits = tl.arange(0, BLOCK_S)
     mask = splits < n_split
-    part = row.to(tl.int64) * n_split + splits
-    part_max = tl.load(part_max_ptr + part, mask=mask, other=-float("inf"))
-    part_sum = tl.load(part_sum_ptr + part, mask=mask, other=0.0)
+    part = (row.to(tl.int64) * n_split + splits) * 2
+    part_max = tl.load(part_ptr + part, mask=mask, other=-float("inf"))
+    part_sum = tl.load(part_ptr + part + 1, mask=mask, other=0.0)
     row_max = tl.max(part_max, axis=0)
     row_sum = tl.sum(part_sum * rescale(part_max, row_max, exp2_scale), axis=0)
 
-    nll = _row_nll(row_ptr, target, scored, row_max, row_sum, stride_v,
-                   softcap, inv_softcap, inv_temp, HAS_SOFTCAP)
-    tl.store(out_ptr + row, nll)
+    if FINISH:
+        target = tl.load(targets_ptr + row)
+        scored = target != ignore_index
+        b = row // T
+        t = row - b * T
+        row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+        nll = _row_nll(row_ptr, target, scored, row_max, row_sum, stride_v,
+                       softcap, inv_softcap, inv_temp, HAS_SOFTCAP)
+        tl.store(out_ptr + row, nll)
+    else:
+        tl.store(out_ptr + row.to(tl.int64) * 3, row_max)
+        tl.store(out_ptr + row.to(tl.int64) * 3 + 1, row_sum)
 
 
 # Launch configuration of the one-pass path on every GPU (sm_80 to sm_100 alike):
@@ -257,6 +263,67 @@ def plan(rows: int, V: int, *, on_gpu: bool, dtype: torch.dtype, sm_count: int,
     return n_split, chunk, block, num_warps
 
 
+def _scalars(softcap: Optional[float], temperature: float) -> dict:
+    has_softcap = softcap is not None
+    return dict(
+        softcap=float(softcap) if has_softcap else 1.0,
+        inv_softcap=1.0 / float(softcap) if has_softcap else 1.0,
+        exp2_scale=LOG2E.value / float(temperature),
+        inv_temp=1.0 / float(temperature),
+    )
+
+
+def _launch_rows(logits3, targets, out, part, n_split, chunk, block, num_warps, ignore_index,
+                 softcap, temperature, *, split: bool, autotune: bool = False):
+    """The row kernel over ``(rows, n_split)`` programs: NLLs into ``out`` (one pass), or split
+    records into ``part`` (``split``)."""
+    B, T, V = logits3.shape
+    stride_b, stride_t, stride_v = logits3.stride()
+    # 16-byte vector loads need a contiguous vocabulary and an aligned base (rows are peeled)
+    aligned = stride_v == 1 and logits3.data_ptr() % 16 == 0
+    common = dict(
+        T=T, V=V, stride_b=stride_b, stride_t=stride_t, stride_v=stride_v, chunk=chunk,
+        n_split=n_split, ignore_index=ignore_index, **_scalars(softcap, temperature),
+        HAS_SOFTCAP=softcap is not None, VOCAB_CONTIGUOUS=stride_v == 1, SPLIT=split,
+        ALIGN=16 // logits3.element_size() if aligned else 1,
+    )
+    grid = (B * T, n_split)
+    if autotune:
+        _autotuned_kernel()[grid](logits3, targets, out, part, **common)
+    else:
+        _token_nll_kernel[grid](logits3, targets, out, part, **common, BLOCK_V=block,
+                                num_warps=num_warps)
+
+
+def _launch_merge(logits3, targets, out, part, n_split, ignore_index, softcap, temperature, *,
+                  finish: bool):
+    scalars = _scalars(softcap, temperature)
+    stride_b, stride_t, stride_v = logits3.stride()
+    _merge_kernel[(part.shape[0],)](
+        logits3, targets, out, part, logits3.shape[1], stride_b, stride_t, stride_v, n_split,
+        ignore_index, scalars["softcap"], scalars["inv_softcap"], scalars["exp2_scale"],
+        scalars["inv_temp"], HAS_SOFTCAP=softcap is not None, FINISH=finish,
+        BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+    )
+
+
+def _check(logits3: torch.Tensor, targets: torch.Tensor, num_splits, block_v) -> None:
+    if logits3.ndim != 3:
+        raise ValueError(f"logits3 must be (B, T, V), got shape {tuple(logits3.shape)}")
+    rows = logits3.shape[0] * logits3.shape[1]
+    if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(
+            f"targets must be a contiguous int64 tensor of shape ({rows},), got "
+            f"{targets.dtype} {tuple(targets.shape)}"
+        )
+    if targets.device != logits3.device:
+        raise ValueError(f"targets is on {targets.device} but logits3 is on {logits3.device}")
+    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+
 def token_nll_forward(
     logits3: torch.Tensor,
     targets: torch.Tensor,
@@ -295,21 +362,9 @@ def token_nll_forward(
     Returns:
         float32 tensor ``(B*T,)``.
     """
-    if logits3.ndim != 3:
-        raise ValueError(f"logits3 must be (B, T, V), got shape {tuple(logits3.shape)}")
+    _check(logits3, targets, num_splits, block_v)
     B, T, V = logits3.shape
     rows = B * T
-    if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
-        raise ValueError(
-            f"targets must be a contiguous int64 tensor of shape ({rows},), got "
-            f"{targets.dtype} {tuple(targets.shape)}"
-        )
-    if targets.device != logits3.device:
-        raise ValueError(f"targets is on {targets.device} but logits3 is on {logits3.device}")
-    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     on_gpu = logits3.is_cuda
     if sm_count is None:
         if on_gpu and num_splits is None:
@@ -325,43 +380,66 @@ def token_nll_forward(
                                             sm_count=sm_count, num_splits=num_splits,
                                             block_v=block_v)
     split = n_split > 1
-    has_softcap = softcap is not None
-    scalars = dict(
-        softcap=float(softcap) if has_softcap else 1.0,
-        inv_softcap=1.0 / float(softcap) if has_softcap else 1.0,
-        exp2_scale=LOG2E.value / float(temperature),
-        inv_temp=1.0 / float(temperature),
-    )
-    stride_b, stride_t, stride_v = logits3.stride()
-    # 16-byte vector loads need a contiguous vocabulary and an aligned base (rows are peeled)
-    aligned = stride_v == 1 and logits3.data_ptr() % 16 == 0
-    align_elems = 16 // logits3.element_size() if aligned else 1
-    if split:
-        part_max = torch.empty((rows, n_split), dtype=torch.float32, device=logits3.device)
-        part_sum = torch.empty((rows, n_split), dtype=torch.float32, device=logits3.device)
-    else:
-        part_max = part_sum = out  # unused by the one-pass kernel
-    common = dict(
-        T=T, V=V, stride_b=stride_b, stride_t=stride_t, stride_v=stride_v, chunk=chunk,
-        n_split=n_split, ignore_index=ignore_index, **scalars,
-        HAS_SOFTCAP=has_softcap, VOCAB_CONTIGUOUS=stride_v == 1, SPLIT=split, ALIGN=align_elems,
-    )
-    grid = (rows, n_split)
+    part = (torch.empty((rows, n_split, 2), dtype=torch.float32, device=logits3.device)
+            if split else out)  # the one-pass kernel writes no record
     with device_guard(logits3):
-        if autotune and on_gpu and block_v is None:
-            _autotuned_kernel()[grid](logits3, targets, out, part_max, part_sum, **common)
-        else:
-            _token_nll_kernel[grid](
-                logits3, targets, out, part_max, part_sum, **common, BLOCK_V=block,
-                num_warps=num_warps,
-            )
+        _launch_rows(logits3, targets, out, part, n_split, chunk, block, num_warps, ignore_index,
+                     softcap, temperature, split=split,
+                     autotune=autotune and on_gpu and block_v is None)
         if split:
-            _merge_kernel[(rows,)](
-                logits3, targets, out, part_max, part_sum,
-                T, stride_b, stride_t, stride_v, n_split, ignore_index,
-                scalars["softcap"], scalars["inv_softcap"], scalars["exp2_scale"],
-                scalars["inv_temp"],
-                HAS_SOFTCAP=has_softcap, BLOCK_S=max(triton.next_power_of_2(n_split), 2),
-                num_warps=1,
-            )
+            _launch_merge(logits3, targets, out, part, n_split, ignore_index, softcap,
+                          temperature, finish=True)
+    return out
+
+
+def token_nll_slice_partials(
+    logits3: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    softcap: Optional[float],
+    temperature: float,
+    v_offset: int,
+    *,
+    sm_count: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
+    """The token_nll records of a vocabulary slice, not finished (``kernels/partials.py``).
+
+    Args:
+        logits3: ``(B, T, V_local)``, columns ``[v_offset, v_offset + V_local)`` of the
+            vocabulary; dtypes and strides as :func:`token_nll_forward`.
+        targets: ``(B*T,)`` int64, contiguous, global ids or ``ignore_index``; a target outside
+            the slice adds nothing and is not read.
+        ignore_index, softcap, temperature, sm_count, num_splits, block_v: as
+            :func:`token_nll_forward` (the slice is cut into chunks the same way).
+        v_offset: global id of the slice's first column.
+
+    Returns:
+        float32 ``(B*T, 3)``: ``partials.NLL_FIELDS`` ``(max, sum, target)`` per row.
+    """
+    _check(logits3, targets, num_splits, block_v)
+    check_v_offset(v_offset)
+    B, T, V = logits3.shape
+    rows = B * T
+    on_gpu = logits3.is_cuda
+    if sm_count is None:
+        if on_gpu and num_splits is None:
+            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
+        sm_count = _INTERPRETER_SM_COUNT
+    out = torch.empty((rows, 3), dtype=torch.float32, device=logits3.device)
+    out[:, 0] = -float("inf")
+    out[:, 1] = 0.0
+    out[:, 2] = target_field(logits3, targets, ignore_index, v_offset)
+    if rows == 0 or V == 0:
+        return out
+    n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
+                                            sm_count=sm_count, num_splits=num_splits,
+                                            block_v=block_v)
+    part = torch.empty((rows, n_split, 2), dtype=torch.float32, device=logits3.device)
+    with device_guard(logits3):
+        _launch_rows(logits3, targets, out, part, n_split, chunk, block, num_warps, ignore_index,
+                     softcap, temperature, split=True)
+        _launch_merge(logits3, targets, out, part, n_split, ignore_index, softcap, temperature,
+                      finish=False)
     return out

@@ -44,6 +44,9 @@ import torch
 from . import _env
 from ._chunked import (_select_scored, chunked_linear_compare, chunked_linear_token_nll,
                        chunked_linear_token_stats)
+from .kernels import compare as _compare_kernels
+from .kernels import token_nll as _token_nll_kernels
+from .kernels import token_stats as _token_stats_kernels
 from .kernels.compare import compare_forward
 from .kernels.linear_token_nll import linear_token_nll_forward
 from .kernels.linear_token_stats import linear_token_stats_forward
@@ -123,3 +126,33 @@ def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_te
     return chunked_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test,
                                   weight_test, bias_test, targets, ignore_index, softcap,
                                   temperature, launcher=compare, scored=scored)
+
+
+# Vocabulary slices: the records of a (B, T, V_local) slice whose first column is global id
+# v_offset, not finished; layouts and merge rules in kernels/partials.py.
+
+def token_nll_slice_partials(logits3, targets, ignore_index, softcap, temperature, v_offset):
+    """float32 ``(B*T, 3)``: ``kernels.partials.NLL_FIELDS`` per row."""
+    return _token_nll_kernels.token_nll_slice_partials(
+        logits3, targets, ignore_index, softcap, temperature, v_offset,
+        sm_count=_sm_count(logits3))
+
+
+def token_stats_slice_partials(logits3, targets, ignore_index, softcap, temperature, v_offset,
+                               top_k, target_logits=None):
+    """``(floats (B*T, 5), ints (B*T, 3), top values, top ids)``:
+    ``kernels.partials.STATS_FLOAT_FIELDS`` / ``STATS_INT_FIELDS`` per row, and the slice's
+    ``top_k`` candidates (None when 0); ``target_logits``: every row's raw target logit, for the
+    rank (see the launcher)."""
+    return _token_stats_kernels.token_stats_slice_partials(
+        logits3, targets, ignore_index, softcap, temperature, v_offset,
+        target_logits=target_logits, top_k=top_k, sm_count=_sm_count(logits3))
+
+
+def compare_slice_partials(logits3_base, logits3_test, targets, ignore_index, softcap,
+                           temperature, v_offset):
+    """``(floats (B*T, 12), ints (B*T, 4))``: ``kernels.partials.COMPARE_FLOAT_FIELDS`` /
+    ``COMPARE_INT_FIELDS`` per row."""
+    return _compare_kernels.compare_slice_partials(
+        logits3_base, logits3_test, targets, ignore_index, softcap, temperature, v_offset,
+        sm_count=_sm_count(logits3_base))

@@ -379,7 +379,7 @@ def test_kernels_import_nothing_from_the_package_and_read_no_environment():
 
 # sm_80 (A100), sm_86 (A10, RTX 30), sm_89 (L4, L40, RTX 40), sm_90 (H100, H200)
 GPU_ARCHS = (80, 86, 89, 90)
-_PTRS = ["logits_ptr", "targets_ptr", "out_ptr", "part_max_ptr", "part_sum_ptr"]
+_PTRS = ["logits_ptr", "targets_ptr", "out_ptr", "part_ptr"]
 # global loads in the PTX: 16-byte vectors, and any load that is neither a 2- nor a 4-vector
 _LOADS = {"v4": r"ld\.global[\w:.]*\.v4", "scalar": r"ld\.global(?![\w:.]*\.v[24])[\w:.]*\s"}
 
@@ -405,7 +405,7 @@ def test_kernels_compile_for_each_gpu_target():
                 for split in (False, True):
                     for cap in (False, True):
                         sig = dict(logits_ptr="*" + dtype, targets_ptr="*i64", out_ptr="*fp32",
-                                   part_max_ptr="*fp32", part_sum_ptr="*fp32", T="i32", V="i32",
+                                   part_ptr="*fp32", T="i32", V="i32",
                                    stride_b="i64", stride_t="i32", stride_v="i32", chunk="i32",
                                    n_split="i32", ignore_index="i32", softcap="fp32",
                                    inv_softcap="fp32", exp2_scale="fp32", inv_temp="fp32")
@@ -419,14 +419,15 @@ def test_kernels_compile_for_each_gpu_target():
                             num_warps=warps, count=_LOADS,
                             tag=f"sm{arch} {dtype} contig={contig} align={align} split={split} "
                                 f"softcap={cap}"))
-        sig = dict(logits_ptr="*bf16", targets_ptr="*i64", out_ptr="*fp32", part_max_ptr="*fp32",
-                   part_sum_ptr="*fp32", T="i32", stride_b="i64", stride_t="i32", stride_v="i32",
+        sig = dict(logits_ptr="*bf16", targets_ptr="*i64", out_ptr="*fp32", part_ptr="*fp32",
+                   T="i32", stride_b="i64", stride_t="i32", stride_v="i32",
                    n_split="i32", ignore_index="i32", softcap="fp32", inv_softcap="fp32",
                    exp2_scale="fp32", inv_temp="fp32")
         for cap in (False, True):
             specs.append(dict(module="pplfast.kernels.token_nll", kernel="_merge_kernel",
                               arch=arch, signature=sig, div16=_PTRS, num_warps=1,
-                              constexprs=dict(HAS_SOFTCAP=cap, BLOCK_S=8, stride_v=1),
+                              constexprs=dict(HAS_SOFTCAP=cap, FINISH=True, BLOCK_S=8,
+                                              stride_v=1),
                               tag=f"sm{arch} merge softcap={cap}"))
     assert len(specs) == (3 * 3 * 2 * 2 + 2) + 3 * (2 * 2 * 2 * 2 + 2)
     for spec, got in zip(specs, compile_triton(specs)):
