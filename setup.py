@@ -2,10 +2,12 @@
 
 ``pplfast._C``: the CPU kernels (C++17, OpenMP), bound with pybind11 over raw pointers and
 strides so that the build never needs PyTorch. On x86-64 the default is ``-march=x86-64-v3``
-(AVX2, FMA, F16C: all the kernels use; any x86 CPU since 2013-2015), so a build runs on every
-such host it is copied to; ``PPLFAST_CPU_ARCH=native`` tunes it for the building machine only
-(it may then die with SIGILL on an older host), and any other value is passed to ``-march``.
-Elsewhere the compiler's default target is used unless ``PPLFAST_CPU_ARCH`` is set.
+(AVX2, FMA, F16C; any x86 CPU since 2013-2015), so a build runs on every such host it is copied
+to; ``PPLFAST_CPU_ARCH=native`` tunes it for the building machine only (it may then die with
+SIGILL on an older host), and any other value is passed to ``-march``. Elsewhere the compiler's
+default target is used unless ``PPLFAST_CPU_ARCH`` is set. On x86-64 the row kernels are also
+compiled for AVX-512 (one translation unit, under a target pragma) and chosen at run time on
+CPUs that have it (``PPLFAST_CPU_ISA`` overrides the choice).
 
 ``pplfast._cuda_C``: the CUDA kernels (csrc/cuda), built only where ``nvcc`` is found
 (``CUDA_HOME`` / ``CUDA_PATH``, else ``nvcc`` on ``PATH``); elsewhere the install still succeeds
@@ -38,24 +40,28 @@ def cpu_arch_flags():
     return [f"-march={arch}"] if arch else []
 
 
+CPU_SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/cpu/dispatch.cpp",
+    "csrc/cpu/isa_base.cpp",
+    "csrc/cpu/isa_avx512.cpp",
+    "csrc/cpu/token_nll.cpp",
+    "csrc/cpu/token_stats.cpp",
+    "csrc/cpu/compare.cpp",
+]
+CPU_HEADERS = ["csrc/cpu/ops.h", "csrc/cpu/common.h", "csrc/cpu/isa.h", "csrc/cpu/simd.h",
+               "csrc/cpu/rows.h"]
+
 ext_modules = [
     Pybind11Extension(
         "pplfast._C",
-        sources=[
-            "csrc/bindings.cpp",
-            "csrc/cpu/token_nll.cpp",
-            "csrc/cpu/token_stats.cpp",
-            "csrc/cpu/compare.cpp",
-        ],
-        depends=[
-            "csrc/cpu/common.h",
-            "csrc/cpu/token_nll.h",
-            "csrc/cpu/token_stats.h",
-            "csrc/cpu/compare.h",
-        ],
+        sources=CPU_SOURCES,
+        depends=CPU_HEADERS,
         include_dirs=["csrc"],
         cxx_std=17,
-        # -ffp-contract=off: the scalar transforms must round exactly as the AVX2 ones
+        # -ffp-contract=off: every ISA's kernels round the same operations the same way (no FMA
+        # the compiler chose for one and not another). isa_avx512.cpp enables AVX-512 for its own
+        # functions only (a target pragma), so the build's baseline stays -march's.
         extra_compile_args=["-O3", *cpu_arch_flags(), "-fopenmp", "-fno-math-errno",
                             "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],

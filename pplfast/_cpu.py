@@ -1,16 +1,20 @@
 """``backend="cpu"``: both ops on the native kernels of ``pplfast._C`` (csrc/cpu), end to end.
 
-Logits path: the kernel reads fp32/fp16/bf16 logits in place through their strides; this module
-only allocates the output and passes pointers.
+Every op family (NLL, statistics, comparison) has the same three calls over a running state this
+module owns, a ``(rows, width)`` float64 tensor whose layout belongs to the kernels:
+``*_state`` makes it fresh, ``*_update`` folds one slab of vocabulary columns (any strides, at a
+vocabulary offset) into it, ``*_finish`` turns it into the outputs.
+
+Logits path: one update over the whole vocabulary; the kernel reads fp32/fp16/bf16 logits in
+place through their strides.
 
 Hidden-states path: the vocabulary is cut into tiles and the (scored) tokens into chunks. Each
-(chunk, tile) pair is one GEMM into a single reused float32 buffer, folded at once into a per-row
-running state (max, sum of exp, target logit) by :func:`lse_update`; :func:`lse_finish` turns the
-state into NLL. The loop runs tiles outside and chunks inside, so the weight (the large operand)
+(chunk, tile) pair is one GEMM into a single reused float32 buffer, folded at once into the
+running state by the family's update; its finish turns the state into the outputs. The loop runs tiles outside and chunks inside, so the weight (the large operand)
 is read once and only the hidden states are re-read, once per tile. Tile sizes are chosen so that
 every temporary (logits buffer, float32 copies of fp16/bf16 operand tiles, gathered rows) fits in
 the budget (``PPLFAST_CPU_CHUNK_MB``, default 32 MiB); beyond that the extra memory is the O(N)
-state (20 bytes per scored row) and the output.
+state (24 bytes per scored row for the NLL) and the output.
 """
 from __future__ import annotations
 
@@ -39,56 +43,63 @@ def _softcap_arg(softcap: Optional[float]) -> float:
     return 0.0 if softcap is None else float(softcap)
 
 
-def token_nll(logits3, targets, ignore_index, softcap, temperature) -> torch.Tensor:
-    B, T, V = logits3.shape
-    out = torch.empty(B * T, dtype=torch.float32)
-    sB, sT, sV = logits3.stride()
-    _C.token_nll(
-        logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], B, T, V, sB, sT, sV,
-        targets.data_ptr(), ignore_index, _softcap_arg(softcap), temperature,
-        out.data_ptr(), _threads(),
-    )
-    return out
+def _new_state(rows: int, width: int) -> torch.Tensor:
+    return torch.empty((rows, width), dtype=torch.float64)
 
 
-def new_state(rows: int):
-    """Running state for :func:`lse_update`: (row_max=-inf, row_sum=0, target_logit=0): the
-    maximum of the soft-capped logits y, the sum of exp((y - row_max) / temperature) and the
-    soft-capped target logit."""
-    return (
-        torch.full((rows,), float("-inf"), dtype=torch.float32),
-        torch.zeros(rows, dtype=torch.float64),
-        torch.zeros(rows, dtype=torch.float64),
-    )
+def _check_slab(logits3, targets, state, width: int) -> int:
+    """Rows of a ``(B, T, Vc)`` slab, after checking that ``targets`` and ``state`` fit it."""
+    B, T, _ = logits3.shape
+    rows = B * T
+    if (state.dtype != torch.float64 or state.shape != (rows, width)
+            or not state.is_contiguous() or targets.shape != (rows,)
+            or targets.dtype != torch.int64 or not targets.is_contiguous()):
+        raise ValueError(f"state must be a contiguous ({rows}, {width}) float64 tensor and "
+                         f"targets a contiguous ({rows},) int64 tensor")
+    return rows
 
 
-def lse_update(logits2, targets, v_offset, ignore_index, softcap, temperature,
-               row_max, row_sum, target_logit) -> None:
-    """Fold a ``(n, Vc)`` slab of logits (vocabulary columns ``v_offset ...``) into the state."""
-    n, Vc = logits2.shape
-    for name, t, dtype in (("row_max", row_max, torch.float32), ("row_sum", row_sum, torch.float64),
-                           ("target_logit", target_logit, torch.float64),
-                           ("targets", targets, torch.int64)):
-        if t.dtype != dtype or t.shape != (n,) or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous CPU ({n},) {dtype} tensor")
-    s_row, s_col = logits2.stride()
-    _C.lse_update(
-        logits2.data_ptr(), _DTYPE_CODE[logits2.dtype], n, Vc, s_row, s_col, int(v_offset),
-        targets.data_ptr(), ignore_index, _softcap_arg(softcap), temperature,
-        row_max.data_ptr(), row_sum.data_ptr(), target_logit.data_ptr(), _threads(),
-    )
+def _slab_args(logits3):
+    """Pointer, dtype code, (batch, time, column) strides, rows, time, columns of a slab."""
+    B, T, Vc = logits3.shape
+    return (logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], *logits3.stride(), B * T, T, Vc)
 
 
-def lse_finish(row_max, row_sum, target_logit, targets, ignore_index,
-               temperature) -> torch.Tensor:
-    """NLL (float32) from the running state folded with ``temperature``:
-    ``(row_max - target_logit) / temperature + log(row_sum)``; 0 where ``targets ==
-    ignore_index``."""
+# ---- NLL -------------------------------------------------------------------------------------------
+
+def nll_state(rows: int) -> torch.Tensor:
+    """Fresh running state of :func:`nll_update`: ``(rows, _C.NLL_STATE)`` float64 (the maximum
+    of the soft-capped logits y, the sum of exp((y - max) / temperature), the target's y)."""
+    state = _new_state(rows, _C.NLL_STATE)
+    _C.nll_init(state.data_ptr(), rows)
+    return state
+
+
+def nll_update(logits3, targets, v_offset, ignore_index, softcap, temperature, state) -> None:
+    """Fold a ``(B, T, Vc)`` slab of logits (vocabulary columns ``v_offset ...``, any strides)
+    into ``state`` (rows ``B * T``)."""
+    rows = _check_slab(logits3, targets, state, _C.NLL_STATE)
+    if rows == 0 or logits3.shape[-1] == 0:
+        return
+    _C.nll_update(*_slab_args(logits3), int(v_offset), targets.data_ptr(), ignore_index,
+                  _softcap_arg(softcap), temperature, state.data_ptr(), _threads())
+
+
+def nll_finish(state, targets, ignore_index, temperature) -> torch.Tensor:
+    """NLL (float32) from the state folded with ``temperature``:
+    ``(max - target) / temperature + log(sum)``; 0 where ``targets == ignore_index``."""
     n = targets.shape[0]
     out = torch.empty(n, dtype=torch.float32)
-    _C.lse_finish(row_max.data_ptr(), row_sum.data_ptr(), target_logit.data_ptr(),
-                  targets.data_ptr(), ignore_index, n, temperature, out.data_ptr())
+    _C.nll_finish(state.data_ptr(), targets.data_ptr(), ignore_index, n, temperature,
+                  out.data_ptr())
     return out
+
+
+def token_nll(logits3, targets, ignore_index, softcap, temperature) -> torch.Tensor:
+    B, T, _ = logits3.shape
+    state = nll_state(B * T)
+    nll_update(logits3, targets, 0, ignore_index, softcap, temperature, state)
+    return nll_finish(state, targets, ignore_index, temperature)
 
 
 def cpu_tile_sizes(rows: int, V: int, D: int, *, upcast: bool, gather_bytes: int,
@@ -141,11 +152,11 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     if targets.numel() == 0:
         return out
     n_scored = targets.shape[0]
-    row_max, row_sum, target_logit = new_state(n_scored)
+    state = nll_state(n_scored)
     for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, n_scored, budget):
-        lse_update(logits, targets[r0 : r0 + n], v0, ignore_index, softcap, temperature,
-                   row_max[r0 : r0 + n], row_sum[r0 : r0 + n], target_logit[r0 : r0 + n])
-    nll = lse_finish(row_max, row_sum, target_logit, targets, ignore_index, temperature)
+        nll_update(logits.unsqueeze(0), targets[r0 : r0 + n], v0, ignore_index, softcap,
+                   temperature, state[r0 : r0 + n])
+    nll = nll_finish(state, targets, ignore_index, temperature)
     return _scatter_scored(out, rows, nll)
 
 
@@ -216,16 +227,46 @@ def _stats_outputs(n: int, top_k: int):
             torch.full((n, top_k), float("nan")))
 
 
-def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
-    B, T, V = logits3.shape
-    out = _stats_outputs(B * T, top_k)
-    sB, sT, sV = logits3.stride()
-    _C.token_stats(
-        logits3.data_ptr(), _DTYPE_CODE[logits3.dtype], B, T, V, sB, sT, sV,
-        targets.data_ptr(), ignore_index, _softcap_arg(softcap), temperature, top_k,
-        *(t.data_ptr() for t in out), _threads(),
-    )
+def stats_state(rows: int, top_k: int, thresholds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fresh running state of :func:`stats_update`: ``(rows, _C.STATS_STATE + 2 top_k)`` float64.
+
+    ``thresholds``: each row's soft-capped target logit (float32, contiguous), the rank's
+    threshold, when computed apart (the hidden-states path); None takes it from the slab that holds
+    the target, which must then be the first slab folded into the row (the logits path)."""
+    state = _new_state(rows, _C.STATS_STATE + 2 * top_k)
+    if thresholds is not None and (thresholds.dtype != torch.float32 or thresholds.shape != (rows,)
+                                   or not thresholds.is_contiguous()):
+        raise ValueError(f"thresholds must be a contiguous ({rows},) float32 tensor")
+    _C.stats_init(state.data_ptr(), rows, top_k, 0 if thresholds is None else thresholds.data_ptr())
+    return state
+
+
+def stats_update(logits3, targets, v_offset, ignore_index, softcap, temperature, top_k,
+                 state) -> None:
+    """Fold a ``(B, T, Vc)`` slab of logits (vocabulary columns ``v_offset ...``, any strides)
+    into ``state`` (rows ``B * T``)."""
+    rows = _check_slab(logits3, targets, state, _C.STATS_STATE + 2 * top_k)
+    if rows == 0 or logits3.shape[-1] == 0:
+        return
+    _C.stats_update(*_slab_args(logits3), int(v_offset), targets.data_ptr(), ignore_index,
+                    _softcap_arg(softcap), temperature, top_k, state.data_ptr(), _threads())
+
+
+def stats_finish(state, targets, ignore_index, temperature, top_k):
+    """``(nll, entropy, max_logprob, argmax, rank, top_ids, top_logprobs)`` from the state folded
+    with ``temperature``; ignored rows: 0 and -1."""
+    n = targets.shape[0]
+    out = _stats_outputs(n, top_k)
+    _C.stats_finish(state.data_ptr(), targets.data_ptr(), ignore_index, n, top_k, temperature,
+                    *(t.data_ptr() for t in out))
     return out
+
+
+def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
+    B, T, _ = logits3.shape
+    state = stats_state(B * T, top_k)
+    stats_update(logits3, targets, 0, ignore_index, softcap, temperature, top_k, state)
+    return stats_finish(state, targets, ignore_index, temperature, top_k)
 
 
 def _target_thresholds(hidden2, weight, bias, targets, rows, softcap, step):
@@ -256,39 +297,22 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     out = _stats_outputs(N, top_k)
     rows, scored_targets = scored if scored is not None else _select_scored(targets, ignore_index)
     n = scored_targets.shape[0]
-    k = top_k
-    state = (
-        torch.full((n,), float("-inf")), torch.zeros(n, dtype=torch.float64),
-        torch.zeros(n, dtype=torch.float64), torch.full((n,), float("-inf")),
-        torch.full((n,), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
-        torch.zeros(n, dtype=torch.float64), torch.full((n, k), float("-inf")),
-        torch.full((n, k), -1, dtype=torch.int64),
-    )
     budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
+    threshold = None
     if n:
         step = max(1, budget // max(1, 8 * hidden2.shape[1]))
         threshold = _target_thresholds(hidden2, weight, bias, scored_targets, rows, softcap,
                                        step)
+    state = stats_state(n, top_k, threshold)
+    if n:
         for logits, v0, r0, m in logit_tiles(hidden2, weight, bias, rows, n, budget):
-            s_row, s_col = logits.stride()
-            _C.stats_update(
-                logits.data_ptr(), _C.FLOAT32, m, logits.shape[1], s_row, s_col, v0,
-                scored_targets[r0:].data_ptr(), ignore_index, _softcap_arg(softcap), temperature,
-                threshold[r0:].data_ptr(), k, *(s[r0:].data_ptr() for s in state), _threads(),
-            )
-    scored = _stats_outputs(n, k)
-    row_max, row_sum, row_ent, _, amax_idx, rank, target_logit, top_vals, top_ids = state
-    _C.stats_finish(
-        row_max.data_ptr(), row_sum.data_ptr(), row_ent.data_ptr(), amax_idx.data_ptr(),
-        rank.data_ptr(), target_logit.data_ptr(), scored_targets.data_ptr(), ignore_index, n, k,
-        temperature, *(t.data_ptr() for t in scored[:5]), top_ids.data_ptr(),
-        top_vals.data_ptr(),
-    )
-    scored = (*scored[:5], top_ids, top_vals)
+            stats_update(logits.unsqueeze(0), scored_targets[r0 : r0 + m], v0, ignore_index,
+                         softcap, temperature, top_k, state[r0 : r0 + m])
+    fields = stats_finish(state, scored_targets, ignore_index, temperature, top_k)
     if rows is None:
-        return scored
+        return fields
     fills = (0.0, 0.0, 0.0, -1, -1, -1, 0.0)
-    for full, part, fill in zip(out, scored, fills):
+    for full, part, fill in zip(out, fields, fills):
         full.fill_(fill).index_copy_(0, rows, part)
     return out
 
@@ -297,7 +321,7 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
 
 def compare_state(rows: int) -> torch.Tensor:
     """Fresh running state of :func:`compare_update`: ``(rows, _C.COMPARE_STATE)`` float64."""
-    state = torch.empty((rows, _C.COMPARE_STATE), dtype=torch.float64)
+    state = _new_state(rows, _C.COMPARE_STATE)
     _C.compare_init(state.data_ptr(), rows)
     return state
 
@@ -309,11 +333,7 @@ def compare_update(base3, test3, targets, v_offset, ignore_index, softcap, tempe
     B, T, Vc = base3.shape
     if test3.shape != base3.shape:
         raise ValueError(f"test slab {tuple(test3.shape)} differs from base {tuple(base3.shape)}")
-    if (state.dtype != torch.float64 or state.shape != (B * T, _C.COMPARE_STATE)
-            or not state.is_contiguous() or targets.shape != (B * T,)
-            or targets.dtype != torch.int64 or not targets.is_contiguous()):
-        raise ValueError(f"state must be a contiguous ({B * T}, {_C.COMPARE_STATE}) float64 "
-                         f"tensor and targets a contiguous ({B * T},) int64 tensor")
+    _check_slab(base3, targets, state, _C.COMPARE_STATE)
     if B * T == 0 or Vc == 0:
         return
     _C.compare_update(

@@ -412,8 +412,8 @@ def test_gpu_three_way_rule(N, D, V, dtype, backend):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_cpu_lse_finish_special_states(temperature):
-    """lse_finish from hand-made running states: (max - target) / temperature + log(sum), the
+def test_cpu_nll_finish_special_states(temperature):
+    """nll_finish from hand-made running states: (max - target) / temperature + log(sum), the
     reference's special values (NaN, +-inf), never below 0, 0 for ignored rows. The first term
     is formed in double: at 3e38 - (-3e38) a float32 difference is +inf, while its third is
     2e38."""
@@ -434,12 +434,12 @@ def test_cpu_lse_finish_special_states(temperature):
              (2.0, 1.0, 0.0, 2.0 / t),
              (9.0, 1.0, 3.0, 0.0)]             # ignored (target index set below)
     n = len(cases)
-    row_max = torch.tensor([c[0] for c in cases], dtype=torch.float32)
-    row_sum = torch.tensor([c[1] for c in cases], dtype=torch.float64)
-    target_logit = torch.tensor([c[2] for c in cases], dtype=torch.float64)
+    # the state's layout (max, sum, target): kept by the kernels, written here by hand
+    state = torch.tensor([c[:3] for c in cases], dtype=torch.float64)
+    assert state.shape[1] == _cpu._C.NLL_STATE
     targets = torch.zeros(n, dtype=torch.int64)
     targets[-1] = -100
-    got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100, temperature)
+    got = _cpu.nll_finish(state, targets, -100, temperature)
     want = torch.tensor([c[3] for c in cases], dtype=torch.float64).float().double()
     # the bound scales with the NLL itself, never with the logits' size (3e38)
     assert_nll_close(got, want, want.nan_to_num(0.0, 0.0, 0.0))

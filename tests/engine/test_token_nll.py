@@ -162,18 +162,18 @@ def test_cpu_column_splits_when_rows_are_few():
 
 
 def test_cpu_running_state_matches_one_pass():
-    """lse_update over vocabulary slabs, then lse_finish, equals token_nll in one pass."""
+    """nll_update over vocabulary slabs, then nll_finish, equals token_nll in one pass."""
     from pplfast import _cpu
 
     for dtype in DTYPES:
         logits, targets = make((37,), 5003, dtype, "cpu")
         targets[::5] = -100
         logits[3, 4000:] = float("-inf")
-        row_max, row_sum, target_logit = _cpu.new_state(37)
+        state = _cpu.nll_state(37)
         for start in range(0, 5003, 1024):
-            _cpu.lse_update(logits[:, start : start + 1024], targets, start, -100, 5.0, 0.9,
-                            row_max, row_sum, target_logit)
-        got = _cpu.lse_finish(row_max, row_sum, target_logit, targets, -100, 0.9)
+            _cpu.nll_update(logits[None, :, start : start + 1024], targets, start, -100, 5.0, 0.9,
+                            state)
+        got = _cpu.nll_finish(state, targets, -100, 0.9)
         want = reference.token_nll(logits, targets, softcap=5.0, temperature=0.9)
         assert_nll_close(got, want, row_lse(logits, softcap=5.0, temperature=0.9))
 
