@@ -246,3 +246,30 @@ def test_json_file_keeps_the_cases_that_finished(capsys, tmp_path, monkeypatch):
     record = json.loads(path.read_text())
     assert record["complete"] is True and len({tuple(r["shape"]) for r in record["results"]}) == 2
     capsys.readouterr()
+
+
+def test_interleave_calls_every_implementation_once_per_round():
+    from pplfast.bench.measure import time_interleaved
+
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    times = time_interleaved(fns, torch.device("cpu"), warmup=1, reps=3)
+    assert calls == list("abc") * 4  # one warm-up round, then three timed rounds in turn
+    assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
+
+
+@pytest.mark.parametrize("path", ["stats", "compare"])
+def test_interleave_rows_and_elements_per_second(capsys, path):
+    record, table = bench_json(capsys, "--path", path, "--shapes", "40x300", "--dtypes", "fp32",
+                               "--backend", "cpu", "--no-memory", "--interleave")
+    assert record["settings"]["interleave"] is True and "--interleave" in record["command"]
+    rows = rows_of(record, path)
+    read = {r["read_gbps"] for r in rows}
+    assert len(read) == 1 and read.pop() > 0  # one probe, timed in the case's own rounds
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["rounds"] == 2 and len(r["ms_all"]) == 2
+        elements = 40 * 300 * (2 if path == "compare" else 1)
+        assert r["gelems"] == pytest.approx(elements / (r["ms"] * 1e-3) / 1e9)
+        assert r["read_bw_fraction"] == pytest.approx(r["gbps"] / r["read_gbps"])
+    assert "G elem/s" in table and "interleaved rounds" in table and "read-BW" in table

@@ -57,6 +57,11 @@ def logits_bytes(shape: Sequence[int], dtype: str) -> int:
     return N * V * DTYPES[dtype].itemsize
 
 
+def logits_elements(path: str, shape: Sequence[int]) -> int:
+    """Logits a case reads: ``N * V``, twice for ``compare`` (both tensors)."""
+    return shape[0] * shape[-1] * (2 if path == "compare" else 1)
+
+
 def linear_flops(shape: Sequence[int]) -> int:
     N, D, V = shape
     return 2 * N * D * V

@@ -4,6 +4,7 @@ Timing: CPU, ``time.perf_counter`` around each call; GPU, CUDA events around eac
 device synchronisation after every call, for every implementation alike, so that an
 implementation's own host synchronisations (pplfast checks its targets' range once per call)
 neither hide behind nor spill into the next call's work. Median of the reps, after warm-up calls.
+:func:`time_interleaved` times several calls in turn, one call each per round, the same way.
 """
 from __future__ import annotations
 
@@ -65,6 +66,53 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, reps:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_interleaved(fns: List[Callable[[], object]], device: torch.device, warmup: int,
+                     reps: Optional[int]) -> List[List[float]]:
+    """Times in ms of ``reps`` rounds, each calling every function of ``fns`` once in turn (after
+    ``warmup`` untimed rounds, at least one when reps is auto): per function, its list of times.
+    A slow period of a shared machine then lands on every function alike, not on one's block."""
+    def timed(fn):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    first = None
+    for _ in range(max(warmup, 1 if reps is None else 0)):
+        first = [timed(fn) for fn in fns]
+    if reps is None:
+        reps = _auto_reps(device.type, sum(first) / 1e3)
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for k, fn in enumerate(fns):
+            times[k].append(timed(fn))
+    return times
+
+
+def bandwidth_probe(device: torch.device, nbytes: int) -> Callable[[], object]:
+    """The call :func:`read_bandwidth` times, for timing it among others: it reads (CPU) or
+    copies (GPU) its ``nbytes`` buffer."""
+    numel = max(1, nbytes // 4)
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    return lambda: src.sum()
+
+
+def bandwidth_gbps(device: torch.device, nbytes: int, ms: float) -> float:
+    """GB/s of the probe over ``nbytes`` in ``ms`` (a GPU copy counts bytes read + written)."""
+    numel = max(1, nbytes // 4)
+    return (2 if device.type == "cuda" else 1) * numel * 4 / (ms * 1e-3) / 1e9
 
 
 def read_bandwidth(device: torch.device, nbytes: int) -> Dict[str, object]:

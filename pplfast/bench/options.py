@@ -44,8 +44,9 @@ class BenchError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
-        "Columns: ms = median time of one call; GB/s = logits bytes / time; %read-BW = that over\n"
-        "the read bandwidth measured in the same run; TFLOP/s = 2*N*D*V / time; %matmul = the\n"
+        "Columns: ms = median time of one call; GB/s = logits bytes / time; G elem/s = logits\n"
+        "read / time (compare: both tensors); %read-BW = GB/s over the read bandwidth measured in\n"
+        "the same run (with --interleave, in the same rounds); TFLOP/s = 2*N*D*V / time; %matmul = the\n"
         "rate of a plain hidden @ weight.T of the same shape over this row's time; pplfast\n"
         "speed-up = this row's time / pplfast's time; peak extra MiB = memory the call adds at\n"
         "its peak (inputs excluded, output included).\n"
@@ -85,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reps", default=None, type=int, metavar="N",
         help="timed calls per implementation and case; the median is reported (default: "
         "enough to fill 0.5 s on CPU / 0.2 s on GPU, at least 3 / 10)",
+    )
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="call the implementations of a case in turn, one call each per round (the reps are "
+        "rounds), together with the read-bandwidth probe, so that a slow period of a shared "
+        "machine slows every row alike; %%read-BW then uses the probe of the same rounds",
     )
     parser.add_argument(
         "--warmup", default=None, type=int, metavar="N",
@@ -154,6 +161,7 @@ class Plan:
     memory: bool
     bandwidth_bytes: int
     command: str
+    interleave: bool = False
 
 
 def make_plan(args) -> Plan:
@@ -210,11 +218,14 @@ def make_plan(args) -> Plan:
         words += ["--reps", str(args.reps)]
     if args.warmup is not None:
         words += ["--warmup", str(args.warmup)]
+    interleave = bool(getattr(args, "interleave", False))
+    if interleave:
+        words.append("--interleave")
     if args.no_memory:
         words.append("--no-memory")
     if args.bandwidth_mib is not None:
         words += ["--bandwidth-mib", str(args.bandwidth_mib)]
     return Plan(torch.device(device_name), args.backend, cases, warmup, args.reps,
-                not args.no_memory, bw_mib * MiB, shlex.join(words))
+                not args.no_memory, bw_mib * MiB, shlex.join(words), interleave)
 
 

@@ -23,9 +23,17 @@ def render(record: Dict[str, object]) -> str:
         lines.append(f"gpu:       {m['gpu']} ({m['gpu_memory_gib']:.0f} GiB), driver {m.get('driver') or 'unknown'}, "
                      f"CUDA runtime {m.get('cuda_runtime')}")
     lines.append("versions:  " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
-    lines.append(f"timing:    {s['timer']}, median of {s['reps']} reps after {s['warmup']} warm-up call(s)")
+    if s.get("interleave"):
+        lines.append(f"timing:    {s['timer']}, median of {s['reps']} interleaved rounds (each "
+                     f"implementation and the bandwidth probe called once per round, in turn) "
+                     f"after {s['warmup']} warm-up round(s)")
+    else:
+        lines.append(f"timing:    {s['timer']}, median of {s['reps']} reps after {s['warmup']} "
+                     "warm-up call(s)")
     what = "copy" if m["device"] == "cuda" else "read"
-    lines.append(f"{what} bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})")
+    lines.append(f"{what} bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']})"
+                 + ("; %read-BW uses the probe of each case's own rounds (read-BW column)"
+                    if s.get("interleave") else ""))
     if s["memory"]:
         lines.append(f"peak memory: {s['memory_method']}")
     for path in ("logits", "linear", "stats", "compare"):
@@ -41,8 +49,10 @@ def render(record: Dict[str, object]) -> str:
                 "compare": "compare path: compare(logits_base (N, V), logits_test (N, V), "
                            "targets (N,)); GB/s counts both tensors",
             }[path])
-            head = ["shape NxV", "dtype", "implementation", "ms", "GB/s", "%read-BW",
+            head = ["shape NxV", "dtype", "implementation", "ms", "GB/s", "G elem/s", "%read-BW",
                     "pplfast speed-up", "peak extra MiB"]
+            if s.get("interleave"):
+                head.insert(7, "read-BW")
         else:
             lines.append("hidden path: linear_token_nll(hidden (N, D), weight (V, D), targets (N,))")
             head = ["shape NxDxV", "dtype", "implementation", "ms", "TFLOP/s", "%matmul",
@@ -59,7 +69,10 @@ def render(record: Dict[str, object]) -> str:
             if r.get("memory_note"):
                 mem_text += "*"
             if path in ("logits", "stats", "compare"):
-                rate = [_fmt(r.get("gbps"), ".1f"), _fmt(100 * r["read_bw_fraction"], ".0f") + "%"]
+                rate = [_fmt(r.get("gbps"), ".1f"), _fmt(r.get("gelems"), ".2f"),
+                        _fmt(100 * r["read_bw_fraction"], ".0f") + "%"]
+                if s.get("interleave"):
+                    rate.append(_fmt(r.get("read_gbps"), ".1f"))
             else:
                 frac = r.get("matmul_fraction")
                 rate = [_fmt(r.get("tflops"), ".3f" if r["tflops"] < 10 else ".1f"),

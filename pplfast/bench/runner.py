@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import statistics
 import sys
@@ -9,9 +10,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .cases import linear_flops, logits_bytes, make_inputs
+from .cases import linear_flops, logits_bytes, logits_elements, make_inputs
 from .environment import environment
-from .measure import cpu_peak_extra, cuda_peak_extra, read_bandwidth, time_call
+from .measure import (bandwidth_gbps, bandwidth_probe, cpu_peak_extra, cuda_peak_extra,
+                      read_bandwidth, time_call, time_interleaved)
 from .options import SCHEMA, BenchError, MiB, Plan
 from .peers import _one_line, implementations
 
@@ -97,6 +99,7 @@ def bench(plan: Plan, progress: bool = True,
             **env,
             "settings": {"backend": plan.backend, "warmup": plan.warmup,
                          "reps": plan.reps if plan.reps is not None else "auto",
+                         "interleave": plan.interleave,
                          "memory": plan.memory, "memory_method": memory_method,
                          "timer": "CUDA events" if plan.device.type == "cuda" else "time.perf_counter"},
             "bandwidth": bandwidth,
@@ -104,6 +107,7 @@ def bench(plan: Plan, progress: bool = True,
             "results": [row for case_rows in rows_by_case for row in case_rows],
         }
 
+    probe = bandwidth_probe(plan.device, plan.bandwidth_bytes) if plan.interleave else None
     total = sum(len(impl_sets[p][0]) for p, _, _ in plan.cases)
     bar = _Progress(total * (2 if plan.memory and plan.device.type == "cpu" else 1), progress)
     rows_by_case: List[List[Dict[str, object]]] = []
@@ -113,6 +117,7 @@ def bench(plan: Plan, progress: bool = True,
             impls = impl_sets[path][0]
             inputs = make_inputs(path, shape, dtype, plan.device)
             case_rows = []
+            calls = []
             for impl in impls:
                 args = inputs
                 if impl.clobbers_input:
@@ -120,22 +125,31 @@ def bench(plan: Plan, progress: bool = True,
                 row = {"path": path, "shape": list(shape), "dtype": dtype, "impl": impl.name,
                        "label": impl.label, "role": impl.role, "error": None, "ms": None,
                        "ms_all": None, "peak_extra_bytes": None}
-                try:
-                    times = time_call(lambda: impl.fn(*args), plan.device, plan.warmup, plan.reps)
-                    row["ms_all"] = [round(t, 4) for t in times]
-                    row["ms"] = statistics.median(times)
-                    if plan.memory and plan.device.type == "cuda":
-                        row["peak_extra_bytes"] = cuda_peak_extra(lambda: impl.fn(*args), plan.device)
-                except Exception as exc:
-                    row["error"] = _one_line(exc)
-                del args
                 case_rows.append(row)
-                bar.step()
+                calls.append(functools.partial(impl.fn, *args))
+            read_gbps = bandwidth["gbps"]
+            if plan.interleave:
+                read_gbps = _time_rounds(plan, case_rows, calls, probe, bar)
+            else:
+                for row, call in zip(case_rows, calls):
+                    try:
+                        _record_times(row, time_call(call, plan.device, plan.warmup, plan.reps))
+                    except Exception as exc:
+                        row["error"] = _one_line(exc)
+                    bar.step()
+            if plan.memory and plan.device.type == "cuda":
+                for row, call in zip(case_rows, calls):
+                    if row["error"] is None:
+                        try:
+                            row["peak_extra_bytes"] = cuda_peak_extra(call, plan.device)
+                        except Exception as exc:
+                            row["error"] = _one_line(exc)
+            del calls
             del inputs
             gc.collect()
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
-            _derive(case_rows, path, shape, dtype, bandwidth["gbps"])
+            _derive(case_rows, path, shape, dtype, read_gbps)
             rows_by_case.append(case_rows)
             if on_case is not None:
                 on_case(record(complete=False))
@@ -170,6 +184,33 @@ def bench(plan: Plan, progress: bool = True,
     return record(complete=True)
 
 
+def _record_times(row: Dict[str, object], times: List[float]) -> None:
+    row["ms_all"] = [round(t, 4) for t in times]
+    row["ms"] = statistics.median(times)
+
+
+def _time_rounds(plan: Plan, case_rows: List[dict], calls: List[Callable[[], object]],
+                 probe: Callable[[], object], bar: "_Progress") -> float:
+    """Time a case's implementations in turn, with the read-bandwidth probe as one more call of
+    every round; returns the probe's GB/s (median of its rounds). An implementation that fails on
+    its first call is left out of the rounds."""
+    live = []
+    for row, call in zip(case_rows, calls):
+        try:
+            call()
+            live.append((row, call))
+        except Exception as exc:
+            row["error"] = _one_line(exc)
+    warmup = max(0, plan.warmup - 1)
+    times = time_interleaved([call for _, call in live] + [probe], plan.device, warmup,
+                             plan.reps)
+    for (row, _), ts in zip(live, times):
+        _record_times(row, ts)
+        row["rounds"] = len(ts)
+    bar.step(len(case_rows))
+    return bandwidth_gbps(plan.device, plan.bandwidth_bytes, statistics.median(times[-1]))
+
+
 def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: float) -> None:
     """Ratios within one case: throughput, fraction of the floor, pplfast speed-up."""
     ref = next((r for r in case_rows if r["role"] == "pplfast" and r["ms"]), None)
@@ -177,12 +218,14 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
     nbytes = logits_bytes(shape, dtype) * (2 if path == "compare" else 1)  # compare reads two
     for r in case_rows:
         r["logits_bytes"] = nbytes
+        r["read_gbps"] = read_gbps
         ms = r["ms"]
         if not ms:
             continue
         r["pplfast_speedup"] = ms / ref["ms"] if ref else None
         if path in ("logits", "stats", "compare"):
             r["gbps"] = nbytes / (ms * 1e-3) / 1e9
+            r["gelems"] = logits_elements(path, shape) / (ms * 1e-3) / 1e9
             r["read_bw_fraction"] = r["gbps"] / read_gbps
             r["floor_ms"] = nbytes / (read_gbps * 1e9) * 1e3
         else:
