@@ -35,6 +35,7 @@ from ..models.head import text_config as _text_config
 from ..models.head import vocab_size
 from ..models.loading import ModelLoadError, first_line, load_model
 from ..models.runner import schedules as _schedules
+from ..models.text import Tokens, scored_text_counts, tokenize
 from ..metric import Comparison
 from ..stats import linear_token_stats
 from .packing import NO_TARGET, Pass, pass_inputs, pass_reads, scatter_results
@@ -111,6 +112,18 @@ class ModelEngine:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> List[int]:
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> Tokens:
+        """``text``'s token ids and where each token ends in it (see pplfast.models.text)."""
+        with self._tokenizer_lock:
+            return tokenize(self.tokenizer, text, add_special_tokens=add_special_tokens)
+
+    def scored_counts(self, text: str, ids: List[int], ends, scored: torch.Tensor) -> tuple:
+        """``(bytes, words)`` of the part of ``text`` the scored tokens cover, as
+        :func:`pplfast.score_texts` counts them."""
+        tokens = Tokens(torch.tensor(ids, dtype=torch.long), ends)
+        with self._tokenizer_lock:
+            return scored_text_counts(text, tokens, scored, self.tokenizer)
 
     def decode(self, ids) -> str:
         with self._tokenizer_lock:

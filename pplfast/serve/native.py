@@ -79,9 +79,11 @@ class Document:
         out["scored"] = scored[self.offset:]
         return out
 
-    @property
-    def num_bytes(self) -> int:
-        return len(self.prompt.text.encode("utf-8"))
+    def num_bytes(self, engine, scored: torch.Tensor) -> int:
+        """UTF-8 bytes of the text the scored tokens cover (the denominator of bits per byte,
+        as :func:`pplfast.score_texts` counts it)."""
+        return engine.scored_counts(self.prompt.text, self.prompt.ids, self.prompt.ends,
+                                    scored)[0]
 
 
 def _schedule_error(exc: ValueError) -> Exception:
@@ -159,7 +161,7 @@ def score_response(req: ScoreRequest, engine, docs: List[Document]) -> dict:
         scored = f["scored"]
         n = int(scored.sum())
         entry = {"index": i, **_summary(float(f["nll"][scored].double().sum()), n,
-                                        doc.num_bytes)}
+                                        doc.num_bytes(engine, scored))}
         if req.stats:
             targets = torch.tensor(doc.prompt.ids, dtype=torch.long)
             entry["mean_entropy"] = number(float(f["entropy"][scored].double().mean())
@@ -185,7 +187,8 @@ def compare_response(req: CompareRequest, base, test, docs: List[Document], figu
         scored = f["scored"]
         part = {k: f[k][scored] for k in names}
         parts.append(part)
-        entry = {"index": i, "num_bytes": doc.num_bytes, **_clean(figures([part]))}
+        entry = {"index": i, "num_bytes": doc.num_bytes(test, scored),
+                 **_clean(figures([part]))}
         if req.per_token:
             entry["tokens"] = {"token_ids": doc.prompt.ids, "scored": scored.tolist(),
                                **{k: _listed(f[k], scored) for k in names}}

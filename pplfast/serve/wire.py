@@ -14,10 +14,12 @@ NEG_INF_LOGPROB = -9999.0
 
 @dataclass
 class Prompt:
-    """One prompt: its token ids, and its text when it came as text (else None)."""
+    """One prompt: its token ids, and its text when it came as text (else None) with where each
+    token ends in it (a fast tokenizer's offsets; None without them)."""
 
     ids: List[int]
     text: Optional[str]
+    ends: Any = None
 
 
 def _is_int(x) -> bool:
@@ -50,8 +52,8 @@ def read_prompts(value: Any, field: str, engine, *, add_special_tokens: bool = T
     for i, item in enumerate([value] if flat else value):
         where = field if flat else f"{field}[{i}]"
         if isinstance(item, str):
-            ids = engine.encode(item, add_special_tokens=add_special_tokens)
-            prompts.append(Prompt(ids, item))
+            tokens = engine.tokenize(item, add_special_tokens=add_special_tokens)
+            prompts.append(Prompt(tokens.ids.tolist(), item, tokens.ends))
         elif isinstance(item, list):
             _check_ids(item, where, engine.vocab_size, field)
             prompts.append(Prompt(list(item), None))
