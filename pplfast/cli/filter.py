@@ -15,8 +15,8 @@ import math
 import numpy as np
 
 from ..corpus.io import JSON_SUFFIXES, RecordCheck, expand_inputs, iter_documents, iter_score_rows
-from ..corpus.writer import (atomic_output, check_output, check_outputs, dump_row, lock_outputs,
-                             remove_stale_temporaries)
+from ..corpus.writer import (atomic_output, check_output, check_outputs, dump_row, json_safe,
+                             lock_outputs, remove_stale_temporaries)
 from ._common import (CliError, add_reading_arguments, check_reading_arguments, errors_output,
                       fixed, one_line_errors)
 
@@ -146,7 +146,7 @@ def _filter_locked(args, kind, lo, hi, files, score_files) -> int:
                "num_unscored": unscored, "num_skipped": check.skipped, "by": args.by,
                "low": lo_value, "high": hi_value}
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps(json_safe(figures), indent=2))
     else:
         band = (f"{fixed(lo_value)} <= {args.by}" if lo_value is not None else args.by) + (
             f" {'<=' if kind != 'percentile' or hi == 100 else '<'} {fixed(hi_value)}" if hi_value is not None else "")

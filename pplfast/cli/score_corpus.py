@@ -26,7 +26,7 @@ from ..corpus.run_stats import Outliers, RunStats, write_flagged_rows
 from ..corpus.ray_data import add_outlier_flags, check_model, read_corpus, score_dataset
 from ..corpus.scorer import SCORE_COLUMNS, STATS_COLUMNS, CorpusScorer
 from ..corpus.writer import (RowAppender, atomic_output, check_output, check_outputs, dump_row,
-                             lock_outputs, remove_stale_temporaries, repair_tail)
+                             json_safe, lock_outputs, remove_stale_temporaries, repair_tail)
 from ..models.loading import DTYPES, check_model_dir
 from ..models.windows import MODES
 from ._common import (CliError, add_reading_arguments, check_reading_arguments, device,
@@ -284,7 +284,8 @@ def _score_buffer(scorer, buffer, columns, writer, bar) -> int:
 def _print_summary(args, summary):
     summary = {"output": args.output, **summary}
     if args.json:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        # strict JSON: an infinite perplexity (or any non-finite figure) is null, as in the rows
+        print(json.dumps(json_safe(summary), indent=2, ensure_ascii=False))
         return
     pct = summary["perplexity_percentiles"]
     rows = [
