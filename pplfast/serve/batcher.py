@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Hashable, List, Optional
 
-from .packing import Pass, Sequence
+from .packing import Sequence
 
 _log = logging.getLogger("pplfast.serve")
 

@@ -16,10 +16,9 @@ import socket
 import sys
 
 from ..api import BACKENDS
-from ..models.loading import ModelLoadError, check_model_dir, first_line
+from ..models.loading import DTYPES, ModelLoadError, check_model_dir, first_line, parse_device
 from .._optional import require
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +105,9 @@ def limits_of(args):
 
 
 def load_engines(specs, args) -> dict:
-    from .engine import ModelEngine, parse_device
+    from .engine import ModelEngine
 
-    device = parse_device(args.device)
+    device = parse_device(args.device, option="--device")
     return {name: ModelEngine.load(name, path, device=device, dtype=args.dtype,
                                    backend=args.backend, trees=not args.no_prefix_sharing)
             for name, path in specs}

@@ -38,7 +38,7 @@ from ..models.runner import schedules as _schedules
 from ..models.text import Tokens, scored_text_counts, tokenize
 from ..metric import Comparison
 from ..stats import linear_token_stats
-from .packing import NO_TARGET, Pass, pass_inputs, pass_reads, scatter_results
+from .packing import Pass, pass_inputs, pass_reads, scatter_results
 
 TREE_MIN_SHARED = 8  # shared tokens worth a tree row
 TREE_MAX_ROW = 2048  # longest tree row: its 4-D mask is row² bytes (bool) or 4·row² (float32)
@@ -52,15 +52,6 @@ class TreeSupport:
 
     mask_dtype: torch.dtype
     max_row: int
-
-
-def parse_device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {text!r} (cpu, cuda, cuda:1, auto)") from None
 
 
 class ModelEngine:

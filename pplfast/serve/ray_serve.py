@@ -26,9 +26,10 @@ class PplfastReplica:
     """One replica: the models, then (``__serve_build_asgi_app__``) the app over them."""
 
     def __init__(self, specs, options: dict, limits) -> None:
-        from .engine import ModelEngine, parse_device
+        from ..models.loading import parse_device
+        from .engine import ModelEngine
 
-        device = parse_device(options["device"])
+        device = parse_device(options["device"], option="--device")
         self.limits = limits
         self.engines = {name: ModelEngine.load(name, path, device=device, dtype=options["dtype"],
                                                backend=options["backend"],
