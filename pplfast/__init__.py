@@ -4,6 +4,7 @@ from .api import linear_perplexity, linear_token_nll, perplexity, token_nll
 from .comparison import ComparisonResult, TokenComparison, compare, linear_compare
 from .metric import Comparison, Perplexity, PerplexityResult
 from .stats import TokenStats, linear_token_stats, token_stats
+from .vocab_parallel import VocabShard
 from .models import (DocumentScore, ScoreResult, TextScores, Window, compare_models,
                      make_windows, score_model, score_texts)
 from .corpus import CorpusScorer
@@ -23,6 +24,7 @@ __all__ = [
     "TextScores",
     "TokenComparison",
     "TokenStats",
+    "VocabShard",
     "Window",
     "compare",
     "compare_models",

@@ -3,8 +3,10 @@
 ``token_nll``, ``linear_token_nll``, ``token_stats``, ``linear_token_stats``, ``compare`` and
 ``linear_compare`` (and the perplexities built on the first two) all run the same six steps:
 
-1. validate the arguments (``pplfast._validate``: a ``TypeError`` / ``ValueError`` naming the
-   argument and its value, before any kernel runs);
+1. unwrap DTensor inputs and validate the arguments (``pplfast._validate``: a ``TypeError`` /
+   ``ValueError`` naming the argument and its value, before any kernel runs); a vocabulary
+   slice (``vocab_shard=``, or a DTensor sharded on the vocabulary: ``pplfast.vocab_parallel``)
+   goes with the call to the op as its bounds and group;
 2. lay the inputs out without copies: logits as ``(B, T, V)`` views (:func:`rows3`; a
    ``shift=True`` slice keeps a (batch, time) stride pair), hidden states as ``(N, D)`` views
    (:func:`hidden_rows`; ``shift=True`` on ``(B, T, D)`` passes the whole tensor with the last
@@ -27,6 +29,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _dispatch, _ops, _validate  # noqa: F401  (_ops registers torch.ops.pplfast.*)
+from . import vocab_parallel
 from ._results import TokenComparison, TokenStats
 
 
@@ -39,6 +42,12 @@ class Options(NamedTuple):
     temperature: float
     backend: str  # the concrete backend, once resolved
     check_targets: bool
+    shard: Optional[vocab_parallel.VocabShard] = None  # this rank's vocabulary slice, if split
+
+    @property
+    def vocab(self) -> tuple:
+        """``(shard, group)`` arguments of the custom ops (``(None, "")`` on one process)."""
+        return vocab_parallel.op_args(self.shard)
 
 
 def _merge_free(x: torch.Tensor, dims: int) -> bool:
@@ -123,8 +132,19 @@ def _shaped(fields: Sequence[torch.Tensor], lead, crop: bool) -> list:
 
 # ---- the logits ops ----------------------------------------------------------------------------
 
+def _vocab_size(V: int, shard) -> int:
+    """The vocabulary size the top-k bound and the range check use: ``V`` of the local tensors,
+    the whole vocabulary's when it is split and known, else the top-k limit (checked after the
+    exchange)."""
+    if shard is None:
+        return V
+    return shard.vocab_size if shard.vocab_size is not None else _validate.MAX_TOP_K
+
+
 def _logits_call(names: Sequence[str], logits: Sequence[torch.Tensor], targets, *, ignore_index,
-                 shift, softcap, temperature, backend, check_targets):
+                 shift, softcap, temperature, backend, check_targets, vocab_shard=None):
+    logits, targets, _, shard = vocab_parallel.unwrap("logits", names, logits, targets,
+                                                      vocab_shard=vocab_shard)
     for name, x in zip(names, logits):
         _validate.float_tensor(name, x)
     for name, x in zip(names[1:], logits[1:]):
@@ -133,7 +153,9 @@ def _logits_call(names: Sequence[str], logits: Sequence[torch.Tensor], targets, 
     opts = options(ignore_index, shift, softcap, temperature, check_targets)
     _validate.leading_shape(names[0], logits[0], targets, shift)
     device = _validate.same_device(**dict(zip(names, logits)), targets=targets)
-    opts = opts._replace(backend=_dispatch.resolve(backend, device))
+    if shard is not None:
+        vocab_parallel.check_local_width(names[0], logits[0].shape[-1], shard)
+    opts = opts._replace(backend=_dispatch.resolve(backend, device), shard=shard)
     if shift:
         logits = [x[..., :-1, :] for x in logits]
         targets = targets[..., 1:]
@@ -144,16 +166,17 @@ def token_nll(logits, targets, **kw) -> torch.Tensor:
     (logits3,), targets, o = _logits_call(("logits",), (logits,), targets, **kw)
     with torch.no_grad():  # scoring is forward-only; parameters with requires_grad are welcome
         nll = torch.ops.pplfast.token_nll(logits3, targets, o.ignore_index, o.softcap,
-                                          o.temperature, o.backend, o.check_targets)
+                                          o.temperature, o.backend, o.check_targets, *o.vocab)
     return nll.view(targets.shape)
 
 
 def token_stats(logits, targets, *, top_k, **kw) -> TokenStats:
     (logits3,), targets, o = _logits_call(("logits",), (logits,), targets, **kw)
-    top_k = _validate.top_k(top_k, logits3.shape[-1])
+    top_k = _validate.top_k(top_k, _vocab_size(logits3.shape[-1], o.shard))
     with torch.no_grad():
         fields = torch.ops.pplfast.token_stats(logits3, targets, o.ignore_index, o.softcap,
-                                               o.temperature, top_k, o.backend, o.check_targets)
+                                               o.temperature, top_k, o.backend, o.check_targets,
+                                               *o.vocab)
     return stats_result(_shaped(fields, targets.shape, False), top_k)
 
 
@@ -162,15 +185,20 @@ def compare(logits_base, logits_test, targets, **kw) -> TokenComparison:
                                               (logits_base, logits_test), targets, **kw)
     with torch.no_grad():
         fields = torch.ops.pplfast.compare(base3, test3, targets, o.ignore_index, o.softcap,
-                                           o.temperature, o.backend, o.check_targets)
+                                           o.temperature, o.backend, o.check_targets, *o.vocab)
     return TokenComparison(*_shaped(fields, targets.shape, False))
 
 
 # ---- the hidden-states ops ---------------------------------------------------------------------
 
 def _linear_call(models: Sequence[tuple], targets, *, ignore_index, shift, softcap, temperature,
-                 backend, check_targets):
+                 backend, check_targets, vocab_shard=None):
     """``models``: ``(suffix, hidden, weight, bias)`` per model (suffix "" for one model)."""
+    names = [n for suffix, *_ in models for n in ("hidden" + suffix, "weight" + suffix)]
+    tensors = [t for _, hidden, weight, _ in models for t in (hidden, weight)]
+    tensors, targets, biases, shard = vocab_parallel.unwrap(
+        "linear", names, tensors, targets, [m[3] for m in models], vocab_shard=vocab_shard)
+    models = [(m[0], tensors[2 * i], tensors[2 * i + 1], biases[i]) for i, m in enumerate(models)]
     named = {}
     for suffix, hidden, weight, bias in models:
         _validate.float_tensor("hidden" + suffix, hidden)
@@ -188,39 +216,44 @@ def _linear_call(models: Sequence[tuple], targets, *, ignore_index, shift, softc
     opts = opts._replace(backend=_dispatch.resolve(backend, device))
     for suffix, hidden, weight, bias in models:
         _validate.linear_shapes(hidden, weight, bias, suffix)
+        if shard is not None:
+            vocab_parallel.check_local_width("weight" + suffix, weight.shape[0], shard)
+    opts = opts._replace(shard=shard)
     hiddens, targets, crop = hidden_rows([m[1] for m in models], targets, opts.ignore_index,
                                          shift)
-    return hiddens, targets, crop, opts
+    return hiddens, targets, crop, opts, [(m[2], m[3]) for m in models]
 
 
 def linear_token_nll(hidden, weight, targets, *, bias=None, **kw) -> torch.Tensor:
-    (hidden2,), targets, crop, o = _linear_call((("", hidden, weight, bias),), targets, **kw)
+    (hidden2,), targets, crop, o, ((weight, bias),) = _linear_call(
+        (("", hidden, weight, bias),), targets, **kw)
     with torch.no_grad():
         nll = torch.ops.pplfast.linear_token_nll(hidden2, weight, bias, targets, o.ignore_index,
                                                  o.softcap, o.temperature, o.backend,
-                                                 o.check_targets)
+                                                 o.check_targets, *o.vocab)
     return _shaped((nll,), targets.shape, crop)[0]
 
 
 def linear_token_stats(hidden, weight, targets, *, bias=None, top_k, **kw) -> TokenStats:
-    (hidden2,), targets, crop, o = _linear_call((("", hidden, weight, bias),), targets, **kw)
-    top_k = _validate.top_k(top_k, weight.shape[0])
+    (hidden2,), targets, crop, o, ((weight, bias),) = _linear_call(
+        (("", hidden, weight, bias),), targets, **kw)
+    top_k = _validate.top_k(top_k, _vocab_size(weight.shape[0], o.shard))
     with torch.no_grad():
         fields = torch.ops.pplfast.linear_token_stats(
             hidden2, weight, bias, targets, o.ignore_index, o.softcap, o.temperature, top_k,
-            o.backend, o.check_targets)
+            o.backend, o.check_targets, *o.vocab)
     return stats_result(_shaped(fields, targets.shape, crop), top_k)
 
 
 def linear_compare(hidden_base, weight_base, hidden_test, weight_test, targets, *,
                    bias_base=None, bias_test=None, **kw) -> TokenComparison:
-    (hb, ht), targets, crop, o = _linear_call(
-        (("_base", hidden_base, weight_base, bias_base),
-         ("_test", hidden_test, weight_test, bias_test)), targets, **kw)
+    (hb, ht), targets, crop, o, ((weight_base, bias_base), (weight_test, bias_test)) = \
+        _linear_call((("_base", hidden_base, weight_base, bias_base),
+                      ("_test", hidden_test, weight_test, bias_test)), targets, **kw)
     with torch.no_grad():
         fields = torch.ops.pplfast.linear_compare(
             hb, weight_base, bias_base, ht, weight_test, bias_test, targets, o.ignore_index,
-            o.softcap, o.temperature, o.backend, o.check_targets)
+            o.softcap, o.temperature, o.backend, o.check_targets, *o.vocab)
     return TokenComparison(*_shaped(fields, targets.shape, crop))
 
 
@@ -234,6 +267,7 @@ def stats_result(fields: Sequence[torch.Tensor], top_k: int) -> TokenStats:
 def perplexity(nll: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                shift: bool) -> torch.Tensor:
     """``exp(sum(nll) / count(scored))``, summed in float64; NaN when nothing is scored."""
+    targets = vocab_parallel.local(targets)
     if shift:
         targets = targets[..., 1:]
     count = _validate.scored_mask(targets, ignore_index).sum()

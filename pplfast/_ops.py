@@ -12,14 +12,20 @@ shape, dtype and device without running anything, so an eval step compiles with
 
 Outputs are flat: ``(N,)`` per field, ``(N, top_k)`` for the top-k fields (``(N, 0)`` when
 ``top_k == 0``); float fields float32, integer fields int64; ignored rows 0 and -1.
+
+Vocab-parallel calls (``pplfast.vocab_parallel``) are the same ops with ``shard = [start, stop,
+vocab_size or -1]`` (the local tensors hold vocabulary ``[start, stop)``) and ``group`` (the
+process group's name): the body runs the backend's slice launcher, one exchange and the merge
+of ``pplfast._vocab_merge``; the target range is checked against ``vocab_size`` here when it is
+known, else after the exchange.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from . import _dispatch, _validate
+from . import _dispatch, _validate, _vocab_merge
 from ._chunked import _select_scored
 
 Tensor = torch.Tensor
@@ -55,6 +61,18 @@ def _prologue(targets: Tensor, V: int, ignore_index: int, check: bool, count: bo
     return flat, mask.reshape(-1), n_scored
 
 
+def _vocab_call(targets: Tensor, shard: List[int], group: str, ignore_index: int,
+                temperature: float, check: bool) -> Optional[_vocab_merge.Call]:
+    """The run-time prologue of a vocab-parallel call; None when there is no row (every rank of
+    the group has the same rows, so none of them exchanges anything)."""
+    V = shard[2]
+    flat, mask, _ = _prologue(targets, max(V, 0), ignore_index, check and V >= 0, False)
+    if flat.numel() == 0:
+        return None
+    return _vocab_merge.Call(targets, flat, mask, ignore_index, temperature, list(shard), group,
+                             check)
+
+
 def _bias_rows(weight: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
     """The ``(1, n, V)`` logits of a zero-width output layer: its bias (or zeros) in every row,
     through a stride-0 view."""
@@ -66,8 +84,16 @@ def _bias_rows(weight: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
 
 @torch.library.custom_op("pplfast::token_nll", mutates_args=())
 def token_nll(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Optional[float],
-              temperature: float, backend: str, check_targets: bool) -> Tensor:
+              temperature: float, backend: str, check_targets: bool,
+              shard: Optional[List[int]] = None, group: str = "") -> Tensor:
     """float32 ``(targets.numel(),)`` NLL of the rows of ``logits3`` (B, T, V)."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(logits3, targets.numel(), _NLL)[0]
+        launchers = _vocab_merge.launchers(backend, "token_nll_slice")
+        return _vocab_merge.token_nll(call, lambda: launchers.token_nll_slice(
+            logits3, call.flat, shard[0], ignore_index, softcap, temperature))
     V = logits3.shape[-1]
     flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
     if flat.numel() == 0 or V == 0:
@@ -76,15 +102,24 @@ def token_nll(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Opti
 
 
 @token_nll.register_fake
-def _(logits3, targets, ignore_index, softcap, temperature, backend, check_targets):
+def _(logits3, targets, ignore_index, softcap, temperature, backend, check_targets, shard=None,
+      group=""):
     return _filled(logits3, targets.numel(), _NLL, fake=True)[0]
 
 
 @torch.library.custom_op("pplfast::linear_token_nll", mutates_args=())
 def linear_token_nll(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                      ignore_index: int, softcap: Optional[float], temperature: float,
-                     backend: str, check_targets: bool) -> Tensor:
+                     backend: str, check_targets: bool, shard: Optional[List[int]] = None,
+                     group: str = "") -> Tensor:
     """float32 ``(targets.numel(),)`` NLL of ``hidden2 @ weight.T + bias`` (hidden2: (N, D))."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(hidden2, targets.numel(), _NLL)[0]
+        launchers = _vocab_merge.launchers(backend, "linear_token_nll_slice")
+        return _vocab_merge.token_nll(call, lambda: launchers.linear_token_nll_slice(
+            hidden2, weight, bias, call.flat, shard[0], ignore_index, softcap, temperature))
     V, D = weight.shape
     flat, mask, count = _prologue(targets, V, ignore_index, check_targets, D > 0)
     launchers = _dispatch.module(backend)
@@ -99,7 +134,8 @@ def linear_token_nll(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
 
 
 @linear_token_nll.register_fake
-def _(hidden2, weight, bias, targets, ignore_index, softcap, temperature, backend, check_targets):
+def _(hidden2, weight, bias, targets, ignore_index, softcap, temperature, backend, check_targets,
+      shard=None, group=""):
     return _filled(hidden2, targets.numel(), _NLL, fake=True)[0]
 
 
@@ -120,8 +156,18 @@ def _stats_tuple(fields, like: Tensor, top_k: int) -> tuple:
 
 @torch.library.custom_op("pplfast::token_stats", mutates_args=())
 def token_stats(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Optional[float],
-                temperature: float, top_k: int, backend: str, check_targets: bool) -> _Stats:
+                temperature: float, top_k: int, backend: str, check_targets: bool,
+                shard: Optional[List[int]] = None, group: str = "") -> _Stats:
     """``TokenStats`` fields of the rows of ``logits3`` (B, T, V), flat."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(logits3, targets.numel(), _STATS, top_k)
+        launchers = _vocab_merge.launchers(backend, "token_stats_slice")
+        target_y = _vocab_merge.target_values(call, lambda: launchers.target_logits(
+            logits3, call.flat, shard[0], softcap))
+        return _vocab_merge.token_stats(call, top_k, target_y, lambda: launchers.token_stats_slice(
+            logits3, call.flat, shard[0], ignore_index, softcap, temperature, top_k, target_y))
     V = logits3.shape[-1]
     flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
     if flat.numel() == 0 or V == 0:
@@ -132,15 +178,28 @@ def token_stats(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Op
 
 
 @token_stats.register_fake
-def _(logits3, targets, ignore_index, softcap, temperature, top_k, backend, check_targets):
+def _(logits3, targets, ignore_index, softcap, temperature, top_k, backend, check_targets,
+      shard=None, group=""):
     return _filled(logits3, targets.numel(), _STATS, top_k, fake=True)
 
 
 @torch.library.custom_op("pplfast::linear_token_stats", mutates_args=())
 def linear_token_stats(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                        ignore_index: int, softcap: Optional[float], temperature: float,
-                       top_k: int, backend: str, check_targets: bool) -> _Stats:
+                       top_k: int, backend: str, check_targets: bool,
+                       shard: Optional[List[int]] = None, group: str = "") -> _Stats:
     """``TokenStats`` fields of ``hidden2 @ weight.T + bias``, flat."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(hidden2, targets.numel(), _STATS, top_k)
+        launchers = _vocab_merge.launchers(backend, "linear_token_stats_slice")
+        target_y = _vocab_merge.target_values(call, lambda: launchers.linear_target_logits(
+            hidden2, weight, bias, call.flat, shard[0], softcap))
+        return _vocab_merge.token_stats(
+            call, top_k, target_y, lambda: launchers.linear_token_stats_slice(
+                hidden2, weight, bias, call.flat, shard[0], ignore_index, softcap, temperature,
+                top_k, target_y))
     V, D = weight.shape
     flat, mask, count = _prologue(targets, V, ignore_index, check_targets, D > 0)
     launchers = _dispatch.module(backend)
@@ -158,7 +217,7 @@ def linear_token_stats(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 @linear_token_stats.register_fake
 def _(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k, backend,
-      check_targets):
+      check_targets, shard=None, group=""):
     return _filled(hidden2, targets.numel(), _STATS, top_k, fake=True)
 
 
@@ -170,8 +229,16 @@ _Compared = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 @torch.library.custom_op("pplfast::compare", mutates_args=())
 def compare(logits3_base: Tensor, logits3_test: Tensor, targets: Tensor, ignore_index: int,
             softcap: Optional[float], temperature: float, backend: str,
-            check_targets: bool) -> _Compared:
+            check_targets: bool, shard: Optional[List[int]] = None,
+            group: str = "") -> _Compared:
     """``TokenComparison`` fields of two models' rows (each (B, T, V)), flat."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(logits3_base, targets.numel(), _COMPARE)
+        launchers = _vocab_merge.launchers(backend, "compare_slice")
+        return _vocab_merge.compare(call, lambda: launchers.compare_slice(
+            logits3_base, logits3_test, call.flat, shard[0], ignore_index, softcap, temperature))
     V = logits3_base.shape[-1]
     flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
     if flat.numel() == 0 or V == 0:
@@ -182,7 +249,7 @@ def compare(logits3_base: Tensor, logits3_test: Tensor, targets: Tensor, ignore_
 
 @compare.register_fake
 def _(logits3_base, logits3_test, targets, ignore_index, softcap, temperature, backend,
-      check_targets):
+      check_targets, shard=None, group=""):
     return _filled(logits3_base, targets.numel(), _COMPARE, fake=True)
 
 
@@ -201,8 +268,17 @@ def _zero_width_logits(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], 
 def linear_compare(hidden2_base: Tensor, weight_base: Tensor, bias_base: Optional[Tensor],
                    hidden2_test: Tensor, weight_test: Tensor, bias_test: Optional[Tensor],
                    targets: Tensor, ignore_index: int, softcap: Optional[float],
-                   temperature: float, backend: str, check_targets: bool) -> _Compared:
+                   temperature: float, backend: str, check_targets: bool,
+                   shard: Optional[List[int]] = None, group: str = "") -> _Compared:
     """``TokenComparison`` fields of both models' ``hidden2 @ weight.T + bias``, flat."""
+    if shard is not None:
+        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        if call is None:
+            return _filled(hidden2_base, targets.numel(), _COMPARE)
+        launchers = _vocab_merge.launchers(backend, "linear_compare_slice")
+        return _vocab_merge.compare(call, lambda: launchers.linear_compare_slice(
+            hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
+            call.flat, shard[0], ignore_index, softcap, temperature))
     V = weight_base.shape[0]
     zero_width = hidden2_base.shape[-1] == 0 or hidden2_test.shape[-1] == 0
     flat, mask, count = _prologue(targets, V, ignore_index, check_targets, not zero_width)
@@ -224,5 +300,5 @@ def linear_compare(hidden2_base: Tensor, weight_base: Tensor, bias_base: Optiona
 
 @linear_compare.register_fake
 def _(hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test, targets,
-      ignore_index, softcap, temperature, backend, check_targets):
+      ignore_index, softcap, temperature, backend, check_targets, shard=None, group=""):
     return _filled(hidden2_base, targets.numel(), _COMPARE, fake=True)

@@ -15,6 +15,7 @@ from . import _frontend
 from ._dispatch import BACKENDS, BackendUnavailableError
 from ._dispatch import module as _module
 from ._dispatch import resolve as _resolve
+from .vocab_parallel import VocabShard
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "check_backend", "linear_perplexity",
            "linear_token_nll", "perplexity", "resolve_backend", "token_nll"]
@@ -48,6 +49,7 @@ def token_nll(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
     """Per-token negative log-likelihood, in one pass over the logits.
 
@@ -69,6 +71,12 @@ def token_nll(
         check_targets: check that every target is ``ignore_index`` or in ``[0, V)`` (one host
             sync per call); pass False only for targets already validated, since an
             out-of-range target is then an out-of-bounds read.
+        vocab_shard: this rank's slice of a vocabulary split across the ranks of a process
+            group (:class:`pplfast.VocabShard`); ``logits`` then holds the columns
+            ``[start, stop)`` only, the targets stay global ids, and every rank of the group
+            returns the full result of its rows (one small collective per call, no gathered
+            logits; docs/vocab_parallel.md). A ``DTensor`` ``logits`` sharded on the vocabulary
+            (``Shard(-1)``) needs no ``vocab_shard``: its mesh gives the group.
 
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
@@ -79,7 +87,7 @@ def token_nll(
     """
     return _frontend.token_nll(logits, targets, ignore_index=ignore_index, shift=shift,
                                softcap=softcap, temperature=temperature, backend=backend,
-                               check_targets=check_targets)
+                               check_targets=check_targets, vocab_shard=vocab_shard)
 
 
 def linear_token_nll(
@@ -94,6 +102,7 @@ def linear_token_nll(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
     """Per-token NLL of the output layer applied to hidden states, never building the logits.
 
@@ -107,6 +116,9 @@ def linear_token_nll(
         bias: optional ``(V,)`` output-layer bias.
         ignore_index, shift, softcap, temperature, backend, check_targets: as in
             :func:`token_nll`; the op is ``torch.ops.pplfast.linear_token_nll``.
+        vocab_shard: as in :func:`token_nll`; ``weight`` and ``bias`` then hold the
+            vocabulary rows ``[start, stop)`` only (a ``DTensor`` weight with ``Shard(0)``
+            needs no ``vocab_shard``).
 
     Returns:
         float32 tensor of shape ``(...)`` (or ``(..., T - 1)`` with ``shift``).
@@ -114,7 +126,7 @@ def linear_token_nll(
     return _frontend.linear_token_nll(hidden, weight, targets, bias=bias,
                                       ignore_index=ignore_index, shift=shift, softcap=softcap,
                                       temperature=temperature, backend=backend,
-                                      check_targets=check_targets)
+                                      check_targets=check_targets, vocab_shard=vocab_shard)
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor, **options) -> torch.Tensor:

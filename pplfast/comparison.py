@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _frontend
+from .vocab_parallel import VocabShard
 from ._results import ComparisonResult, TokenComparison
 
 __all__ = ["ComparisonResult", "TokenComparison", "compare", "linear_compare"]
@@ -29,6 +30,7 @@ def compare(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> TokenComparison:
     """KL divergence both ways, both NLLs and both argmaxes, one pass over the two logit rows.
 
@@ -44,13 +46,15 @@ def compare(
         targets: ``(...)`` int64 or int32, shared by both, in ``[0, V)`` or ``ignore_index``.
         ignore_index, shift, softcap, temperature, backend, check_targets: as in
             :func:`pplfast.token_nll`.
+        vocab_shard: as in :func:`pplfast.token_nll`: both logits tensors hold the columns
+            ``[start, stop)`` (or are ``DTensor`` s sharded alike); one collective per call.
 
     Returns:
         :class:`TokenComparison` with the leading shape (``(..., T - 1)`` with ``shift``).
     """
     return _frontend.compare(logits_base, logits_test, targets, ignore_index=ignore_index,
                              shift=shift, softcap=softcap, temperature=temperature,
-                             backend=backend, check_targets=check_targets)
+                             backend=backend, check_targets=check_targets, vocab_shard=vocab_shard)
 
 
 def linear_compare(
@@ -68,6 +72,7 @@ def linear_compare(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> TokenComparison:
     """:func:`compare` of ``F.linear(hidden_base, weight_base, bias_base)`` and
     ``F.linear(hidden_test, weight_test, bias_test)``, never building either logits tensor.
@@ -79,6 +84,8 @@ def linear_compare(
             hidden states' dtype; the same ``V``.
         targets, bias_base, bias_test, ignore_index, shift, softcap, temperature, backend,
             check_targets: as in :func:`compare` and :func:`pplfast.linear_token_nll`.
+        vocab_shard: as in :func:`pplfast.linear_token_nll`: both weights and biases hold the
+            vocabulary rows ``[start, stop)`` (or are ``DTensor`` s sharded alike).
 
     Returns:
         :class:`TokenComparison`, as :func:`compare`.
@@ -87,4 +94,4 @@ def linear_compare(
                                     bias_base=bias_base, bias_test=bias_test,
                                     ignore_index=ignore_index, shift=shift, softcap=softcap,
                                     temperature=temperature, backend=backend,
-                                    check_targets=check_targets)
+                                    check_targets=check_targets, vocab_shard=vocab_shard)

@@ -12,6 +12,13 @@ Updates read no tensor data on the host (no ``.item()``, no boolean-mask indexin
 step that calls ``Perplexity.update`` or ``Comparison.update`` compiles with
 ``torch.compile(fullgraph=True)``. :func:`safe_exp` is the package's one exp of a reported
 figure.
+
+Tensor parallel x data parallel: with the vocabulary split (``vocab_shard=`` or a
+vocabulary-sharded DTensor in the updates), every rank of a vocabulary group scores the same rows
+and holds the same sums. ``sync(group)`` counts each row once: of the ranks of ``group`` that
+share a vocabulary group, only the first (lowest global rank) adds its sums and per-token values;
+the others add zeros. So ``sync()`` over the whole world and ``sync(dp_group)`` (one rank per
+vocabulary group) give the same totals (:func:`counts_here`; docs/vocab_parallel.md).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from ._summary import COMPARISON_SUMS, TOKENS, comparison_statistics, safe_exp
 from .api import linear_token_nll, token_nll
 from .comparison import compare, linear_compare
 from .stats import linear_token_stats, token_stats
+from .vocab_parallel import local, vocab_group
 
 __all__ = ["Comparison", "ComparisonResult", "Perplexity", "PerplexityResult", "safe_exp"]
 
@@ -75,6 +83,30 @@ def all_gather_rows(values: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat([g[:, : int(k)] for g, k in zip(gathered, lengths)], dim=1).cpu()
 
 
+def counts_here(group=None, vocab_group_=None) -> bool:
+    """Whether this rank adds its state in a sync over ``group``: always without a vocabulary
+    group; with one, only if it is the lowest global rank among the ranks that ``group`` and
+    the vocabulary group share (they all hold the same rows and the same sums)."""
+    if vocab_group_ is None:
+        return True
+    import torch.distributed as dist
+
+    _process_group_device(group)  # the error naming the fix when nothing is initialised
+    world = dist.group.WORLD
+    synced = set(dist.get_process_group_ranks(world if group is None else group))
+    shared = synced & set(dist.get_process_group_ranks(vocab_group_))
+    return dist.get_rank() == min(shared)
+
+
+def _noted(current, group):
+    """The vocabulary group of a metric's updates: the first one seen; a second, different one
+    is refused."""
+    if group is None or current is None or group is current:
+        return current if group is None else group
+    raise ValueError("this metric's updates split the vocabulary over different process groups: "
+                     "use one metric per vocabulary group")
+
+
 def _count(value, name: str) -> Optional[int]:
     if value is None:
         return None
@@ -112,6 +144,7 @@ class Perplexity:
         self._state = torch.zeros(_STATE_SIZE, dtype=torch.float64)
         self._placed = False  # the state moves to the device of the first update
         self._global: Optional[torch.Tensor] = None  # the all-reduced state after sync()
+        self._vocab_group = None  # the process group the updates split the vocabulary over
         return self
 
     @property
@@ -137,6 +170,8 @@ class Perplexity:
             The per-token NLL, float32, shaped like :func:`pplfast.token_nll`'s output; with
             ``stats=True`` the :class:`pplfast.TokenStats`.
         """
+        self._vocab_group = _noted(self._vocab_group,
+                                   vocab_group(logits, options.get("vocab_shard"), -1))
         if stats:
             result = token_stats(logits, targets, **options)
             self._add(result.nll, targets, options, num_bytes, num_words, result)
@@ -150,6 +185,8 @@ class Perplexity:
         """Like :meth:`update` from final hidden states ``(..., D)`` and the output layer
         ``weight`` ``(V, D)`` (``bias=`` among ``options``); see :func:`pplfast.linear_token_nll`
         (and :func:`pplfast.linear_token_stats` with ``stats=True``)."""
+        self._vocab_group = _noted(self._vocab_group,
+                                   vocab_group(weight, options.get("vocab_shard"), 0))
         if stats:
             result = linear_token_stats(hidden, weight, targets, **options)
             self._add(result.nll, targets, options, num_bytes, num_words, result)
@@ -181,6 +218,7 @@ class Perplexity:
         self._accumulate(nll, scored, num_bytes, num_words, stats, targets)
 
     def _add(self, nll, targets, options, num_bytes, num_words, stats=None) -> None:
+        targets = local(targets)
         if options.get("shift", False):
             targets = targets[..., 1:]
         scored = _validate.scored_mask(targets, options.get("ignore_index", -100))
@@ -221,15 +259,21 @@ class Perplexity:
         self._placed = True
         self._state = self._state + other._state.to(self._state.device)
         self._global = None
+        self._vocab_group = _noted(self._vocab_group, other._vocab_group)
         return self
 
-    def sync(self, group=None) -> "Perplexity":
+    def sync(self, group=None, *, vocab_group=None) -> "Perplexity":
         """All-reduce the float64 sums over ``torch.distributed`` (every rank must call it).
 
         ``compute()`` then reports the totals over all ranks until the next ``update``,
         ``merge`` or ``reset``; the local sums are kept, so calling ``sync`` twice is harmless.
+        With the vocabulary split across ranks (the updates' ``vocab_shard`` or DTensor, or
+        ``vocab_group`` here), each row counts once: see the module notes.
         """
-        self._global = all_reduce_sums(self._state, group)
+        state = self._state
+        if not counts_here(group, self._vocab_group if vocab_group is None else vocab_group):
+            state = torch.zeros_like(state)
+        self._global = all_reduce_sums(state, group)
         return self
 
     def compute(self) -> PerplexityResult:
@@ -293,6 +337,7 @@ class Comparison:
         self._sums = torch.zeros(COMPARISON_SUMS, dtype=torch.float64)
         self._tokens: List[tuple] = []  # (kl, delta_p, scored), flat, per update
         self._global = None  # (sums, kl, dp) over all ranks after sync()
+        self._vocab_group = None  # the process group the updates split the vocabulary over
         return self
 
     @property
@@ -303,6 +348,8 @@ class Comparison:
     def update(self, logits_base: torch.Tensor, logits_test: torch.Tensor,
                targets: torch.Tensor, **options) -> TokenComparison:
         """:func:`pplfast.compare` of a batch, added; returns its :class:`TokenComparison`."""
+        self._vocab_group = _noted(self._vocab_group,
+                                   vocab_group(logits_base, options.get("vocab_shard"), -1))
         result = compare(logits_base, logits_test, targets, **options)
         self.update_tokens(result, targets, ignore_index=options.get("ignore_index", -100),
                            shift=options.get("shift", False))
@@ -312,6 +359,8 @@ class Comparison:
                       hidden_test: torch.Tensor, weight_test: torch.Tensor,
                       targets: torch.Tensor, **options) -> TokenComparison:
         """:func:`pplfast.linear_compare` of a batch, added; returns its comparison."""
+        self._vocab_group = _noted(self._vocab_group,
+                                   vocab_group(weight_base, options.get("vocab_shard"), 0))
         result = linear_compare(hidden_base, weight_base, hidden_test, weight_test, targets,
                                 **options)
         self.update_tokens(result, targets, ignore_index=options.get("ignore_index", -100),
@@ -332,6 +381,7 @@ class Comparison:
             if targets is None:
                 scored = torch.ones(shape, dtype=torch.bool, device=comparison.kl.device)
             else:
+                targets = local(targets)
                 _validate.target_tensor(targets)
                 if shift:
                     targets = targets[..., 1:]
@@ -376,13 +426,18 @@ class Comparison:
         self._sums = self._sums + other._sums
         self._tokens.extend(other._tokens)
         self._global = None
+        self._vocab_group = _noted(self._vocab_group, other._vocab_group)
         return self
 
-    def sync(self, group=None) -> "Comparison":
+    def sync(self, group=None, *, vocab_group=None) -> "Comparison":
         """All-reduce the sums and all-gather the per-token KL and Δp over ``torch.distributed``
-        (every rank must call it); ``compute()`` then reports all ranks until the next change."""
-        sums = all_reduce_sums(self._sums, group)
-        values = all_gather_rows(self._values(), group)
+        (every rank must call it); ``compute()`` then reports all ranks until the next change.
+        With the vocabulary split across ranks, each row counts once (module notes)."""
+        sums, values = self._sums, self._values()
+        if not counts_here(group, self._vocab_group if vocab_group is None else vocab_group):
+            sums, values = torch.zeros_like(sums), values[:, :0]
+        sums = all_reduce_sums(sums, group)
+        values = all_gather_rows(values, group)
         self._global = (sums, values[0], values[1])
         return self
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from . import _frontend
+from .vocab_parallel import VocabShard
 from ._results import TokenStats
 from ._validate import MAX_TOP_K
 from ._validate import top_k as check_top_k  # top_k as an int in [0, min(V, 64)], or ValueError
@@ -29,6 +30,7 @@ def token_stats(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> TokenStats:
     """Per-token NLL, entropy, max log-probability, argmax, target rank and top-k, in one pass.
 
@@ -42,13 +44,17 @@ def token_stats(
         logits, targets, ignore_index, shift, softcap, temperature, backend, check_targets: as
             in :func:`pplfast.token_nll`.
         top_k: number of most probable tokens to return per position, in ``[0, min(V, 64)]``.
+        vocab_shard: as in :func:`pplfast.token_nll` (``logits`` holds the columns
+            ``[start, stop)``; the statistics make two small collectives per call, the second
+            after the target's logit is known).
 
     Returns:
         :class:`TokenStats` with the leading shape of ``token_nll``'s result.
     """
     return _frontend.token_stats(logits, targets, top_k=top_k, ignore_index=ignore_index,
                                  shift=shift, softcap=softcap, temperature=temperature,
-                                 backend=backend, check_targets=check_targets)
+                                 backend=backend,
+                                 check_targets=check_targets, vocab_shard=vocab_shard)
 
 
 def linear_token_stats(
@@ -64,6 +70,7 @@ def linear_token_stats(
     temperature: float = 1.0,
     backend: str = "auto",
     check_targets: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> TokenStats:
     """:func:`token_stats` of ``F.linear(hidden, weight, bias)``, never building the logits.
 
@@ -71,6 +78,8 @@ def linear_token_stats(
         hidden, weight, targets, bias, ignore_index, shift, softcap, temperature, backend,
             check_targets: as in :func:`pplfast.linear_token_nll`.
         top_k: as in :func:`token_stats`.
+        vocab_shard: as in :func:`pplfast.linear_token_nll` (``weight`` and ``bias`` hold the
+            vocabulary rows ``[start, stop)``).
 
     Returns:
         :class:`TokenStats`; ``nll`` is what ``linear_token_nll`` returns.
@@ -78,4 +87,5 @@ def linear_token_stats(
     return _frontend.linear_token_stats(hidden, weight, targets, bias=bias, top_k=top_k,
                                         ignore_index=ignore_index, shift=shift,
                                         softcap=softcap, temperature=temperature,
-                                        backend=backend, check_targets=check_targets)
+                                        backend=backend,
+                                        check_targets=check_targets, vocab_shard=vocab_shard)
