@@ -24,7 +24,7 @@ COMMANDS = {
                                  "options)"),
     "doctor": ("pplfast.cli.doctor", "check every backend on this machine against the float64 "
                                      "reference"),
-    "bench": ("pplfast.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
+    "bench": ("pplfast.cli.bench", "time pplfast against PyTorch (and GPU peers) on this machine"),
     "serve": ("pplfast.serve.cli", "a scoring server (OpenAI completions, SGLang generate, score)"),
 }
 

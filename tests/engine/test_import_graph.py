@@ -173,7 +173,7 @@ WING_RANKS = {"kernels": 0, "engine": 1, "models": 2, "corpus": 3, "serve": 3, "
               "top": 5}
 SHIMS = {"pplfast.windows": "models", "pplfast.lm_eval": "models", "pplfast.ray": "corpus",
          "pplfast.__main__": "cli"}  # documented import paths kept as re-exports
-SHARED_HELPERS = {"pplfast._optional", "pplfast._version", "pplfast._env"}
+SHARED_HELPERS = {"pplfast._optional", "pplfast._version", "pplfast._env", "pplfast._memprobe"}
 # what the engine may take from below: the compiled extensions (named with an underscore, as
 # compiled modules are) and the kernels' launchers
 ENGINE_BELOW = EXTENSIONS
@@ -294,7 +294,7 @@ def test_a_lazy_import_that_dodges_a_cycle_is_found(tmp_path):
 # ---- a checkout's root on sys.path --------------------------------------------------------
 
 
-def _run_in_checkout(*args: str) -> "subprocess.CompletedProcess":
+def _run_in_checkout(*args: str):
     import subprocess
     import sys
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,

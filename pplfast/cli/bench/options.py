@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._dispatch import BACKENDS
+from ...api import BACKENDS
 
 SCHEMA = "pplfast-bench/1"
 

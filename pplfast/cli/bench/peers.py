@@ -7,6 +7,8 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ... import api, comparison, stats
+
 
 @dataclass
 class Impl:
@@ -26,14 +28,12 @@ def _first(out):
 
 def implementations(path: str, device: torch.device, backend: str):
     """``(impls, skipped)``: the implementations timed for ``path`` here, and why others are not."""
-    import pplfast
-
     impls: List[Impl] = []
     skipped: List[Tuple[str, str]] = []
     try:
-        from pplfast import _dispatch
+        from ...api import resolve_backend
 
-        resolved = _dispatch.resolve(backend, device)
+        resolved = resolve_backend(backend, device)
     except Exception:  # the preflight call reports the real error
         resolved = backend
     label = f"pplfast[{resolved}]"
@@ -41,14 +41,14 @@ def implementations(path: str, device: torch.device, backend: str):
         return _stats_implementations(label, backend), skipped
     if path == "compare":
         impls.append(Impl("pplfast", label, "pplfast",
-                          lambda a, b, t: pplfast.compare(a, b, t, backend=backend)))
+                          lambda a, b, t: comparison.compare(a, b, t, backend=backend)))
         impls.append(Impl("torch_kl", "log_softmax+kl_div+argmax", "baseline", _torch_compare))
         impls.append(Impl("token_nll_one", f"token_nll[{resolved}] of one tensor", "baseline",
-                          lambda a, b, t: pplfast.token_nll(a, t, backend=backend)))
+                          lambda a, b, t: api.token_nll(a, t, backend=backend)))
         return impls, skipped
     if path == "logits":
         impls.append(Impl("pplfast", label, "pplfast",
-                          lambda x, t: pplfast.token_nll(x, t, backend=backend)))
+                          lambda x, t: api.token_nll(x, t, backend=backend)))
         impls.append(Impl("cross_entropy", "F.cross_entropy", "baseline",
                           lambda x, t: F.cross_entropy(x, t, reduction="none")))
         impls.append(Impl("log_softmax_gather", "log_softmax+gather", "baseline",
@@ -68,7 +68,7 @@ def implementations(path: str, device: torch.device, backend: str):
         return impls, skipped
 
     impls.append(Impl("pplfast", label, "pplfast",
-                      lambda h, w, t: pplfast.linear_token_nll(h, w, t, backend=backend)))
+                      lambda h, w, t: api.linear_token_nll(h, w, t, backend=backend)))
     fused, why_not = _fused_fp32_impl(device)
     if fused is not None:
         impls.append(fused)
@@ -113,8 +113,8 @@ def fused_fp32_nll(hidden, weight, targets, *, sm_count):
     pplfast's routing, which sends float32 without TF32 to the chunked cuBLAS path instead
     (``pplfast._triton``). On float32 rows its ratio to ``pplfast[triton]`` is the measurement
     that decides that rule; on float16/bfloat16 rows it is the path pplfast takes anyway."""
-    from .. import _env
-    from ..kernels.linear_token_nll import linear_token_nll_forward
+    from ... import _env
+    from ...kernels.linear_token_nll import linear_token_nll_forward
 
     return linear_token_nll_forward(hidden, weight, None, targets, -100, None, 1.0,
                                     sm_count=sm_count, allow_tf32=False,
@@ -128,8 +128,8 @@ def _fused_fp32_impl(device: torch.device):
     if torch.cuda.get_device_capability(device)[0] < 8:
         return None, "the fused kernel needs CUDA capability >= 8.0"
     try:
-        from .. import _env
-        from ..kernels import linear_token_nll  # noqa: F401  (imports triton)
+        from ... import _env
+        from ...kernels import linear_token_nll  # noqa: F401  (imports triton)
     except Exception as exc:
         return None, f"triton not importable ({_one_line(exc)})"
     sm_count = _env.sm_count(device)
@@ -162,15 +162,13 @@ def _torch_stats(x, t, top_k=0):
 def _stats_implementations(label: str, backend: str) -> List[Impl]:
     """``--path stats``: token_stats (top_k 0, then 5; the first is the speed-up's reference),
     token_nll for scale, and the PyTorch expression with and without ``topk(5)``."""
-    import pplfast
-
     return [
         Impl("pplfast_stats", f"{label} token_stats", "pplfast",
-             lambda x, t: pplfast.token_stats(x, t, backend=backend).entropy),
+             lambda x, t: stats.token_stats(x, t, backend=backend).entropy),
         Impl("pplfast_stats_top5", f"{label} token_stats top_k=5", "pplfast",
-             lambda x, t: pplfast.token_stats(x, t, top_k=5, backend=backend).entropy),
+             lambda x, t: stats.token_stats(x, t, top_k=5, backend=backend).entropy),
         Impl("pplfast_token_nll", f"{label} token_nll", "baseline",
-             lambda x, t: pplfast.token_nll(x, t, backend=backend)),
+             lambda x, t: api.token_nll(x, t, backend=backend)),
         Impl("torch_stats", "log_softmax+stats", "baseline", lambda x, t: _torch_stats(x, t)[0]),
         Impl("torch_stats_top5", "log_softmax+stats+topk(5)", "baseline",
              lambda x, t: _torch_stats(x, t, 5)[0]),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ..cli._common import table
+from .._common import table
 from .options import MiB
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

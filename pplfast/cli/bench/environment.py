@@ -8,12 +8,11 @@ from typing import Dict
 
 import torch
 
-from ..cli._common import cpu_model, driver_version, mem_total_gib, package_version
+from ..._version import __version__
+from .._common import cpu_model, driver_version, mem_total_gib, package_version
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    import pplfast
-
     machine = {
         "device": device.type,
         "cpu": cpu_model(),
@@ -27,7 +26,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         machine.update(gpu=props.name, gpu_memory_gib=props.total_memory / (1 << 30),
                        driver=driver_version(), cuda_runtime=torch.version.cuda)
     versions = {
-        "pplfast": pplfast.__version__,
+        "pplfast": __version__,
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "python": platform.python_version(),

@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ... import api, comparison, stats
+
 from .cases import linear_flops, logits_bytes, logits_elements, make_inputs
 from .environment import environment
 from .measure import (bandwidth_gbps, bandwidth_probe, cpu_peak_extra, cuda_peak_extra,
@@ -51,21 +53,19 @@ class _Progress:
 
 def _preflight(plan: Plan) -> None:
     """Run pplfast once on a tiny input so that an unusable backend fails with its own message."""
-    import pplfast
-
     for path in dict.fromkeys(p for p, _, _ in plan.cases):
         for dtype in dict.fromkeys(d for p, _, d in plan.cases if p == path):
             shape = (4, 16, 64) if path == "linear" else (4, 64)
             inputs = make_inputs(path, shape, dtype, plan.device, seed=1)
             try:
                 if path == "stats":
-                    pplfast.token_stats(*inputs, top_k=5, backend=plan.backend)
+                    stats.token_stats(*inputs, top_k=5, backend=plan.backend)
                 elif path == "logits":
-                    pplfast.token_nll(*inputs, backend=plan.backend)
+                    api.token_nll(*inputs, backend=plan.backend)
                 elif path == "compare":
-                    pplfast.compare(*inputs, backend=plan.backend)
+                    comparison.compare(*inputs, backend=plan.backend)
                 else:
-                    pplfast.linear_token_nll(*inputs, backend=plan.backend)
+                    api.linear_token_nll(*inputs, backend=plan.backend)
             except Exception as exc:
                 raise BenchError(f"pplfast ({path} path, {dtype}, backend={plan.backend!r}) cannot "
                                  f"run here: {_one_line(exc)}") from exc

@@ -25,7 +25,7 @@ timestamp.
   float32, then entropy ``-(p * logp).sum(-1)``, ``max``/``argmax``, the target's rank
   ``(logp > logp[target]).sum(-1)`` and (for the top-k row) ``topk(5)``. Columns as the logits
   path; the speed-up is taken over ``token_stats(top_k=0)``.
-- Timing and peak memory: :mod:`pplfast.bench.measure` (one timer for every implementation).
+- Timing and peak memory: :mod:`pplfast.cli.bench.measure` (one timer for every implementation).
 
 One module per job: :mod:`.options` (command line -> :class:`~.options.Plan`), :mod:`.cases`
 (inputs), :mod:`.peers` (what is timed), :mod:`.measure` (timer, bandwidth, memory probes),
@@ -45,8 +45,8 @@ import functools
 import json
 import sys
 
-from ..corpus.io import CorpusIOError
-from ..corpus.writer import atomic_output
+from ...corpus.io import CorpusIOError
+from ...corpus.writer import atomic_output
 from .cases import linear_flops, logits_bytes, make_inputs
 from .measure import cpu_peak_extra, cuda_peak_extra, read_bandwidth, time_call
 from .options import (DEFAULT_BW_MIB, DTYPES, PATHS, SCHEMA, BenchError, MiB, Plan,

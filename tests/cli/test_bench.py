@@ -141,7 +141,7 @@ FUSED_FP32 = "pplfast_triton_fused_fp32"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_fused_fp32_peer_is_skipped_without_a_gpu(capsys):
-    from pplfast.bench import implementations
+    from pplfast.cli.bench import implementations
 
     impls, skipped = implementations("linear", torch.device("cpu"), "cpu")
     assert FUSED_FP32 not in {impl.name for impl in impls}
@@ -172,7 +172,7 @@ def test_fused_fp32_peer_computes_the_nll(monkeypatch):
     for IEEE products, against the float64 reference. Under the interpreter where there is no
     GPU."""
     from pplfast import reference
-    from pplfast.bench import peers
+    from pplfast.cli.bench import peers
     from pplfast.kernels import linear_token_nll as fused_module
 
     from helpers import assert_nll_close, backend_device, row_lse
@@ -221,7 +221,7 @@ def test_dry_run_prints_the_plan_even_for_a_missing_gpu(capsys, tmp_path):
 def test_json_file_keeps_the_cases_that_finished(capsys, tmp_path, monkeypatch):
     """A run cut off (here by Ctrl-C in its second case) leaves the first case's rows in the
     --json file, marked incomplete; a finished run's record says complete."""
-    from pplfast.bench import runner
+    from pplfast.cli.bench import runner
 
     path = tmp_path / "run.json"
     argv = ["bench", "--shapes", "16x300,8x200", "--dtypes", "fp32", "--backend", "reference",
@@ -249,7 +249,7 @@ def test_json_file_keeps_the_cases_that_finished(capsys, tmp_path, monkeypatch):
 
 
 def test_interleave_calls_every_implementation_once_per_round():
-    from pplfast.bench.measure import time_interleaved
+    from pplfast.cli.bench.measure import time_interleaved
 
     calls = []
     fns = [lambda name=name: calls.append(name) for name in "abc"]

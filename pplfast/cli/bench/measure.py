@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._memprobe import reset_peak, status_bytes
+from ..._memprobe import reset_peak, status_bytes
 from .cases import make_inputs
 from .options import AUTO_REPS, MiB
 from .peers import _one_line, implementations
@@ -162,7 +162,7 @@ def _worker_env() -> Dict[str, str]:
 
 def _run_worker(jobs: List[dict], on_line: Callable[[dict], None]) -> int:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pplfast.bench.measure as m; sys.exit(m._memory_worker())"],
+        [sys.executable, "-c", "import sys, pplfast.cli.bench.measure as m; sys.exit(m._memory_worker())"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_worker_env(),
     )
