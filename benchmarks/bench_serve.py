@@ -99,7 +99,7 @@ def naive_app(path):
 
     import torch
     import transformers as tf
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
 
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = tf.AutoTokenizer.from_pretrained(path)

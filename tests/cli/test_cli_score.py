@@ -1,12 +1,10 @@
 """`pplfast score` end to end on a tiny model saved to disk: JSON, per-token file, plot, errors."""
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from pplfast import score_texts
 from pplfast.cli import main

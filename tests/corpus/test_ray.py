@@ -7,7 +7,6 @@ import os
 import random
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("transformers")

@@ -2,7 +2,6 @@
 numbers against the models' own logits and pplfast's in-process scorers, the ``openai`` client,
 and a bounded load test. One server (two tiny models) for the module; the other server modules
 import :class:`ServerProcess` and the model builders from here."""
-import json
 import math
 import os
 import random
@@ -11,12 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
