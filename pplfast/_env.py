@@ -1,12 +1,16 @@
 """Environment variables and device facts: the one place that reads them.
 
-Every variable pplfast reads at run time is named and read here, at call time (never cached at
-import), so that a test or a user can change it between calls. Kernels in ``pplfast.kernels``
-read nothing themselves: their launchers take these values as arguments.
+Every variable pplfast reads at run time is named here and, but for ``PPLFAST_CPU_ISA`` (which the
+native CPU extension reads where it chooses its kernels), read here, at call time (never cached
+at import), so that a test or a user can change it between calls. Kernels in
+``pplfast.kernels`` read nothing themselves: their launchers take these values as arguments.
 
 ==========================  =====================================================================
 ``PPLFAST_BACKEND``         backend used when ``backend="auto"``
 ``PPLFAST_CPU_CHUNK_MB``    CPU hidden-states path: budget for all temporaries, MiB (default 32)
+``PPLFAST_CPU_ISA``         CPU kernels: ``auto`` (default: AVX-512 where the CPU has it), ``avx512``
+                            or the build's baseline (``avx2``); read by the native extension
+                            itself on every call (csrc/cpu/dispatch.cpp)
 ``PPLFAST_GPU_CHUNK_MB``    GPU chunked hidden-states path: one chunk of logits, MiB (default 256)
 ``PPLFAST_ALLOW_TF32``      ``1``: fp32 hidden states may use TF32 products on GPU
 ``PPLFAST_AUTOTUNE``        ``1``: autotune the Triton kernels instead of fixed configurations
