@@ -62,15 +62,27 @@ def _prologue(targets: Tensor, V: int, ignore_index: int, check: bool, count: bo
 
 
 def _vocab_call(targets: Tensor, shard: List[int], group: str, ignore_index: int,
-                temperature: float, check: bool) -> Optional[_vocab_merge.Call]:
+                softcap: Optional[float], temperature: float,
+                check: bool) -> Optional[_vocab_merge.Call]:
     """The run-time prologue of a vocab-parallel call; None when there is no row (every rank of
     the group has the same rows, so none of them exchanges anything)."""
     V = shard[2]
     flat, mask, _ = _prologue(targets, max(V, 0), ignore_index, check and V >= 0, False)
     if flat.numel() == 0:
         return None
-    return _vocab_merge.Call(targets, flat, mask, ignore_index, temperature, list(shard), group,
-                             check)
+    return _vocab_merge.Call(targets, flat, mask, ignore_index, softcap, temperature, list(shard),
+                             group, check)
+
+
+def _slices(backend: str, name: str):
+    """The backend module with the slice launcher ``name`` (the cuda backend's slices are the
+    Triton kernels', as its statistics and comparison are)."""
+    module = _dispatch.module("triton" if backend == "cuda" else backend)
+    if not hasattr(module, name):
+        raise _dispatch.BackendUnavailableError(
+            f'vocab-parallel scoring has no slice launcher {name} on backend="{backend}": use '
+            'backend="cpu" or "reference" for CPU tensors, "triton" for CUDA tensors')
+    return module
 
 
 def _bias_rows(weight: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
@@ -88,10 +100,11 @@ def token_nll(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Opti
               shard: Optional[List[int]] = None, group: str = "") -> Tensor:
     """float32 ``(targets.numel(),)`` NLL of the rows of ``logits3`` (B, T, V)."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(logits3, targets.numel(), _NLL)[0]
-        launchers = _vocab_merge.launchers(backend, "token_nll_slice")
+        launchers = _slices(backend, "token_nll_slice")
         return _vocab_merge.token_nll(call, lambda: launchers.token_nll_slice(
             logits3, call.flat, shard[0], ignore_index, softcap, temperature))
     V = logits3.shape[-1]
@@ -114,10 +127,11 @@ def linear_token_nll(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                      group: str = "") -> Tensor:
     """float32 ``(targets.numel(),)`` NLL of ``hidden2 @ weight.T + bias`` (hidden2: (N, D))."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(hidden2, targets.numel(), _NLL)[0]
-        launchers = _vocab_merge.launchers(backend, "linear_token_nll_slice")
+        launchers = _slices(backend, "linear_token_nll_slice")
         return _vocab_merge.token_nll(call, lambda: launchers.linear_token_nll_slice(
             hidden2, weight, bias, call.flat, shard[0], ignore_index, softcap, temperature))
     V, D = weight.shape
@@ -160,14 +174,15 @@ def token_stats(logits3: Tensor, targets: Tensor, ignore_index: int, softcap: Op
                 shard: Optional[List[int]] = None, group: str = "") -> _Stats:
     """``TokenStats`` fields of the rows of ``logits3`` (B, T, V), flat."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(logits3, targets.numel(), _STATS, top_k)
-        launchers = _vocab_merge.launchers(backend, "token_stats_slice")
-        target_y = _vocab_merge.target_values(call, lambda: launchers.target_logits(
-            logits3, call.flat, shard[0], softcap))
-        return _vocab_merge.token_stats(call, top_k, target_y, lambda: launchers.token_stats_slice(
-            logits3, call.flat, shard[0], ignore_index, softcap, temperature, top_k, target_y))
+        launchers = _slices(backend, "token_stats_slice")
+        target_x = _vocab_merge.target_values(call, lambda: launchers.target_logits(
+            logits3, call.flat, shard[0]))
+        return _vocab_merge.token_stats(call, top_k, target_x, lambda: launchers.token_stats_slice(
+            logits3, call.flat, shard[0], ignore_index, softcap, temperature, top_k, target_x))
     V = logits3.shape[-1]
     flat, _, _ = _prologue(targets, V, ignore_index, check_targets, False)
     if flat.numel() == 0 or V == 0:
@@ -190,16 +205,17 @@ def linear_token_stats(hidden2: Tensor, weight: Tensor, bias: Optional[Tensor], 
                        shard: Optional[List[int]] = None, group: str = "") -> _Stats:
     """``TokenStats`` fields of ``hidden2 @ weight.T + bias``, flat."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(hidden2, targets.numel(), _STATS, top_k)
-        launchers = _vocab_merge.launchers(backend, "linear_token_stats_slice")
-        target_y = _vocab_merge.target_values(call, lambda: launchers.linear_target_logits(
-            hidden2, weight, bias, call.flat, shard[0], softcap))
+        launchers = _slices(backend, "linear_token_stats_slice")
+        target_x = _vocab_merge.target_values(call, lambda: launchers.linear_target_logits(
+            hidden2, weight, bias, call.flat, shard[0]))
         return _vocab_merge.token_stats(
-            call, top_k, target_y, lambda: launchers.linear_token_stats_slice(
+            call, top_k, target_x, lambda: launchers.linear_token_stats_slice(
                 hidden2, weight, bias, call.flat, shard[0], ignore_index, softcap, temperature,
-                top_k, target_y))
+                top_k, target_x))
     V, D = weight.shape
     flat, mask, count = _prologue(targets, V, ignore_index, check_targets, D > 0)
     launchers = _dispatch.module(backend)
@@ -233,10 +249,11 @@ def compare(logits3_base: Tensor, logits3_test: Tensor, targets: Tensor, ignore_
             group: str = "") -> _Compared:
     """``TokenComparison`` fields of two models' rows (each (B, T, V)), flat."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(logits3_base, targets.numel(), _COMPARE)
-        launchers = _vocab_merge.launchers(backend, "compare_slice")
+        launchers = _slices(backend, "compare_slice")
         return _vocab_merge.compare(call, lambda: launchers.compare_slice(
             logits3_base, logits3_test, call.flat, shard[0], ignore_index, softcap, temperature))
     V = logits3_base.shape[-1]
@@ -272,10 +289,11 @@ def linear_compare(hidden2_base: Tensor, weight_base: Tensor, bias_base: Optiona
                    shard: Optional[List[int]] = None, group: str = "") -> _Compared:
     """``TokenComparison`` fields of both models' ``hidden2 @ weight.T + bias``, flat."""
     if shard is not None:
-        call = _vocab_call(targets, shard, group, ignore_index, temperature, check_targets)
+        call = _vocab_call(targets, shard, group, ignore_index, softcap, temperature,
+                           check_targets)
         if call is None:
             return _filled(hidden2_base, targets.numel(), _COMPARE)
-        launchers = _vocab_merge.launchers(backend, "linear_compare_slice")
+        launchers = _slices(backend, "linear_compare_slice")
         return _vocab_merge.compare(call, lambda: launchers.linear_compare_slice(
             hidden2_base, weight_base, bias_base, hidden2_test, weight_test, bias_test,
             call.flat, shard[0], ignore_index, softcap, temperature))

@@ -78,15 +78,18 @@ def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_te
 # ---- vocabulary slices (vocab-parallel; the layout is pplfast._vocab_merge's) ---------------
 #
 # Each launcher reduces a slice of the vocabulary (columns ``v_offset ...`` of the whole one) to
-# its unfinished per-row partials, in float64 over the soft-capped logits rounded to float32 (the
-# values every backend's partials are formed on, so that a slice's maximum is exactly one of its
-# entries), chunk by chunk as the oracle does.
+# its unfinished per-row partials, in float64 over float32 values, as every backend forms them:
+# the logits as float32 (the float64 GEMM rounded, on the hidden-states path), soft-capped and
+# rounded to float32 (so that a slice's maximum is exactly one of its entries and the rank's
+# threshold, soft-capped from the raw target logit, equals the target's own value), chunk by
+# chunk as the oracle does.
 
 _NINF = float("-inf")
 
 
 def _y32(z: torch.Tensor, softcap) -> torch.Tensor:
-    """The soft-capped float64 logits ``z`` as the float32 values the partials are formed on."""
+    """The soft-capped logits (``z``: float64 holding float32 values) as the float32 values the
+    partials are formed on."""
     return reference._capped(z, softcap).float().double()
 
 
@@ -128,7 +131,7 @@ def _stats_partials(y, targets, v_offset, temperature, top_k, threshold):
         argmax = y.argmax(-1) + v_offset
     else:
         argmax = torch.full((n,), -1, dtype=torch.int64, device=y.device)
-    rank = (y > threshold.double().unsqueeze(-1)).sum(-1)
+    rank = (y > threshold.unsqueeze(-1)).sum(-1)
     values = torch.full((n, top_k), _NINF, dtype=torch.float64, device=y.device)
     ids = torch.full((n, top_k), -1, dtype=torch.int64, device=y.device)
     kept = min(top_k, width)
@@ -174,15 +177,21 @@ def _logit_rows(logits3, softcap):
     return lambda a, b: (_y32(flat[a:b].double(), softcap),)
 
 
+def _linear_z(hidden2, w64, b64, a, b):
+    """Rows ``a ... b`` of the logits, the float64 GEMM rounded to float32 (held in float64)."""
+    z = hidden2[a:b].double() @ w64.T
+    if b64 is not None:
+        z = z + b64
+    return z.float().double()
+
+
 def _linear_rows(hidden2, weight, bias, softcap, raw=False):
     w64 = weight.double()
     b64 = None if bias is None else bias.double()
 
     def rows(a, b):
-        z = hidden2[a:b].double() @ w64.T
-        if b64 is not None:
-            z = z + b64
-        return (_y32(z, softcap), z.float().double()) if raw else (_y32(z, softcap),)
+        z = _linear_z(hidden2, w64, b64, a, b)
+        return (_y32(z, softcap), z) if raw else (_y32(z, softcap),)
 
     return rows
 
@@ -199,13 +208,14 @@ def linear_token_nll_slice(hidden2, weight, bias, targets, v_offset, ignore_inde
                       lambda y, a, b: _nll_partials(y, targets[a:b], v_offset, temperature))
 
 
-def target_logits(logits3, targets, v_offset, softcap):
-    y = _by_chunks(targets.numel(), logits3.shape[-1], _logit_rows(logits3, softcap),
-                   lambda y, a, b: _target_column(y, targets[a:b], v_offset)[1:])[0]
-    return y.float()
+def target_logits(logits3, targets, v_offset):
+    """Each row's raw target logit where the target lies in the slice, else 0 (float32)."""
+    x = _by_chunks(targets.numel(), logits3.shape[-1], _logit_rows(logits3, None),
+                   lambda x, a, b: _target_column(x, targets[a:b], v_offset)[1:])[0]
+    return x.float()
 
 
-def linear_target_logits(hidden2, weight, bias, targets, v_offset, softcap):
+def linear_target_logits(hidden2, weight, bias, targets, v_offset):
     local = targets - v_offset
     inside = (local >= 0) & (local < weight.shape[0])
     safe = torch.where(inside, local, 0)
@@ -214,18 +224,21 @@ def linear_target_logits(hidden2, weight, bias, targets, v_offset, softcap):
     z = (hidden2.double() * weight.index_select(0, safe).double()).sum(-1)
     if bias is not None:
         z = z + bias.index_select(0, safe).double()
-    return torch.where(inside, _y32(z, softcap), 0.0).float()
+    return torch.where(inside, z, 0.0).float()
 
 
 def token_stats_slice(logits3, targets, v_offset, ignore_index, softcap, temperature, top_k,
-                      threshold):
+                      target_x):
+    """``target_x``: every row's raw target logit (the rank's threshold, soft-capped here)."""
+    threshold = _y32(target_x.double(), softcap)
     return _by_chunks(targets.numel(), logits3.shape[-1], _logit_rows(logits3, softcap),
                       lambda y, a, b: _stats_partials(y, targets[a:b], v_offset, temperature,
                                                       top_k, threshold[a:b]))
 
 
 def linear_token_stats_slice(hidden2, weight, bias, targets, v_offset, ignore_index, softcap,
-                             temperature, top_k, threshold):
+                             temperature, top_k, target_x):
+    threshold = _y32(target_x.double(), softcap)
     return _by_chunks(targets.numel(), weight.shape[0],
                       _linear_rows(hidden2, weight, bias, softcap),
                       lambda y, a, b: _stats_partials(y, targets[a:b], v_offset, temperature,

@@ -20,7 +20,7 @@ op          words                                                               
 ==========  ======================================================================  =========
 NLL         ``m``, ``s = sum exp(u)``, ``delta = (r - y_target) / T`` (0 where the    12
             target lies in another slice)
-TARGET      ``y_target`` (0 where the target lies elsewhere): the rank threshold        4
+TARGET      the raw target logit (0 where it lies elsewhere): the rank threshold        4
 STATS       ``m``, ``s``, ``e = sum exp(u) u`` (as a mean), argmax id, rank count       20 + 8k
             (``y > y_target`` in the slice), then ``k`` top values ``y`` and their ``k`` ids (global;
             padding ``-inf`` / -1 where the slice is narrower than ``k``)
@@ -50,7 +50,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _dispatch, _validate
+from . import _validate
 from .vocab_parallel import process_group
 
 Tensor = torch.Tensor
@@ -77,6 +77,25 @@ def bytes_per_row(op: str, top_k: int = 0) -> int:
 
 
 # ---- packing and the collective ----------------------------------------------------------------
+
+def lse_words(m: Tensor, s: Tensor, y_target: Tensor, inside: Tensor,
+              temperature: float) -> tuple:
+    """``(m, s, delta)`` of a slice, for slice launchers whose running state holds the maximum
+    ``m`` of ``y`` (NaN where the slice holds a NaN), ``s = sum exp((y - m) / T)`` where ``m`` is
+    finite and the target's ``y``: ``s`` moved to this layout's reference point (+inf for a +inf
+    maximum, 0 for an empty slice) and ``delta = (r - y_target) / T`` where the target lies in
+    the slice (``inside``), else 0."""
+    m, s, y_target = m.double(), s.double(), y_target.double()
+    r = torch.where(torch.isfinite(m), m, 0.0)
+    s = torch.where(m == float("inf"), float("inf"), torch.where(m == float("-inf"), 0.0, s))
+    return m, s, torch.where(inside, (r - y_target) / temperature, 0.0)
+
+
+def inside(targets: Tensor, v_offset: int, width: int) -> Tensor:
+    """Whether each (global) target lies in the slice ``[v_offset, v_offset + width)``."""
+    local = targets - v_offset
+    return (local >= 0) & (local < width)
+
 
 def _as_mean(total: Tensor, s: Tensor, temperature: float) -> Tensor:
     """A slice's sum of ``exp(u) * x`` as its mean over the weights ``exp(u)``, times ``T / 2``
@@ -230,6 +249,7 @@ def merge_lse(m: Tensor, s: Tensor, temperature: float) -> Lse:
     c = (r - R) / temperature
     w = torch.exp(c)
     S = torch.where(s == 0, 0.0, w * s).sum(0)  # an all -inf slice adds 0, whatever w is
+    S = torch.where(torch.isnan(M), float("nan"), S)  # a slice's NaN is in its m, not its s
     return Lse(M, R, c, w, S, torch.log(S))
 
 
@@ -274,16 +294,6 @@ def _nll(lse: Lse, delta_owner: Tensor, c_owner: Tensor) -> Tensor:
     return (lse.log_S - c_owner + delta_owner).clamp_min(0.0)
 
 
-def launchers(backend: str, name: str):
-    """The backend module, which must have the slice launcher ``name``."""
-    module = _dispatch.module(backend)
-    if not hasattr(module, name):
-        raise _dispatch.BackendUnavailableError(
-            f'vocab-parallel scoring is not available on backend="{backend}" yet (no slice '
-            f'launcher {name}): use backend="cpu" (CPU tensors) or "reference"')
-    return module
-
-
 class Call(NamedTuple):
     """What every vocab-parallel op body passes here."""
 
@@ -291,6 +301,7 @@ class Call(NamedTuple):
     flat: Tensor  # (n,) int64
     mask: Tensor  # (n,) bool, scored rows
     ignore_index: int
+    softcap: Optional[float]
     temperature: float
     bounds: List[int]  # [start, stop, vocab_size or -1]
     group: str
@@ -310,8 +321,9 @@ def token_nll(call: Call, produce: Callable) -> Tensor:
 
 
 def target_values(call: Call, produce: Callable) -> Tensor:
-    """The TARGET exchange of ``token_stats``: each row's soft-capped target logit (float32, as
-    the slice launchers compare it), from the rank whose slice holds it."""
+    """The TARGET exchange of ``token_stats``: each row's raw target logit (float32, before the
+    softcap), from the rank whose slice holds it; every slice launcher soft-caps it as it
+    soft-caps its own logits, so that its rank compares like with like."""
     values = produce()
     lay, (Y,) = exchange((values,), TARGET_WORDS, call.bounds, call.group, call.flat, TARGET)
     _check_targets(call.targets, call.mask, lay, call.ignore_index, call.check, call.bounds)
@@ -320,9 +332,10 @@ def target_values(call: Call, produce: Callable) -> Tensor:
     return _pick(Y, _owner(call.flat, lay)).float()
 
 
-def token_stats(call: Call, top_k: int, target_y: Tensor, produce: Callable) -> tuple:
-    """``produce()``: this rank's ``(m, s, e, argmax, rank, top_values, top_ids)``; ``target_y``
-    from :func:`target_values`. Returns the seven ``TokenStats`` fields, flat."""
+def token_stats(call: Call, top_k: int, target_x: Tensor, produce: Callable) -> tuple:
+    """``produce()``: this rank's ``(m, s, e, argmax, rank, top_values, top_ids)``; ``target_x``
+    (raw target logits) from :func:`target_values`. Returns the seven ``TokenStats`` fields,
+    flat."""
     m, s, e, *rest = produce()
     parts = (m, s, _as_mean(e, s, call.temperature), *rest)
     words = stats_words(top_k)
@@ -340,7 +353,9 @@ def token_stats(call: Call, top_k: int, target_y: Tensor, produce: Callable) -> 
     E = _from_mean(E, S_, call.temperature)
     lse = merge_lse(M_, S_, call.temperature)
     T = call.temperature
-    y_t = target_y.double()
+    y_t = target_x.double()
+    if call.softcap is not None:
+        y_t = call.softcap * torch.tanh(y_t / call.softcap)
     nll = (lse.log_S - (y_t - lse.R) / T).clamp_min(0.0)
     moment = torch.where((S_ == 0) | (lse.w == 0), 0.0, lse.w * (E + lse.c * S_)).sum(0)
     entropy = lse.log_S - moment / lse.S

@@ -38,7 +38,8 @@ OPTIONS = {
 LOGIT_OPS = ["token_nll", "perplexity", "token_stats", "token_stats_top5", "compare"]
 HIDDEN_CASES = ["plain", "slice_ninf", "nan_row", "pinf_col", "ties"]
 LINEAR_OPS = ["linear_token_nll", "linear_token_stats_top3", "linear_compare"]
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "cpu", "triton"]  # triton: the interpreter, or a GPU's kernels
+TRITON_LAYOUT = {2: "from_vocab", 3: "empty"}
 
 
 def layouts(world: int):
@@ -58,6 +59,8 @@ def case_names(world: int) -> list:
     names = []
     for layout in layouts(world) if world in (2, 3) else ():
         for backend in BACKENDS:
+            if backend == "triton" and layout != TRITON_LAYOUT[world]:
+                continue  # the interpreter is slow: one layout per world
             for opt in OPTIONS:
                 names += [f"{op}/{layout}/{opt}/{backend}" for op in LOGIT_OPS]
             for hidden in HIDDEN_CASES:
@@ -241,6 +244,18 @@ class Ctx:
         return bounds, pplfast.VocabShard(start, stop, vocab_size=V if sized else None)
 
 
+def _on(backend, fn):
+    """``fn`` run with its tensors where the backend runs (a GPU for triton where there is one:
+    the exchange then goes through the CPU, as gloo needs) and its result brought back."""
+    from helpers import _to, backend_device
+
+    device = backend_device(backend)
+
+    def call(*args, **kwargs):
+        return _to(fn(*_to(args, device), **_to(kwargs, device)), "cpu")
+    return call
+
+
 def run_logits_case(ctx, op, layout, opt, backend):
     import pplfast
     from pplfast import reference
@@ -255,11 +270,11 @@ def run_logits_case(ctx, op, layout, opt, backend):
     local = slice(shard.start, shard.stop)
     kw = dict(opts, vocab_shard=shard, backend=backend)
     if op == "token_nll":
-        got = pplfast.token_nll(x[..., local], t, **kw)
+        got = _on(backend, pplfast.token_nll)(x[..., local], t, **kw)
         check_float("nll", got, reference.token_nll(x, t, **opts), *_shifted(x, t, opts.get(
             "shift", False))[:1], opts)
     elif op == "perplexity":
-        got = pplfast.perplexity(x[..., local], t, **kw)
+        got = _on(backend, pplfast.perplexity)(x[..., local], t, **kw)
         nll = reference.token_nll(x, t, **opts)
         scored = _shifted(x, t, opts.get("shift", False))[1] != -100
         want = torch.exp(nll[scored].sum() / scored.sum())
@@ -268,10 +283,10 @@ def run_logits_case(ctx, op, layout, opt, backend):
             abs(float(got) - float(want)) <= 1e-5 * abs(float(want))), (float(got), float(want))
     elif op.startswith("token_stats"):
         k = 5 if op.endswith("top5") else 0
-        got = pplfast.token_stats(x[..., local], t, top_k=k, **kw)
+        got = _on(backend, pplfast.token_stats)(x[..., local], t, top_k=k, **kw)
         check_stats(got, reference.token_stats(x, t, top_k=k, **opts), x, t, opts, k)
     elif op == "compare":
-        got = pplfast.compare(x[..., local], y[..., local], t, **kw)
+        got = _on(backend, pplfast.compare)(x[..., local], y[..., local], t, **kw)
         check_compare(got, reference.compare(x, y, t, **opts), x, y, t, opts)
 
 
@@ -286,17 +301,18 @@ def run_linear_case(ctx, op, layout, hidden_case, backend):
     kw = dict(opts, vocab_shard=shard, backend=backend)
     z = torch.nn.functional.linear(h.double(), w.double(), b.double())
     if op == "linear_token_nll":
-        got = pplfast.linear_token_nll(h, w[local], t, bias=b[local], **kw)
+        got = _on(backend, pplfast.linear_token_nll)(h, w[local], t, bias=b[local], **kw)
         want = reference.linear_token_nll(h, w, t, bias=b, **opts)
         check_float("nll", got, want, _shifted(z, t, opts.get("shift", False))[0], opts)
     elif op == "linear_token_stats_top3":
-        got = pplfast.linear_token_stats(h, w[local], t, bias=b[local], top_k=3, **kw)
+        got = _on(backend, pplfast.linear_token_stats)(h, w[local], t, bias=b[local], top_k=3,
+                                                       **kw)
         want = reference.linear_token_stats(h, w, t, bias=b, top_k=3, **opts)
         check_stats(got, want, z, t, opts, 3)
     elif op == "linear_compare":
         h2 = h * 0.9
-        got = pplfast.linear_compare(h, w[local], h2, w_test[local], t, bias_base=b[local],
-                                     bias_test=b[local], **kw)
+        got = _on(backend, pplfast.linear_compare)(h, w[local], h2, w_test[local], t,
+                                                   bias_base=b[local], bias_test=b[local], **kw)
         want = reference.linear_compare(h, w, h2, w_test, t, bias_base=b, bias_test=b, **opts)
         z2 = torch.nn.functional.linear(h2.double(), w_test.double(), b.double())
         check_compare(got, want, z, z2, t, opts)
