@@ -222,6 +222,28 @@ def unwrap(kind: str, names: Sequence[str], tensors: Sequence, targets, extras: 
             [None if b is None else local(b) for b in extras], vocab_shard)
 
 
+def full(x):
+    """A DTensor gathered whole on every rank (for a probe's few rows); anything else as it is."""
+    return x.full_tensor() if _is_dtensor(x) else x
+
+
+def linear_rows(hidden: torch.Tensor, weight, bias=None) -> torch.Tensor:
+    """``F.linear(hidden, weight, bias)`` where the output layer may be a DTensor sharded on the
+    vocabulary (its rows): each rank multiplies its rows and the logits are gathered whole. For
+    the few rows of a probe, never for scoring (the ops take the sharded layer as it is)."""
+    if not _is_dtensor(weight):
+        return torch.nn.functional.linear(hidden, weight, bias)
+    from torch.distributed.tensor import DTensor, Shard
+
+    z = torch.nn.functional.linear(hidden, weight.to_local(), None if bias is None else local(bias))
+    placements = [Shard(z.ndim - 1) if isinstance(p, Shard) and p.dim % weight.ndim == 0 else p
+                  for p in weight.placements]
+    shape = (*z.shape[:-1], weight.shape[0])  # uneven slices: the global shape, given
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(z, weight.device_mesh, placements, shape=shape,
+                              stride=stride).full_tensor()
+
+
 def vocab_group(tensor, vocab_shard: Optional[VocabShard], dim: int):
     """The process group over which a call splits the vocabulary: the group of ``vocab_shard``,
     or of ``tensor`` when it is a DTensor sharded on its dimension ``dim`` (-1 for logits, 0 for

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from typing import NamedTuple, Optional
 
@@ -25,7 +26,8 @@ from .._version import __version__
 from ..api import BACKENDS, BackendUnavailableError
 from ..corpus.writer import lock_outputs
 from ..models.head import context_length, vocab_size
-from ..models.loading import DTYPES
+from ..models.loading import DTYPES, ModelLoadError
+from ..models.parallel import load_model_tp, tensor_parallel_mesh
 from ..models.score import score_texts
 from ._common import (CliError, add_input_arguments, add_output_arguments, add_window_arguments,
                       check_plot_path, check_window_options, device, emit_figures, first_line,
@@ -59,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="with --stats (implied): the K most probable tokens per position "
                              "in --per-token rows, K in [0, 64]")
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="split the model over the N processes of `torchrun "
+                             "--nproc-per-node N`, its output layer by vocabulary (no rank "
+                             "holds the logits of the whole vocabulary); rank 0 prints and "
+                             "writes")
 
 
 def _check_model_options(args, model) -> int:
@@ -206,24 +213,41 @@ def _check_options(args) -> None:
     check_window_options(args)
     if not 0 <= args.top_k <= 64:
         raise CliError(f"--top-k must lie in [0, 64], got {args.top_k}")
+    if args.tp is not None and args.tp < 1:
+        raise CliError(f"--tp must be a positive number of processes, got {args.tp}")
     if args.per_document and args.json is None:
         raise CliError("--per-document adds to the JSON output: pass --json too")
     if args.plot:
         check_plot_path(args.plot)  # a missing extra fails now, not after scoring
 
 
+def _writes(args) -> bool:
+    """Whether this process prints and writes: always, but for ranks other than 0 of --tp."""
+    return not args.tp or int(os.environ.get("RANK", "0")) == 0
+
+
 @one_line_errors("score")
 def run(args) -> int:
     _check_options(args)
     docs = read_documents(args)  # output paths are checked there, before the model loads
-    with lock_outputs(output_paths(args)):
+    with lock_outputs(output_paths(args) if _writes(args) else []):
         return _score_documents(args, docs)
+
+
+def _load(args, on):
+    """``(model, tokenizer, device)``: with --tp, split over this torchrun job's processes."""
+    if not args.tp:
+        return (*load_model(args.model, args.dtype, on), on)
+    try:
+        mesh, on = tensor_parallel_mesh(args.tp, args.device)
+        return (*load_model_tp(args.model, mesh=mesh, device=on, dtype=args.dtype), on)
+    except (ValueError, ModelLoadError, ImportError) as exc:
+        raise CliError(first_line(exc)) from None
 
 
 def _score_documents(args, docs) -> int:
     documents = [doc.text for doc in docs]
-    on = device(args.device)
-    model, tokenizer = load_model(args.model, args.dtype, on)
+    model, tokenizer, on = _load(args, device(args.device))
     window = _check_model_options(args, model)
     backend = resolved_backend(args.backend, model)
     stride = args.stride
@@ -234,7 +258,7 @@ def _score_documents(args, docs) -> int:
         scores = score_texts(
             model, tokenizer, documents, window=window, stride=stride, mode=args.mode,
             prefix_token_id=args.prefix_token_id, batch_size=args.batch_size,
-            backend=args.backend, progress=progress_wanted(args),
+            backend=args.backend, progress=progress_wanted(args) and _writes(args),
             stats=args.stats or args.top_k > 0, top_k=args.top_k,
         )
     except (ValueError, TypeError, BackendUnavailableError) as exc:
@@ -258,6 +282,8 @@ def _score_documents(args, docs) -> int:
              "perplexity": d.perplexity}
             for i, d in enumerate(scores.documents)
         ]
+    if not _writes(args):
+        return 0
     # the summary first: a failed write of the large files below loses nothing else
     emit_figures(args.json, figures, _summary(figures))
     if args.per_token:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from ..vocab_parallel import full, linear_rows
 
 PROBE_TOKENS = 16  # tokens of the probe that checks body + output layer against the model
 PROBE = object()  # a head not looked for yet: find the model's head and probe it
@@ -136,8 +137,9 @@ def head_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of ``hidden`` through the output layer and the final transform."""
     # the GEMM runs in the weight's own dtype, as the model's does: a float32 copy of the whole
     # output layer would cost 2 GB for Llama-3-8B; only the few probe rows' logits are upcast
-    z = F.linear(hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
-                 head.bias).float()
+    # (an output layer split over ranks by vocabulary: these few rows' logits gathered)
+    z = linear_rows(hidden.to(device=head.weight.device, dtype=head.weight.dtype), head.weight,
+                    head.bias).float()
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
     return z / head.temperature
@@ -147,7 +149,7 @@ def probe(model, head: Head, ids: torch.Tensor) -> Optional[str]:
     """Compare the model's logits with body + output layer on ``ids``; None if they agree,
     else why not."""
     try:
-        theirs = output_logits(call_model(model, ids)).float()
+        theirs = full(output_logits(call_model(model, ids))).float()
         ours = head_logits(head, last_hidden(call_model(head.body, ids)))
     except Exception as exc:  # an unusual body signature: the logits path still works
         return f"calling the model body failed ({type(exc).__name__}: {exc})"
