@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 
 from . import _validate
+from ._metric_sums import comparison_sums, perplexity_sums
 from ._results import ComparisonResult, PerplexityResult, TokenComparison
 from ._summary import COMPARISON_SUMS, TOKENS, comparison_statistics, safe_exp
 from .api import linear_token_nll, token_nll
@@ -227,30 +228,25 @@ class Perplexity:
     def _accumulate(self, nll, scored, num_bytes, num_words, stats=None, targets=None) -> None:
         num_bytes = _count(num_bytes, "num_bytes")
         num_words = _count(num_words, "num_words")
-        x = torch.where(scored, nll.double(), torch.zeros((), dtype=torch.float64, device=nll.device))
-        tokens = scored.sum().double()
+        if stats is None:
+            sums = perplexity_sums(nll, scored, None, None, None)
+        else:
+            sums = perplexity_sums(nll, scored, stats.entropy, stats.argmax, targets)
+        tokens = sums[2]
         zero = torch.zeros_like(tokens)
         # full_like fills on the device: no host-to-device copy (and no stream sync) per update
         update = torch.stack([
-            x.sum(), (x * x).sum(), tokens,
+            sums[0], sums[1], tokens,
             torch.full_like(tokens, num_bytes or 0), torch.full_like(tokens, num_words or 0),
             tokens if num_bytes is not None else zero,
             tokens if num_words is not None else zero,
-            *self._stats_sums(stats, targets, scored, zero),
+            sums[3], sums[4], sums[5],
         ])
         # the state follows the device of the first update, so GPU updates never synchronise
         if not self._placed:
             self._state, self._placed = self._state.to(nll.device), True
         self._state = self._state + update.to(self._state.device)
         self._global = None
-
-    @staticmethod
-    def _stats_sums(stats, targets, scored, zero):
-        if stats is None:
-            return zero, zero, zero
-        entropy = torch.where(scored, stats.entropy.double(), torch.zeros_like(zero))
-        top1 = (scored & (stats.argmax == targets)).sum().double()
-        return entropy.sum(), top1, scored.sum().double()
 
     def merge(self, other: "Perplexity") -> "Perplexity":
         """Add another metric's local sums into this one (e.g. from another shard); returns self."""
@@ -393,23 +389,12 @@ class Comparison:
             raise ValueError(f"scored must be a bool tensor of shape {shape}, got "
                              f"{scored.dtype} {tuple(scored.shape)}")
         scored = scored.to(comparison.kl.device).reshape(-1)
-        zero = torch.zeros((), dtype=torch.float64, device=scored.device)
-
-        def values(x):  # float64, 0 where not scored (whatever NaN or inf sits there)
-            return torch.where(scored, x.reshape(-1).double(), zero)
-
-        nll_t, nll_b, kl = values(comparison.nll_test), values(comparison.nll_base), \
-            values(comparison.kl)
-        dp = torch.exp(-nll_t) - torch.exp(-nll_b)  # 0 where not scored
-        same = scored & (comparison.argmax_base.reshape(-1) == comparison.argmax_test.reshape(-1))
-        dp2 = dp * dp
-        update = torch.stack([
-            scored.sum().double(), nll_t.sum(), (nll_t * nll_t).sum(), nll_b.sum(),
-            (nll_b * nll_b).sum(), (nll_t * nll_b).sum(), kl.sum(), (kl * kl).sum(), dp.sum(),
-            dp2.sum(), (dp2 * dp2).sum(), same.sum().double(),
-        ])
+        update, kl, dp = comparison_sums(
+            comparison.nll_test.reshape(-1), comparison.nll_base.reshape(-1),
+            comparison.kl.reshape(-1), comparison.argmax_base.reshape(-1),
+            comparison.argmax_test.reshape(-1), scored)
         self._sums = self._sums + update.cpu()
-        self._tokens.append((kl.float().cpu(), dp.float().cpu(), scored.cpu()))
+        self._tokens.append((kl.cpu(), dp.cpu(), scored.cpu()))
         self._global = None
 
     def _values(self):

@@ -73,6 +73,11 @@ def _op_args():
         "compare": (ops.compare, (logits3, logits3_t, t, *common, "cpu", True)),
         "linear_compare": (ops.linear_compare,
                            (h2, weight, bias, ht2, weight_t, None, t, *common, "cpu", True)),
+        "perplexity_sums": (ops.perplexity_sums, (h2[:, 0], t != -100, h2[:, 1], t, t.flip(0))),
+        "perplexity_sums-nostats": (ops.perplexity_sums, (h2[:, 0], t != -100, None, None, None)),
+        "comparison_sums": (ops.comparison_sums,
+                            (h2[:, 0].abs(), h2[:, 1].abs(), h2[:, 2].abs(), t, t.flip(0),
+                             t != -100)),
     }
 
 
@@ -115,6 +120,31 @@ def test_metric_updates_compile_fullgraph(compiler, real_empty):
     for e, c in zip(eager, compiled):
         assert c.num_tokens == e.num_tokens == int((targets[:, 1:] != -100).sum())
         assert c.compute() == e.compute()
+
+
+def test_metric_updates_leave_no_reduction_to_the_compiler():
+    """The updates' float64 sums (and compare's exp of Δp) are custom ops in the traced graph:
+    a compiler that regenerated them would reorder the sums and use its own exp, and the
+    compiled figures would differ from the eager ones in the last bit on some machines."""
+    hidden, hidden_t, weight, weight_t, bias, targets = _case()
+    logits, logits_t = hidden @ weight.T, hidden_t @ weight_t.T
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def step(ppl, cmp, a, b, t):
+        ppl.update(a, t, shift=True, stats=True, backend="cpu")
+        cmp.update(a, b, t, shift=True, backend="cpu")
+
+    torch.compile(step, fullgraph=True, backend=capture)(
+        pplfast.Perplexity(), pplfast.Comparison(), logits, logits_t, targets)
+    targets_called = [str(node.target) for gm in graphs for node in gm.graph.nodes
+                      if node.op in ("call_function", "call_method")]
+    assert "pplfast.perplexity_sums.default" in targets_called
+    assert "pplfast.comparison_sums.default" in targets_called
+    assert not [t for t in targets_called if "exp" in t or t.endswith("sum")], targets_called
 
 
 # ---- no copy under shift=True --------------------------------------------------------------
