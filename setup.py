@@ -186,8 +186,10 @@ else:
     warn_if_nvcc_newer_than_torch(os.path.join(cuda_home, "bin", "nvcc"))
     cuda_ext = Pybind11Extension(
         "pplfast._cuda_C",
-        sources=["csrc/cuda/bindings.cpp"],
-        depends=["csrc/cuda/token_nll.h", "csrc/cuda/token_nll.cu"],
+        # the launch plan is plain C++: the host compiler builds it with the binding
+        sources=["csrc/cuda/bindings.cpp", "csrc/cuda/plan.cpp"],
+        depends=["csrc/cuda/token_nll.h", "csrc/cuda/token_nll.cu", "csrc/cuda/plan.h",
+                 "csrc/cuda/constants.h"],
         include_dirs=["csrc/cuda"],
         cxx_std=17,
         extra_compile_args=["-O2"],

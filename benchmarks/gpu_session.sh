@@ -59,10 +59,11 @@ fi
 # the GPU tests: every test marked cuda (GPU only) or interpreter (Triton: compiled on CUDA
 # tensors where there is a GPU), without the compile-only tests that already run on CPU; the
 # dry run checks that these files hold every test the selection picks in tests/
-GPU_TEST_FILES=(tests/test_api.py tests/test_bench.py tests/test_compare.py tests/test_cuda.py
-  tests/test_linear_stats_triton.py tests/test_linear_token_nll.py tests/test_linear_triton.py
-  tests/test_special_values.py tests/test_token_nll.py tests/test_token_stats.py
-  tests/test_triton_token_nll.py)
+GPU_TEST_FILES=(tests/cli/test_bench.py tests/engine/test_api.py tests/engine/test_compare.py
+  tests/engine/test_linear_token_nll.py tests/engine/test_special_values.py
+  tests/engine/test_token_nll.py tests/engine/test_token_stats.py tests/kernels/test_cuda.py
+  tests/kernels/test_linear_stats_triton.py tests/kernels/test_linear_triton.py
+  tests/kernels/test_slice_partials.py tests/kernels/test_triton_token_nll.py)
 SELECT=(-m "(cuda or interpreter) and not slow" -k "not compile_for and not compiles_for")
 
 step() {  # step NAME LIMIT COMMAND...: run under its limit, log it, never stop the session
@@ -149,7 +150,7 @@ if [ "$DRY" = 1 ]; then
   # the selection, collected over all of tests/: every file it picks must be in the list above
   step tests-collect 60 bash -c '"$0" -m pytest --collect-only -q "${@:3}" tests > "$1" 2>&1
     rc=$?
-    missing=$(grep -o "^tests/[a-z_0-9]*\.py" "$1" | sort -u | while read -r f; do
+    missing=$(grep -o "^tests/[a-z_0-9/]*\.py" "$1" | sort -u | while read -r f; do
       case " $2 " in *" $f "*) ;; *) echo "$f" ;; esac; done)
     if [ -n "$missing" ]; then
       echo "GPU tests outside GPU_TEST_FILES of benchmarks/gpu_session.sh: $missing"; exit 1

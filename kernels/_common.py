@@ -1,4 +1,5 @@
-"""Math shared by the Triton kernels: constants, tanh, special-value rules, online log-sum-exp.
+"""Math shared by the Triton kernels: constants, tanh, special-value rules, online log-sum-exp,
+the statistics' entropy moment and finish, the argmax fold.
 
 Every kernel keeps, per row, a running maximum ``m`` of the (soft-capped) logits ``y`` (the
 temperature is never applied to the values) and a sum ``s = sum exp2((y - m) * exp2_scale)`` with
@@ -37,6 +38,8 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# "no index": above any vocabulary id (vocabularies are below 2^31; the kernels take V as int32)
+NO_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -114,6 +117,43 @@ def nll_from_lse(row_max, row_sum, target_logit, inv_temp):
     gap = (row_max.to(tl.float64) - target_logit.to(tl.float64)) * inv_temp
     nll = (gap + tl.log(row_sum.to(tl.float32)).to(tl.float64)).to(tl.float32)
     return tl.where(nll < 0.0, 0.0, nll)
+
+
+@triton.jit
+def rescale_moment(s, e, m_old, m_new, inv_temp):
+    """``(s, e)`` relative to the maximum ``m_old`` moved to ``m_new >= m_old``, where
+    ``s = sum exp(d)`` and ``e = sum exp(d) d`` (the entropy moment), ``d = (y - m) / T``:
+    ``s' = a s``, ``e' = a (e + delta s)`` with ``delta = (m_old - m_new) / T`` (through
+    :func:`half_diff`, never an overflow) and ``a = exp(delta)``; the identity when unchanged, 0
+    from an empty state (``m_old = -inf``)."""
+    delta = tl.where(m_old == m_new, 0.0, half_diff(m_old, m_new) * (2.0 * inv_temp))
+    a = tl.where(m_old == m_new, 1.0, tl.exp2(delta * LOG2E))
+    e = tl.where(a > 0, a * (e + delta * s), 0.0)
+    return a * s, e
+
+
+@triton.jit
+def stats_finish(m, S, E, nan, target_y, scored, inv_temp):
+    """``(nll, entropy, max log p, m, log S)`` of a row's merged state (``m`` NaN on a NaN row,
+    for the top-k): ``nll`` by :func:`nll_from_lse`, ``entropy = log S - E / S`` (at least 0),
+    ``max log p = -log S`` (at most 0); a NaN in the row (``nan``) makes all three NaN, an
+    infinite ``m`` the entropy and max log p (inf - inf in the float64 reference)."""
+    S = tl.where(scored, S, 1.0)
+    log_s = tl.log(S)
+    nll = tl.where(nan, float("nan"), nll_from_lse(m, S, target_y, inv_temp))
+    bad = nan | (m == float("inf")) | (m == -float("inf"))
+    entropy = tl.where(bad, float("nan"), tl.maximum(log_s - E / S, 0.0))
+    max_logprob = tl.where(bad, float("nan"), tl.minimum(-log_s, 0.0))
+    return nll, entropy, max_logprob, tl.where(nan, float("nan"), m), log_s
+
+
+@triton.jit
+def argmax_fold(best, best_idx, value, idx):
+    """The running argmax ``(best, best_idx)`` after a block whose maximum ``value`` first sits
+    at ``idx`` (``NO_INDEX``: the block has none): taken only when strictly larger, so that the
+    lowest index wins ties when blocks come in column order; elementwise."""
+    take = (idx != NO_INDEX) & ((best_idx == NO_INDEX) | (value > best))
+    return tl.where(take, value, best), tl.where(take, idx, best_idx)
 
 
 def device_guard(tensor: torch.Tensor):

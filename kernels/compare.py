@@ -35,30 +35,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import capped, device_guard, half_diff, rescale
-from .partials import NO_INDEX, check_v_offset, cross_scale, global_ids, target_field
+from ._common import LOG2E, NO_INDEX, capped, device_guard, half_diff, rescale
+from ._plan import compare_plan, resolve_sm_count
+from .partials import check_v_offset, cross_scale, global_ids, target_field
 
-_LOG2E = 1.4426950408889634
-_FLOATS, _INTS = 10, 4
-
-# (BLOCK_V, num_warps) on GPUs by HAS_SOFTCAP: two rows in flight per block, so half of
-# token_nll's bf16 block. The soft-cap's tanh needs more registers: with 2048 it spills on sm_90
-# under Triton 3.6 (8 bytes at its 128-register cap; 3.9 fits), at 1024 no version spills.
-_GPU_CONFIG = {False: (2048, 8), True: (1024, 8)}
-_INTERPRETER_CONFIG = (128, 4)
-_SPLITS_PER_SM = 4
-_SPLIT_MIN_CHUNK, _SPLIT_ALIGN = 4096, 256
-_INTERPRETER_SM_COUNT, _INTERPRETER_MIN_CHUNK, _INTERPRETER_ALIGN = 4, 64, 16
+_FLOATS, _INTS = 10, 4  # the split record (partials.py)
 
 
 @triton.jit
 def _argmax_update(x, idx, run_max, run_arg, first_nan):
     """Running (max, lowest index of it) of the raw logits, and the index of the first NaN."""
     is_nan = x != x
-    first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, idx, 2147483647), axis=0))
+    first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, idx, NO_INDEX), axis=0))
     x = tl.where(is_nan, -float("inf"), x)
     block_max = tl.max(x, axis=0)
-    block_arg = tl.min(tl.where(x == block_max, idx, 2147483647), axis=0)
+    block_arg = tl.min(tl.where(x == block_max, idx, NO_INDEX), axis=0)
     run_arg = tl.where(block_max > run_max, block_arg, run_arg)
     return tl.maximum(run_max, block_max), run_arg, first_nan
 
@@ -106,8 +97,8 @@ def _compare_kernel(
     raw_max_q = -float("inf")
     arg_p = start
     arg_q = start
-    nan_p = start * 0 + 2147483647
-    nan_q = start * 0 + 2147483647
+    nan_p = start * 0 + NO_INDEX
+    nan_q = start * 0 + NO_INDEX
     for k in range(start, end, BLOCK_V):
         idx = k + cols
         mask = idx < end
@@ -165,10 +156,6 @@ def _compare_kernel(
     tl.store(pi + 3, nan_q.to(tl.int64))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def reduce_records(pf, pi, inv_temp, h):
     """Merge the records ``pf[:, k]`` (float64, the ten fields of a split record) and
     ``pi[:, k]`` (int64, four) of each row into one, in float64 (``kernels/partials.py``): the
@@ -189,7 +176,7 @@ def reduce_records(pf, pi, inv_temp, h):
         cross_total = torch.where(weight > 0, units * weight, 0.0).sum(1) * (h / 2.0)
         best = raw_max.max(dim=1).values
         floats += [merged[side], (s * weight).sum(1), cross_total, lone.max(dim=1).values, best]
-        ints += [torch.where(raw_max == best.unsqueeze(1), arg, NO_INDEX).min(dim=1).values,
+        ints += [torch.where(raw_max == best.unsqueeze(1), arg, NO_INDEX.value).min(dim=1).values,
                  first_nan.min(dim=1).values]
     return torch.stack(floats, 1), torch.stack(ints, 1)
 
@@ -199,7 +186,7 @@ def _side(floats, ints, side, inv_temp, h):
     lone, argmax, has NaN)``."""
     m, s, cross, lone, _ = (floats[:, 5 * side + k] for k in range(5))
     arg, first_nan = ints[:, 2 * side], ints[:, 2 * side + 1]
-    has_nan = first_nan != NO_INDEX
+    has_nan = first_nan != NO_INDEX.value
     return (m, torch.log(s), cross * (2.0 / h) / s, lone, torch.where(has_nan, first_nan, arg),
             has_nan)
 
@@ -221,7 +208,7 @@ def _launch(base3, test3, targets, part_f, part_i, T, V, chunk, n_split, ignore_
         base3, test3, targets, part_f, part_i, T, V, *base3.stride(), *test3.stride(),
         chunk, n_split, ignore_index,
         float(softcap) if has_softcap else 1.0, 1.0 / float(softcap) if has_softcap else 1.0,
-        _LOG2E / float(temperature), cross_scale(temperature),
+        LOG2E.value / float(temperature), cross_scale(temperature),
         HAS_SOFTCAP=has_softcap, BLOCK_V=block, num_warps=warps,
     )
 
@@ -237,27 +224,12 @@ def _records(base3, test3, targets, ignore_index, softcap, temperature, sm_count
     device = base3.device
     if targets.shape != (rows,) or targets.dtype != torch.int64 or not targets.is_contiguous():
         raise ValueError(f"targets must be a contiguous int64 tensor of shape ({rows},)")
-    if device.type == "cuda":
-        if sm_count is None and num_splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
-        block, warps = _GPU_CONFIG[softcap is not None]
-        sms, min_chunk, align = sm_count or 1, _SPLIT_MIN_CHUNK, _SPLIT_ALIGN
-    else:
-        block, warps = _INTERPRETER_CONFIG
-        sms, min_chunk, align = _INTERPRETER_SM_COUNT, _INTERPRETER_MIN_CHUNK, _INTERPRETER_ALIGN
-    if block_v is not None:
-        block = block_v
-    if num_splits is None:
-        n_split = 1
-        if rows < 2 * sms:
-            n_split = max(1, min(_cdiv(V, min_chunk), _cdiv(_SPLITS_PER_SM * sms, rows)))
-    else:
-        n_split = num_splits
-    chunk = max(V, 1)
-    if n_split > 1:
-        chunk = _cdiv(_cdiv(V, n_split), align) * align
-        n_split = _cdiv(V, chunk)
-    block = min(block, max(16, triton.next_power_of_2(chunk)))
+    on_gpu = device.type == "cuda"
+    sm_count = resolve_sm_count(sm_count, on_gpu, num_splits is not None)
+    n_split, chunk, block, warps = compare_plan(rows, V, on_gpu=on_gpu,
+                                                has_softcap=softcap is not None,
+                                                sm_count=sm_count, num_splits=num_splits,
+                                                block_v=block_v)
     part_f = torch.empty((rows, n_split, _FLOATS), dtype=torch.float32, device=device)
     part_i = torch.empty((rows, n_split, _INTS), dtype=torch.int64, device=device)
     if rows:

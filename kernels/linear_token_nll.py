@@ -35,61 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale
-
-
-@triton.jit
-def block_rows(rows_ptr, n_rows, pid, BLOCK: tl.constexpr, HAS_ROWS: tl.constexpr):
-    """Lanes ``offs`` of program ``pid``'s block of scored rows (``ok``: ``offs < n_rows``),
-    ``safe``: past-the-end lanes clamped to the last row, so that loops over them need no row
-    mask, and the rows they read: ``rows_ptr[safe]``, or ``safe`` when every row is scored."""
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    safe = tl.minimum(offs, n_rows - 1).to(tl.int64)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + safe)
-    else:
-        rows = safe
-    return offs, offs < n_rows, safe, rows
-
-
-@triton.jit
-def logits_tile(
-    h_rows, w_ptr, b_ptr, v0, V, D, stride_hd, stride_wv, stride_wd, softcap, inv_softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """``(z, offs_v)``: the soft-capped float32 logits of BLOCK_N rows (``h_rows``, their row
-    pointers) and the BLOCK_V columns from ``v0``, -inf past V, and those columns' indices.
-
-    ``tl.dot`` over D in steps of BLOCK_D. DOT_FP32 converts the operand tiles to float32 first
-    (exact): Triton's interpreter multiplies bfloat16 tiles wrongly, so the statistics launcher
-    sets it for bfloat16 CPU tensors; on a GPU it stays off and the tensor cores read the input
-    dtype."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = v0 + tl.arange(0, BLOCK_V)
-    col_ok = offs_v < V
-    w_rows = w_ptr + tl.minimum(offs_v, V - 1).to(tl.int64)[:, None] * stride_wv
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = (d0 + offs_d).to(tl.int64)
-        if EVEN_D:
-            h = tl.load(h_rows + d[None, :] * stride_hd)
-            w = tl.load(w_rows + d[None, :] * stride_wd)
-        else:
-            d_ok = (d0 + offs_d) < D
-            h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0)
-            w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    z = capped(acc, col_ok[None, :], softcap, inv_softcap, HAS_SOFTCAP)
-    z = tl.where(col_ok[None, :], z, float("-inf"))
-    return z, offs_v
+from ._common import LOG2E, device_guard, exp2_shifted, merge, nll_from_lse, rescale
+from ._plan import (FUSED_INTERPRETER_CONFIG, FUSED_SPLIT_ALIGN, choose_splits, finish_block,
+                    launch_rows, split_columns)
+from ._tiles import block_rows, logits_tile, target_logit
 
 
 @triton.jit
@@ -123,31 +72,6 @@ def _lse_partial_kernel(
     part = pid_s.to(tl.int64) * n_rows + offs_n
     tl.store(part_max_ptr + part, row_max, mask=row_ok)
     tl.store(part_sum_ptr + part, row_sum, mask=row_ok)
-
-
-@triton.jit
-def target_logit(
-    h_ptr, w_ptr, b_ptr, rows, target, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    softcap, inv_softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Soft-capped ``z[target]`` of BLOCK_M rows (int64 ``rows``, ``target``): float32 products of
-    ``hidden_row`` and ``weight[target]`` summed per block of D, plus the bias. The statistics
-    kernel (``linear_token_stats.py``) takes its target logits from here too, so that both
-    report the same NLL."""
-    offs_d = tl.arange(0, BLOCK_D)
-    h_rows = h_ptr + rows[:, None] * stride_hn
-    w_rows = w_ptr + target[:, None] * stride_wv
-    dot = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + offs_d) < D
-        d = (d0 + offs_d).to(tl.int64)
-        h = tl.load(h_rows + d[None, :] * stride_hd, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_rows + d[None, :] * stride_wd, mask=d_ok[None, :], other=0.0).to(tl.float32)
-        dot += tl.sum(h * w, 1)
-    if HAS_BIAS:
-        dot += tl.load(b_ptr + target).to(tl.float32)
-    return capped(dot, True, softcap, inv_softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -188,50 +112,23 @@ _CONFIGS_A100 = {2: (128, 128, 64, 8, 3), 4: (128, 128, 32, 8, 3)}      # sm_80,
 # sm_86 / sm_89 / sm_120: about 100 KiB per SM. 8 warps hold the 128 x 128 float32 accumulator
 # in 64 registers per thread; with 4 warps (128 per thread) ptxas spilled at 255 registers.
 _CONFIGS_SMALL_SMEM = {2: (128, 128, 32, 8, 3), 4: (128, 128, 32, 8, 3)}
-_CONFIG_INTERPRETER = (16, 32, 32, 1, 1)
 
 _AUTOTUNE_SPACE = [
     (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
     (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
 ]
-# Every BLOCK_V in the search space divides this, so the split ranges do not depend on the
-# configuration the autotuner picks.
-_SPLIT_ALIGN = 256
-# Partials merged per step by the finish kernel: splits <= 2 x SM count, a few steps at most.
-_FINISH_BLOCK_S = 32
 
 
 def config_for(capability: Optional[tuple], dtype: torch.dtype) -> tuple:
     """The fixed configuration for a CUDA capability ``(major, minor)`` (None: the interpreter)."""
     if capability is None:
-        return _CONFIG_INTERPRETER
+        return FUSED_INTERPRETER_CONFIG
     nbytes = 4 if dtype == torch.float32 else 2
     if capability[0] in (9, 10):
         return _CONFIGS_BIG_SMEM[nbytes]
     if capability == (8, 0):
         return _CONFIGS_A100[nbytes]
     return _CONFIGS_SMALL_SMEM[nbytes]
-
-
-def choose_splits(n_rows: int, V: int, block_n: int, block_v: int, sm_count: int) -> int:
-    """Vocabulary splits so that about 8 waves of programs run (1 when tokens alone fill them),
-    at most 2 x ``sm_count``."""
-    token_blocks = triton.cdiv(n_rows, block_n)
-    target = 8 * sm_count
-    return max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, token_blocks), 2 * sm_count))
-
-
-def split_columns(V: int, splits: int, align: int) -> tuple:
-    """``(splits, cols_per_split)``: ranges of whole ``align`` multiples, none empty."""
-    cols = triton.cdiv(triton.cdiv(V, max(1, splits)), align) * align
-    return triton.cdiv(V, cols), cols
-
-
-def scored_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """int64 indices of the rows whose target is not ``ignore_index``, None when that is every
-    row (one host sync: the launchers call it only when the caller did not say)."""
-    scored = targets != ignore_index
-    return None if bool(scored.all()) else scored.nonzero().squeeze(1)
 
 
 _autotuned = None
@@ -248,21 +145,6 @@ def _autotuned_kernel():
             _lse_partial_kernel
         )
     return _autotuned
-
-
-def launch_rows(targets, ignore_index, rows, all_scored, sm_count, splits, on_gpu):
-    """The fused launchers' common start: ``(rows, n, sm_count)``, the scored rows (None: all of
-    them), their count, and the SM count (1 under the interpreter; CUDA tensors need it unless
-    the caller fixes ``splits``)."""
-    if sm_count is None:
-        if on_gpu and splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass splits)")
-        sm_count = 1
-    if all_scored and rows is not None:
-        raise ValueError("pass either rows or all_scored=True, not both")
-    if rows is None and not all_scored:
-        rows = scored_rows(targets, ignore_index)
-    return rows, targets.numel() if rows is None else rows.numel(), sm_count
 
 
 def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softcap, temperature,
@@ -309,7 +191,7 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
                                                                             hidden2.dtype)
     if splits is None:
         splits = choose_splits(n, V, block_n, block_v, sm_count)
-    splits, cols_per_split = split_columns(V, splits, _SPLIT_ALIGN if autotune else block_v)
+    splits, cols_per_split = split_columns(V, splits, FUSED_SPLIT_ALIGN if autotune else block_v)
     part_max = torch.empty((splits, n), dtype=torch.float32, device=device)
     part_sum = torch.empty((splits, n), dtype=torch.float64, device=device)
 
@@ -340,7 +222,7 @@ def linear_token_nll_forward(hidden2, weight, bias, targets, ignore_index, softc
             hidden2, weight, bias_arg, rows_arg, targets, part_max, part_sum, out,
             n, D, hidden2.stride(0), hidden2.stride(1), weight.stride(0), weight.stride(1),
             splits, *scalars, 1.0 / float(temperature),
-            BLOCK_M=block_m, BLOCK_S=min(_FINISH_BLOCK_S, max(2, triton.next_power_of_2(splits))),
+            BLOCK_M=block_m, BLOCK_S=finish_block(splits),
             BLOCK_D=64, num_warps=4, **common,
         )
     return out

@@ -2,7 +2,7 @@
 log-probability, argmax and target rank (``linear_token_stats`` with ``top_k=0``); the logits
 never reach memory.
 
-Algorithm. The tiling is that of ``linear_token_nll.py`` (its ``logits_tile``): the scored rows
+Algorithm. The tiling is that of ``linear_token_nll.py`` (``_tiles.logits_tile``): the scored rows
 (ignored rows are dropped before launch) are cut into blocks of BLOCK_N tokens and the
 vocabulary into tiles of BLOCK_V, grouped into ``splits`` contiguous ranges; program (i, s)
 computes each tile of its range with ``tl.dot`` into float32, adds the bias, applies softcap, and
@@ -13,16 +13,16 @@ folds the tile into a running state per row:
   tiles and splits;
 - ``e``, the float64 entropy moment ``sum exp(d) d``, ``d = (z - m) / T`` (``z - m`` halved
   first, ``_common.half_diff``, so that no difference overflows): each tile's relative to its own
-  maximum, moved to the running one with ``kernels/token_stats.py``'s rescale
+  maximum, moved to the running one with ``_common.rescale_moment``
   (``e' = a (e + (m - m') / T s)``); at the end ``entropy = log s - e / s`` and
-  ``max log p = -log s`` (``token_stats._finish``, also its special-value rules). ``m`` and the
+  ``max log p = -log s`` (``_common.stats_finish``, also its special-value rules). ``m`` and the
   target logit stay in the units of the logits: the temperature never scales them;
 - the argmax: each tile's maximum and the lowest column holding it replace the running pair only
   when strictly larger, so the lowest index wins ties between tiles;
 - the rank: the count of columns v != target with ``z_v > z_target``.
 
 The target logit is known before the tile loop: a first small kernel computes it per row as the
-NLL kernel's finish kernel does (``linear_token_nll.target_logit``: float32 products of
+NLL kernel's finish kernel does (``_tiles.target_logit``: float32 products of
 ``hidden_i`` and ``weight[target_i]`` summed per block of D, bias, softcap) and stores it; the
 NLL and the rank both use that value. Ties. The target's own column is left out of the count: its
 tile value (a ``tl.dot`` product) and the stored value are summed in different orders, and the
@@ -55,21 +55,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, device_guard, exp2_shifted, half_diff, merge, nll_from_lse, rescale
-from .linear_token_nll import (_FINISH_BLOCK_S, block_rows, choose_splits, launch_rows,
-                               logits_tile, split_columns, target_logit)
-from .token_stats import _finish, _rescale
-
-_NO_INDEX = tl.constexpr(2**31 - 1)  # "no argmax yet": above any vocabulary index (V < 2^31)
+from ._common import (LOG2E, NO_INDEX, argmax_fold, device_guard, exp2_shifted, half_diff, merge,
+                      nll_from_lse, rescale, rescale_moment, stats_finish)
+from ._plan import FUSED_INTERPRETER_CONFIG, choose_splits, finish_block, launch_rows, split_columns
+from ._tiles import block_rows, logits_tile, target_logit
 
 
 @triton.jit
 def _fold(row_max, row_sum, row_ent, blk_max, blk_sum, blk_ent, exp2_scale, inv_temp):
     """Merge a block's (max, sum, entropy moment) into the running state, elementwise: the sum
-    by ``_common.merge`` (the NLL kernel's), the moment by ``token_stats._rescale``."""
+    by ``_common.merge`` (the NLL kernel's), the moment by ``_common.rescale_moment``."""
     new_max, new_sum = merge(row_max, row_sum, blk_max, blk_sum, exp2_scale)
-    _, ent_a = _rescale(row_sum, row_ent, row_max, new_max, inv_temp)
-    _, ent_b = _rescale(blk_sum, blk_ent, blk_max, new_max, inv_temp)
+    _, ent_a = rescale_moment(row_sum, row_ent, row_max, new_max, inv_temp)
+    _, ent_b = rescale_moment(blk_sum, blk_ent, blk_max, new_max, inv_temp)
     return new_max, new_sum, ent_a + ent_b
 
 
@@ -112,7 +110,7 @@ def _stats_partial_kernel(
     row_sum = tl.zeros((BLOCK_N,), tl.float64)
     row_ent = tl.zeros((BLOCK_N,), tl.float64)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    best_arg = tl.full((BLOCK_N,), _NO_INDEX, tl.int32)
+    best_arg = tl.full((BLOCK_N,), NO_INDEX, tl.int32)
     above = tl.zeros((BLOCK_N,), tl.int32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         z, offs_v = logits_tile(h_rows, w_ptr, b_ptr, v0, V, D, stride_hd, stride_wv, stride_wd,
@@ -131,10 +129,8 @@ def _stats_partial_kernel(
         # the lowest column holding the maximum (masked columns hold -inf too: never them).
         # Not tl.max(..., return_indices=True): the interpreter's argmax raises on a NaN row.
         at_max = (z == tile_max[:, None]) & (offs_v < V)[None, :]
-        first = tl.min(tl.where(at_max, offs_v[None, :], _NO_INDEX), 1)
-        take = (first != _NO_INDEX) & ((best_arg == _NO_INDEX) | (tile_max > best))
-        best = tl.where(take, tile_max, best)
-        best_arg = tl.where(take, first, best_arg)
+        first = tl.min(tl.where(at_max, offs_v[None, :], NO_INDEX), 1)
+        best, best_arg = argmax_fold(best, best_arg, tile_max, first)
         higher = (z > target_z[:, None]) & (offs_v[None, :] != target[:, None])
         above += tl.sum(higher.to(tl.int32), 1)
 
@@ -163,7 +159,7 @@ def _stats_finish_kernel(
     row_sum = tl.zeros((BLOCK_M,), tl.float64)
     row_ent = tl.zeros((BLOCK_M,), tl.float64)
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_arg = tl.full((BLOCK_M,), _NO_INDEX, tl.int32)
+    best_arg = tl.full((BLOCK_M,), NO_INDEX, tl.int32)
     rank = tl.zeros((BLOCK_M,), tl.int32)
     offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(0, splits, BLOCK_S):
@@ -173,35 +169,34 @@ def _stats_finish_kernel(
         part_sum = tl.load(part_sum_ptr + part, mask=s_ok, other=0.0)
         part_ent = tl.load(part_ent_ptr + part, mask=s_ok, other=0.0)
         part_best = tl.load(part_best_ptr + part, mask=s_ok, other=float("-inf"))
-        part_arg = tl.load(part_arg_ptr + part, mask=s_ok, other=_NO_INDEX)
+        part_arg = tl.load(part_arg_ptr + part, mask=s_ok, other=NO_INDEX)
         rank += tl.sum(tl.load(part_rank_ptr + part, mask=s_ok, other=0), 1)
 
         blk_max = tl.max(part_max, 1)
         weight = rescale(part_max, blk_max[:, None], exp2_scale).to(tl.float64)
         blk_sum = tl.sum(part_sum * weight, 1)
-        _, part_ent = _rescale(part_sum, part_ent, part_max, blk_max[:, None], inv_temp)
+        _, part_ent = rescale_moment(part_sum, part_ent, part_max, blk_max[:, None], inv_temp)
         blk_ent = tl.sum(part_ent, 1)
         row_max, row_sum, row_ent = _fold(row_max, row_sum, row_ent, blk_max, blk_sum, blk_ent,
                                           exp2_scale, inv_temp)
 
-        found = part_arg != _NO_INDEX
+        found = part_arg != NO_INDEX
         blk_best = tl.max(tl.where(found, part_best, float("-inf")), 1)
-        blk_arg = tl.min(tl.where(found & (part_best == blk_best[:, None]), part_arg, _NO_INDEX),
+        blk_arg = tl.min(tl.where(found & (part_best == blk_best[:, None]), part_arg, NO_INDEX),
                          1)
-        take = (blk_arg != _NO_INDEX) & ((best_arg == _NO_INDEX) | (blk_best > best))
-        best = tl.where(take, blk_best, best)
-        best_arg = tl.where(take, blk_arg, best_arg)
+        best, best_arg = argmax_fold(best, best_arg, blk_best, blk_arg)
 
     target_z = tl.load(target_z_ptr + safe)
     nll = nll_from_lse(row_max, row_sum, target_z, inv_temp)
     nan = row_sum != row_sum
-    _, entropy, max_logprob, _, _ = _finish(row_max, row_sum.to(tl.float32),
-                                            row_ent.to(tl.float32), nan, target_z, ok, inv_temp)
+    _, entropy, max_logprob, _, _ = stats_finish(row_max, row_sum.to(tl.float32),
+                                                 row_ent.to(tl.float32), nan, target_z, ok,
+                                                 inv_temp)
     tl.store(nll_ptr + rows, nll, mask=ok)
     tl.store(ent_ptr + rows, entropy, mask=ok)
     tl.store(mlp_ptr + rows, max_logprob, mask=ok)
     # a NaN row may have found no maximum: any index in range will do there
-    tl.store(argmax_ptr + rows, tl.where(best_arg == _NO_INDEX, 0, best_arg).to(tl.int64),
+    tl.store(argmax_ptr + rows, tl.where(best_arg == NO_INDEX, 0, best_arg).to(tl.int64),
              mask=ok)
     tl.store(rank_ptr + rows, rank.to(tl.int64), mask=ok)
 
@@ -212,13 +207,12 @@ def _stats_finish_kernel(
 # 253-255 on sm_90): 64 columns per tile keep each thread near 180 registers everywhere (the
 # compile test). Untuned: no GPU measurement has compared configurations yet.
 _CONFIGS = {2: (128, 64, 64, 8, 3), 4: (128, 64, 32, 8, 3)}
-_CONFIG_INTERPRETER = (16, 32, 32, 1, 1)
 
 
 def config_for(capability: Optional[tuple], dtype: torch.dtype) -> tuple:
     """The fixed configuration for a CUDA capability ``(major, minor)`` (None: the interpreter)."""
     if capability is None:
-        return _CONFIG_INTERPRETER
+        return FUSED_INTERPRETER_CONFIG
     return _CONFIGS[4 if dtype == torch.float32 else 2]
 
 
@@ -295,6 +289,6 @@ def linear_token_stats_forward(hidden2, weight, bias, targets, ignore_index, sof
         _stats_finish_kernel[(triton.cdiv(n, block_m),)](
             rows_arg, target_z, *parts, *fields, n, splits, exp2_scale, inv_temp,
             HAS_ROWS=rows is not None, BLOCK_M=block_m,
-            BLOCK_S=min(_FINISH_BLOCK_S, max(2, triton.next_power_of_2(splits))), num_warps=4,
+            BLOCK_S=finish_block(splits), num_warps=4,
         )
     return fields

@@ -75,7 +75,9 @@ from __future__ import annotations
 
 import torch
 
-NO_INDEX = 2**31 - 1  # "no index": above any vocabulary id (vocabularies are below 2^31)
+from ._common import NO_INDEX as _NO_INDEX
+
+NO_INDEX = _NO_INDEX.value  # "no index": above any vocabulary id (vocabularies are below 2^31)
 
 NLL_FIELDS = ("max", "sum", "target")
 STATS_FLOAT_FIELDS = ("max", "sum", "moment", "best", "target")

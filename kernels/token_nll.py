@@ -12,10 +12,11 @@ which subtracts the two large terms before the small one is added (the first ter
 ``_common.nll_from_lse``: logits near the top of the float range give differences beyond it).
 ``m`` and ``z`` stay in the units of the logits at every temperature. Ignored rows load nothing.
 
-Programs. With enough rows (>= 2 x SM count) each program owns one whole row and writes its NLL.
-With fewer rows the vocabulary is also split into ``n_split`` chunks, one program per (row, chunk):
-each writes a partial (max, sum) pair, and ``_merge_kernel`` combines the pairs of a row with the
-same rescaling rule, gathers the target logit and writes the NLL.
+Programs (``_plan.plan``). With enough rows (>= 2 x SM count) each program owns one whole row and
+writes its NLL. With fewer rows the vocabulary is also split into ``n_split`` chunks, one program
+per (row, chunk): each writes its chunk's (max, sum) record (``partials.py``), and
+``_merge_kernel`` combines the records of a row with the same rescaling rule, gathers the target
+logit and writes the NLL (or, for a vocabulary slice, the row's record).
 
 Loads. With a contiguous, 16-byte aligned tensor the entries before the first 16-byte boundary
 of a row or chunk (rows of an odd V start anywhere) and those after its last one, fewer than
@@ -38,12 +39,8 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale
+from ._plan import merge_block, plan, resolve_sm_count
 from .partials import check_v_offset, target_field
-
-# Vocabulary split (rows < 2 x SM count): aim for this many programs per SM in all. Under the
-# interpreter a small fixed SM count makes small test shapes take the split path too.
-_SPLIT_PROGRAMS_PER_SM = 4
-_INTERPRETER_SM_COUNT = 4
 
 
 @triton.jit
@@ -191,21 +188,6 @@ def _merge_kernel(
         tl.store(out_ptr + row.to(tl.int64) * 3 + 1, row_sum)
 
 
-# Launch configuration of the one-pass path on every GPU (sm_80 to sm_100 alike):
-# (BLOCK_V for 2-byte logits, BLOCK_V for 4-byte logits, num_warps). 16 entries per thread: the
-# sm_90 build needs 62 (bf16) / 45 (fp32) registers, so 4-5 programs share an SM and, with the
-# prefetch, keep 64-80 KiB of loads in flight. Larger blocks double the registers and halve that.
-CONFIG = (4096, 2048, 8)
-# The interpreter runs each program as numpy calls: blocks small enough for tiny test shapes.
-_INTERPRETER_CONFIG = (1024, 1024, 4)
-# Split path: chunks of at least MIN_CHUNK entries.
-_SPLIT_MIN_CHUNK = 2048
-_INTERPRETER_SPLIT_MIN_CHUNK = 64
-# Chunks are whole multiples of their block and of this many entries (every element size's
-# 16-byte vector), so that every chunk starts on the same 16-byte phase as its row.
-_CHUNK_ALIGN = 16
-
-
 def _autotune_configs():
     return [
         triton.Config({"BLOCK_V": block_v}, num_warps=warps)
@@ -220,47 +202,6 @@ def _autotuned_kernel():
     return triton.autotune(
         configs=_autotune_configs(), key=["V", "HAS_SOFTCAP", "VOCAB_CONTIGUOUS", "SPLIT", "ALIGN"]
     )(_token_nll_kernel)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
-def plan(rows: int, V: int, *, on_gpu: bool, dtype: torch.dtype, sm_count: int,
-         num_splits: Optional[int] = None, block_v: Optional[int] = None):
-    """``(n_split, chunk, BLOCK_V, num_warps)`` of a launch (``n_split = 1``: one-pass kernel).
-
-    The vocabulary is split only when rows < 2 x ``sm_count`` (or ``num_splits`` > 1 forces it).
-    A chunk is a whole number of blocks, so that past its aligned head every block but the last
-    loads unmasked: the block is the largest power of two (at most the configured one) not above
-    a quarter of the even share ``V / n_split``, and the share is rounded up to whole blocks (at
-    most a quarter more), which may leave fewer, never empty, chunks.
-    """
-    block2, block4, warps = CONFIG if on_gpu else _INTERPRETER_CONFIG
-    config_block = block4 if dtype == torch.float32 else block2
-    min_chunk = _SPLIT_MIN_CHUNK if on_gpu else _INTERPRETER_SPLIT_MIN_CHUNK
-    if num_splits is None:
-        n_split = 1
-        if rows < 2 * sm_count:
-            n_split = max(1, min(_cdiv(V, min_chunk), _cdiv(_SPLIT_PROGRAMS_PER_SM * sm_count, rows)))
-    else:
-        n_split = num_splits
-    if n_split > 1:
-        share = _cdiv(V, n_split)
-        block = block_v if block_v is not None else min(config_block, _floor_pow2(share // 4))
-        chunk = _cdiv(share, max(block, _CHUNK_ALIGN)) * max(block, _CHUNK_ALIGN)
-        n_split = _cdiv(V, chunk)
-    if n_split <= 1:
-        n_split, chunk = 1, V
-        block = block_v if block_v is not None else config_block
-        # a row shorter than the block would leave most lanes masked
-        block = min(block, triton.next_power_of_2(max(V, 1)))
-    num_warps = max(1, min(warps, block // 256)) if on_gpu else warps
-    return n_split, chunk, block, num_warps
 
 
 def _scalars(softcap: Optional[float], temperature: float) -> dict:
@@ -303,7 +244,7 @@ def _launch_merge(logits3, targets, out, part, n_split, ignore_index, softcap, t
         logits3, targets, out, part, logits3.shape[1], stride_b, stride_t, stride_v, n_split,
         ignore_index, scalars["softcap"], scalars["inv_softcap"], scalars["exp2_scale"],
         scalars["inv_temp"], HAS_SOFTCAP=softcap is not None, FINISH=finish,
-        BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+        BLOCK_S=merge_block(n_split), num_warps=1,
     )
 
 
@@ -366,10 +307,7 @@ def token_nll_forward(
     B, T, V = logits3.shape
     rows = B * T
     on_gpu = logits3.is_cuda
-    if sm_count is None:
-        if on_gpu and num_splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
-        sm_count = _INTERPRETER_SM_COUNT
+    sm_count = resolve_sm_count(sm_count, on_gpu, num_splits is not None)
     out = torch.empty(rows, dtype=torch.float32, device=logits3.device)
     if rows == 0:
         return out
@@ -423,10 +361,7 @@ def token_nll_slice_partials(
     B, T, V = logits3.shape
     rows = B * T
     on_gpu = logits3.is_cuda
-    if sm_count is None:
-        if on_gpu and num_splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
-        sm_count = _INTERPRETER_SM_COUNT
+    sm_count = resolve_sm_count(sm_count, on_gpu, num_splits is not None)
     out = torch.empty((rows, 3), dtype=torch.float32, device=logits3.device)
     out[:, 0] = -float("inf")
     out[:, 1] = 0.0

@@ -35,36 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import capped, device_guard, half_diff
-from .partials import NO_INDEX, check_v_offset, global_ids, target_field
-from .token_nll import _INTERPRETER_SM_COUNT, plan
-
-_NO_INDEX = tl.constexpr(NO_INDEX)  # "no argmax yet": larger than any vocabulary index
-
-
-@triton.jit
-def _rescale(s, e, m_old, m_new, inv_temp):
-    """(s, e) relative to the maximum m_old -> relative to m_new >= m_old (both of y; the
-    exponent delta = (m_old - m_new) / T through half_diff, never an overflow); identity when
-    unchanged, 0 from an empty state (m_old = -inf)."""
-    delta = tl.where(m_old == m_new, 0.0, half_diff(m_old, m_new) * (2.0 * inv_temp))
-    a = tl.where(m_old == m_new, 1.0, tl.exp2(delta * 1.4426950408889634))
-    e = tl.where(a > 0, a * (e + delta * s), 0.0)
-    return a * s, e
-
-
-@triton.jit
-def _finish(m, S, E, nan, target_y, scored, inv_temp):
-    """nll, entropy, max log p, and the row's (m, log S) for the top-k (m NaN on a NaN row)."""
-    log_s = tl.log(tl.where(scored, S, 1.0))
-    gap = (m.to(tl.float64) - target_y.to(tl.float64)) * inv_temp  # float64: up to 2 FLT_MAX / T
-    nll = (gap + log_s.to(tl.float64)).to(tl.float32)
-    nll = tl.where(nll < 0, 0.0, nll)  # never negative; NaN stays
-    bad = nan | (m == float("inf")) | (m == -float("inf"))
-    entropy = tl.where(bad, float("nan"), tl.maximum(log_s - E / tl.where(scored, S, 1.0), 0.0))
-    max_logprob = tl.where(bad, float("nan"), tl.minimum(-log_s, 0.0))
-    nll = tl.where(nan, float("nan"), nll)
-    return nll, entropy, max_logprob, tl.where(nan, float("nan"), m), log_s
+from ._common import (LOG2E, NO_INDEX, argmax_fold, capped, device_guard, half_diff,
+                      rescale_moment, stats_finish)
+from ._plan import STATS_CONFIG, merge_block, plan, resolve_sm_count
+from .partials import check_v_offset, global_ids, target_field
 
 
 @triton.jit
@@ -103,7 +77,7 @@ def _token_stats_kernel(
     nan = tl.zeros([BLOCK_V], dtype=tl.int32)
     above = tl.zeros([BLOCK_V], dtype=tl.int32)
     amax = -float("inf")
-    amax_idx = tl.full([], _NO_INDEX, tl.int32)
+    amax_idx = tl.full([], NO_INDEX, tl.int64)
     for c0 in range(start, end, BLOCK_V):
         idx = c0 + cols
         mask = idx < end
@@ -113,14 +87,12 @@ def _token_stats_kernel(
         y = capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP)
         above += (y > target_y).to(tl.int32)
         block_max = tl.max(y, axis=0)
-        first = tl.min(tl.where((y == block_max) & mask, idx, _NO_INDEX), axis=0)
-        take = (first != _NO_INDEX) & ((amax_idx == _NO_INDEX) | (block_max > amax))
-        amax = tl.where(take, block_max, amax)
-        amax_idx = tl.where(take, first, amax_idx)
+        first = tl.min(tl.where((y == block_max) & mask, idx.to(tl.int64), NO_INDEX), axis=0)
+        amax, amax_idx = argmax_fold(amax, amax_idx, block_max, first)
         new_m = tl.maximum(m, block_max)
-        s, e = _rescale(s, e, m, new_m, inv_temp)
+        s, e = rescale_moment(s, e, m, new_m, inv_temp)
         d = half_diff(y, new_m) * (2.0 * inv_temp)
-        p = tl.exp2(d * 1.4426950408889634)
+        p = tl.exp2(d * LOG2E)
         s += p
         e += tl.where(p > 0, p * d, 0.0)
         m = new_m
@@ -138,14 +110,14 @@ def _token_stats_kernel(
         tl.store(part_i_ptr + part * 3 + 1, amax_idx)
         tl.store(part_i_ptr + part * 3 + 2, rank)
     else:
-        nll, entropy, max_logprob, m, log_s = _finish(m, S, E, any_nan, target_y, scored,
+        nll, entropy, max_logprob, m, log_s = stats_finish(m, S, E, any_nan, target_y, scored,
                                                       inv_temp)
         tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
         tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
         tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
         tl.store(max_ptr + row, m)
         tl.store(logs_ptr + row, log_s)
-        tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
+        tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == NO_INDEX, 0, amax_idx), -1))
         tl.store(rank_ptr + row, tl.where(scored, rank, -1))
 
 
@@ -168,17 +140,17 @@ def _stats_merge_kernel(
     pe = tl.load(part_f_ptr + part * 4 + 2, mask=live, other=0.0)
     pa = tl.load(part_f_ptr + part * 4 + 3, mask=live, other=-float("inf"))
     pn = tl.load(part_i_ptr + part * 3, mask=live, other=0)
-    pi = tl.load(part_i_ptr + part * 3 + 1, mask=live, other=_NO_INDEX)
+    pi = tl.load(part_i_ptr + part * 3 + 1, mask=live, other=NO_INDEX)
     pr = tl.load(part_i_ptr + part * 3 + 2, mask=live, other=0)
     m = tl.max(pm, axis=0)
-    ps, pe = _rescale(ps, pe, pm, m, inv_temp)
+    ps, pe = rescale_moment(ps, pe, pm, m, inv_temp)
     S = tl.sum(ps, axis=0)
     E = tl.sum(pe, axis=0)
     any_nan = tl.max(pn, axis=0) > 0
     rank = tl.sum(pr, axis=0)
     # argmax: the largest value, then the lowest index holding it (chunks are in column order)
-    best = tl.max(tl.where(pi != _NO_INDEX, pa, -float("inf")), axis=0)
-    amax_idx = tl.min(tl.where((pi != _NO_INDEX) & (pa == best), pi, _NO_INDEX), axis=0)
+    best = tl.max(tl.where(pi != NO_INDEX, pa, -float("inf")), axis=0)
+    amax_idx = tl.min(tl.where((pi != NO_INDEX) & (pa == best), pi, NO_INDEX), axis=0)
     if FINISH:
         target = tl.load(targets_ptr + row)
         scored = target != ignore_index
@@ -187,7 +159,7 @@ def _stats_merge_kernel(
         row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
         tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
         target_y = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP)
-        nll, entropy, max_logprob, m, log_s = _finish(m, S, E, any_nan, target_y, scored,
+        nll, entropy, max_logprob, m, log_s = stats_finish(m, S, E, any_nan, target_y, scored,
                                                       inv_temp)
         tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
         tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
@@ -195,7 +167,7 @@ def _stats_merge_kernel(
         tl.store(max_ptr + row, m)
         tl.store(logs_ptr + row, log_s)
         tl.store(amax_ptr + row,
-                 tl.where(scored, tl.where(amax_idx == _NO_INDEX, 0, amax_idx), -1))
+                 tl.where(scored, tl.where(amax_idx == NO_INDEX, 0, amax_idx), -1))
         tl.store(rank_ptr + row, tl.where(scored, rank, -1))
     else:
         rec_f = max_ptr + row.to(tl.int64) * 5
@@ -280,7 +252,7 @@ def _launch(logits3, targets, target_logits, outs, n_split, chunk, block, num_wa
         _stats_merge_kernel[(B * T,)](
             logits3, targets, *outs, T, stride_b, stride_t, stride_v, n_split, ignore_index,
             **cap, HAS_SOFTCAP=has_softcap, FINISH=finish,
-            BLOCK_S=max(triton.next_power_of_2(n_split), 2), num_warps=1,
+            BLOCK_S=merge_block(n_split), num_warps=1,
         )
 
 
@@ -300,9 +272,9 @@ def token_stats_forward(
     top_logprobs)``, shapes ``(B*T,)`` and ``(B*T, top_k)`` (None when ``top_k == 0``).
 
     Definitions as ``pplfast.token_stats``; the launch plan (one pass per row, or vocabulary
-    chunks merged when rows < 2 x ``sm_count``) is ``token_nll_forward``'s, and ``sm_count``,
-    ``num_splits``, ``block_v`` mean what they mean there. The caller makes the tensors' device
-    current (``kernels._common.device_guard``).
+    chunks merged when rows < 2 x ``sm_count``) is ``token_nll_forward``'s with its own blocks
+    (``_plan.STATS_CONFIG``), and ``sm_count``, ``num_splits``, ``block_v`` mean what they mean
+    there.
     """
     _check(logits3, targets)
     B, T, V = logits3.shape
@@ -313,14 +285,11 @@ def token_stats_forward(
     argmax = torch.empty(rows, dtype=torch.int64, device=device)
     rank = torch.empty(rows, dtype=torch.int64, device=device)
     on_gpu = logits3.is_cuda
-    if sm_count is None:
-        if on_gpu and num_splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
-        sm_count = _INTERPRETER_SM_COUNT
+    sm_count = resolve_sm_count(sm_count, on_gpu, num_splits is not None)
     if rows and V:
         n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
                                                 sm_count=sm_count, num_splits=num_splits,
-                                                block_v=block_v)
+                                                block_v=block_v, config=STATS_CONFIG)
         part_f = torch.empty((rows, n_split, 4) if n_split > 1 else 1, **f32)
         part_i = torch.empty((rows, n_split, 3) if n_split > 1 else 1, dtype=torch.int64,
                              device=device)
@@ -388,10 +357,7 @@ def token_stats_slice_partials(
                          f"on {device}, got {target_logits.dtype} {tuple(target_logits.shape)} "
                          f"on {target_logits.device}")
     on_gpu = logits3.is_cuda
-    if sm_count is None:
-        if on_gpu and num_splits is None:
-            raise ValueError("sm_count is required for CUDA tensors (or pass num_splits)")
-        sm_count = _INTERPRETER_SM_COUNT
+    sm_count = resolve_sm_count(sm_count, on_gpu, num_splits is not None)
     target = target_field(logits3, targets, ignore_index, v_offset)
     local = targets - v_offset
     known = (targets != ignore_index) & (
@@ -400,11 +366,11 @@ def token_stats_slice_partials(
     ints = torch.empty((rows, 3), dtype=torch.int64, device=device)
     # the empty record (V_local = 0), overwritten by the kernels otherwise
     floats[:, :4] = torch.tensor([-float("inf"), 0.0, 0.0, -float("inf")])
-    ints[:] = torch.tensor([0, NO_INDEX, 0])
+    ints[:] = torch.tensor([0, NO_INDEX.value, 0])
     if rows and V:
         n_split, chunk, block, num_warps = plan(rows, V, on_gpu=on_gpu, dtype=logits3.dtype,
                                                 sm_count=sm_count, num_splits=num_splits,
-                                                block_v=block_v)
+                                                block_v=block_v, config=STATS_CONFIG)
         part_f = torch.empty((rows, n_split, 4), dtype=torch.float32, device=device)
         part_i = torch.empty((rows, n_split, 3), dtype=torch.int64, device=device)
         unused = floats  # the finished fields: not written without finish

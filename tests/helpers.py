@@ -277,15 +277,57 @@ for spec in json.loads(sys.stdin.read()):
 """
 
 
+# the float scalars of the kernels' signatures (every other scalar is an integer)
+FLOAT_SCALARS = frozenset({"softcap", "inv_softcap", "exp2_scale", "inv_temp", "a_scale"})
+
+
+def triton_spec(module: str, kernel: str, arch: int, *, pointers: dict, constexprs: dict,
+                num_warps: int, num_stages: int = 3, i64=(), div16=(), count=None,
+                tag=None) -> dict:
+    """One build of ``module.kernel`` for :func:`compile_triton`, its signature read from the
+    kernel: each pointer argument (``*_ptr``) gets the element type ``pointers`` gives it
+    (``"bf16"``, ``"fp32"``, ``"i64"``, ...), the names of :data:`FLOAT_SCALARS` are ``fp32``,
+    every other runtime argument ``i32`` (``i64`` when named in ``i64``); ``constexprs`` must
+    give every ``tl.constexpr`` parameter and may fix runtime ones (a stride of 1). A name the
+    kernel lacks, an untyped pointer or a missing constexpr fails here, so that a spec cannot
+    drift from the kernel it builds. ``div16``: arguments known divisible by 16; ``count``: name
+    -> regex counted in the PTX; ``arch``: compute capability (e.g. 86)."""
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(module), kernel)
+    names = list(fn.arg_names)
+    declared = {n for n, p in inspect.signature(fn.fn).parameters.items()
+                if "constexpr" in str(p.annotation)}
+    unknown = (set(pointers) | set(constexprs) | set(i64) | set(div16)) - set(names)
+    assert not unknown, f"{kernel} has no argument {sorted(unknown)}"
+    missing = sorted(declared - set(constexprs))
+    assert not missing, f"{kernel}: no value for {missing}"
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr"):
+            assert name in pointers, f"{kernel}: no element type for {name}"
+            signature[name] = "*" + pointers[name]
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if name in i64 else "i32"
+    return dict(module=module, kernel=kernel, arch=arch, signature=signature,
+                constexprs=dict(constexprs), div16=list(div16), num_warps=num_warps,
+                num_stages=num_stages, count=dict(count or {}), tag=tag)
+
+
 def compile_triton(specs: list, *, extra_path: Optional[str] = None) -> list:
     """Compile Triton kernels for NVIDIA targets (no GPU needed) in a fresh process.
 
-    Each spec is a dict: ``module`` and ``kernel`` (import path and name), ``signature`` (type of
-    each runtime argument, e.g. ``"*bf16"``, ``"i32"``), ``constexprs``, ``div16`` (arguments
-    known divisible by 16), ``arch`` (compute capability, e.g. 86), ``num_warps``,
-    ``num_stages``, optional ``tag`` and ``count`` (name -> regex counted in the PTX). Returns one
-    dict per spec: ``tag``, ``arch``, ``shared`` (bytes), ``registers``, ``spill_stores`` and
-    ``spill_loads`` (bytes, from ``ptxas -v``) and ``counts``.
+    Each spec is a dict, built by :func:`triton_spec`: ``module`` and ``kernel`` (import path and
+    name), ``signature`` (type of each runtime argument, e.g. ``"*bf16"``, ``"i32"``),
+    ``constexprs``, ``div16`` (arguments known divisible by 16), ``arch`` (compute capability,
+    e.g. 86), ``num_warps``, ``num_stages``, optional ``tag`` and ``count`` (name -> regex counted
+    in the PTX). Returns one dict per spec: ``tag``, ``arch``, ``shared`` (bytes), ``registers``,
+    ``spill_stores`` and ``spill_loads`` (bytes, from ``ptxas -v``) and ``counts``.
     """
     import json
     import os

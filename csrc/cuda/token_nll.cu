@@ -19,7 +19,8 @@
 // values, so it never exceeds m; the NLL is (m - z_t) / temperature + log(sum) with sum >= 1, two
 // non-negative terms (no cancellation of two large rounded terms), the first formed in double
 // (m - z_t reaches 2 FLT_MAX), clamped at 0 against rounding.
-// Offsets are 64-bit throughout.
+// Offsets are 64-bit throughout. Which kernel runs with how many threads and segments is the
+// launch plan's choice (plan.cpp); the constants they share are in constants.h.
 //
 // Special values follow torch.logsumexp in float64: -inf entries add nothing; an all -inf row
 // has lse = -inf (so NLL = NaN); a +inf entry makes lse = +inf; a NaN entry makes that row NaN.
@@ -35,20 +36,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "constants.h"
+#include "plan.h"
 #include "token_nll.h"
 
 namespace pplfast_cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr int kMaxThreads = 512;
-constexpr int kWarpRowsPerBlock = 8;  // warp-per-row kernel: 256-thread blocks
-constexpr int kUnroll = 4;            // 16-byte loads in flight per thread
-constexpr int kAcc = 8;               // independent partial sums per thread
-constexpr int64_t kWarpMaxV = 4096;
-constexpr int64_t kMinSegment = 4096;  // smallest row segment worth a block of its own
-constexpr int64_t kSegmentAlign = 64;
-constexpr float kLn2 = 0.693147180559945309f;
 
 struct Params {
   const void* logits;
@@ -406,8 +399,6 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Makes `device` current for the guard's lifetime and restores the previous device after.
 class DeviceGuard {
  public:
@@ -459,38 +450,6 @@ void launch_typed(const Plan& plan, const Params& p, bool softcap, bool contig,
 
 }  // namespace
 
-Plan make_plan(int64_t rows, int64_t V, int sm_count, int threads, int splits) {
-  if (rows < 0 || V < 1) throw std::invalid_argument("make_plan: need rows >= 0 and V >= 1");
-  if (threads < 0 || threads > kMaxThreads || threads % kWarp != 0) {
-    throw std::invalid_argument("threads must be 0 (auto) or a multiple of 32 up to 512, got " +
-                                std::to_string(threads));
-  }
-  if (splits < 0) throw std::invalid_argument("splits must be >= 0, got " + std::to_string(splits));
-  Plan plan{};
-  plan.threads = threads != 0 ? threads : (V <= kWarpMaxV ? kWarp : (V >= 32768 ? 512 : 256));
-  if (plan.threads == kWarp) {
-    if (splits > 1) throw std::invalid_argument("the warp-per-row kernel does not split rows");
-    plan.splits = 1;
-  } else if (splits != 0) {
-    plan.splits = splits;
-  } else {
-    // Blocks resident at once (about 1024 threads per SM at <= 64 registers per thread): fewer
-    // rows than that leave SMs idle, so cut rows into segments of at least kMinSegment.
-    const int64_t resident = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) *
-                             (1024 / plan.threads > 0 ? 1024 / plan.threads : 1);
-    int64_t want = rows >= resident || rows == 0 ? 1 : ceil_div(resident, rows);
-    const int64_t most = ceil_div(V, kMinSegment);
-    if (want > most) want = most;
-    plan.splits = static_cast<int>(want < 1 ? 1 : want);
-  }
-  const int64_t max_splits = ceil_div(V, kSegmentAlign);
-  if (plan.splits > max_splits) plan.splits = static_cast<int>(max_splits);
-  plan.segment = ceil_div(ceil_div(V, plan.splits), kSegmentAlign) * kSegmentAlign;
-  plan.splits = static_cast<int>(ceil_div(V, plan.segment));  // no empty segment
-  plan.workspace_floats = plan.splits > 1 ? 2 * rows * plan.splits : 0;
-  return plan;
-}
-
 void token_nll(uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB,
                int64_t sT, int64_t sV, uintptr_t targets, int64_t ignore_index, uintptr_t out,
                uintptr_t workspace, int64_t workspace_floats, bool has_softcap, double softcap,
@@ -535,7 +494,7 @@ void token_nll(uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int
   p.segment = plan.segment;
   p.splits = plan.splits;
   p.inv_temperature = 1.0 / temperature;
-  p.c = static_cast<float>(2.0 * 1.4426950408889634 / temperature);  // 2 log2(e) / temperature
+  p.c = static_cast<float>(2.0 * kLog2e / temperature);  // 2 log2(e) / temperature
   p.softcap = has_softcap ? static_cast<float>(softcap) : 1.f;
   p.inv_softcap = has_softcap ? static_cast<float>(1.0 / softcap) : 1.f;
 

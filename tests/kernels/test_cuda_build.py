@@ -20,7 +20,7 @@ from pplfast import _dispatch, reference
 
 from helpers import LSE_RTOL, assert_nll_close, row_lse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
 
 
@@ -68,8 +68,9 @@ def run(cmd, cwd):
 
 @needs_nvcc
 def test_cuda_sources_compile_link_and_import(tmp_path):
-    """nvcc -Werror on the kernels, the binding with the host compiler, a static-cudart link,
-    then the fresh module imports (no GPU needed) and plans launches."""
+    """nvcc -Werror on the kernels, the binding and the launch plan with the host compiler
+    (-Werror), a static-cudart link, then the fresh module imports (no GPU needed) and plans
+    launches."""
     obj = tmp_path / "token_nll.o"
     run([NVCC, "-c", os.path.join(CUDA_SRC, "token_nll.cu"), "-o", str(obj), *NVCC_FLAGS],
         tmp_path)
@@ -81,8 +82,8 @@ def test_cuda_sources_compile_link_and_import(tmp_path):
     run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Werror",
          f"-I{CUDA_SRC}", f"-I{pybind11.get_include()}",
          f"-I{sysconfig.get_paths()['include']}", os.path.join(CUDA_SRC, "bindings.cpp"),
-         str(obj), f"-L{cuda_lib_dir()}", "-lcudart_static", "-ldl", "-lrt", "-lpthread",
-         "-o", str(module)], tmp_path)
+         os.path.join(CUDA_SRC, "plan.cpp"), str(obj), f"-L{cuda_lib_dir()}", "-lcudart_static",
+         "-ldl", "-lrt", "-lpthread", "-o", str(module)], tmp_path)
     probe = textwrap.dedent("""
         import _cuda_C
         assert _cuda_C.runtime_version() >= 11000

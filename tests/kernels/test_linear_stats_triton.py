@@ -16,10 +16,11 @@ import torch
 
 import pplfast
 from pplfast import _chunked, reference
-from helpers import LSE_RTOL, assert_nll_close, compile_triton, nvidia_backend, row_lse
+from helpers import LSE_RTOL, assert_nll_close, row_lse
 
 pytest.importorskip("triton")
 from pplfast import _triton  # noqa: E402
+from pplfast.kernels import _plan  # noqa: E402
 from pplfast.kernels import linear_token_nll as nll_kernel  # noqa: E402
 from pplfast.kernels import linear_token_stats as kernel  # noqa: E402
 from pplfast.kernels.token_stats import token_stats_forward  # noqa: E402
@@ -380,8 +381,8 @@ def test_launcher_trusts_the_callers_scored_rows(monkeypatch):
     # the backend counts the scored rows once; with every row scored it says so, and the
     # launcher must not search again (a second host sync on a GPU)
     calls = []
-    find = nll_kernel.scored_rows  # the fused launchers' shared row search
-    monkeypatch.setattr(nll_kernel, "scored_rows", lambda *a: calls.append(a) or find(*a))
+    find = _plan.scored_rows  # the fused launchers' shared row search
+    monkeypatch.setattr(_plan, "scored_rows", lambda *a: calls.append(a) or find(*a))
     hidden, weight, _, targets = make_inputs(9, 32, 40, torch.float16)
     stats = pplfast.linear_token_stats(hidden, weight, targets, backend="triton")
     assert calls == []
@@ -492,80 +493,3 @@ def test_gpu_rows_times_dim_past_2_pow_31():
             assert_nll_close(got[i][rows], getattr(want, name), lse, rtol=4 * LSE_RTOL,
                              what=name)
     assert bool((got[3][50 : N - 200] == -1).all())
-
-
-# ---- compiled code for the real targets (no GPU needed) --------------------------------------
-
-# compute capability -> shared memory per block, KiB
-GPU_TARGETS = {(8, 0): 163, (8, 6): 99, (8, 9): 99, (9, 0): 227}
-_PARTS = ["part_max_ptr", "part_sum_ptr", "part_ent_ptr", "part_best_ptr", "part_arg_ptr",
-          "part_rank_ptr"]
-_PART_TYPES = ["*fp32", "*fp64", "*fp64", "*fp32", "*i32", "*i32"]
-_MODULE = "pplfast.kernels.linear_token_stats"
-
-
-def _partial_spec(capability, dtype, precision, flags):
-    rows, bias, cap, even = flags
-    bn, bv, bd, warps, stages = kernel.config_for(capability, getattr(torch, {
-        "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]))
-    ptrs = ["h_ptr", "w_ptr", "b_ptr", "rows_ptr", "targets_ptr", "target_z_ptr", *_PARTS]
-    return dict(
-        module=_MODULE, kernel="_stats_partial_kernel",
-        arch=capability[0] * 10 + capability[1], num_warps=warps, num_stages=stages,
-        tag=f"sm{capability[0]}{capability[1]} {dtype} {precision} {flags}",
-        signature=dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype,
-                       rows_ptr="*i64", targets_ptr="*i64", target_z_ptr="*fp32",
-                       **dict(zip(_PARTS, _PART_TYPES)), n_rows="i32", V="i32", D="i32",
-                       stride_hn="i32", stride_wv="i32", cols_per_split="i32", softcap="fp32",
-                       inv_softcap="fp32", exp2_scale="fp32", inv_temp="fp32"),
-        constexprs=dict(stride_hd=1, stride_wd=1, HAS_ROWS=rows, HAS_BIAS=bias, HAS_SOFTCAP=cap,
-                        EVEN_D=even, DOT_FP32=False, INPUT_PRECISION=precision, BLOCK_N=bn,
-                        BLOCK_V=bv, BLOCK_D=bd),
-        div16=ptrs + ["V", "D", "stride_hn", "stride_wv", "cols_per_split"],
-        count={"wgmma": r"wgmma\.mma_async", "mma": r"\bmma\.sync"},
-    )
-
-
-def _small_kernel_specs(capability):
-    arch = capability[0] * 10 + capability[1]
-    flags = dict(HAS_ROWS=True, HAS_BIAS=True, HAS_SOFTCAP=True)
-    target = dict(
-        module=_MODULE, kernel="_target_kernel", arch=arch, num_warps=4, num_stages=3,
-        tag=f"target sm{arch}",
-        signature=dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", rows_ptr="*i64",
-                       targets_ptr="*i64", target_z_ptr="*fp32", n_rows="i32", D="i32",
-                       stride_hn="i32", stride_wv="i32", softcap="fp32", inv_softcap="fp32"),
-        constexprs=dict(stride_hd=1, stride_wd=1, BLOCK_M=32, BLOCK_D=64, **flags),
-        div16=["h_ptr", "w_ptr", "D", "stride_hn", "stride_wv"])
-    finish = dict(
-        module=_MODULE, kernel="_stats_finish_kernel", arch=arch, num_warps=4, num_stages=3,
-        tag=f"finish sm{arch}",
-        signature=dict(rows_ptr="*i64", target_z_ptr="*fp32", **dict(zip(_PARTS, _PART_TYPES)),
-                       nll_ptr="*fp32", ent_ptr="*fp32", mlp_ptr="*fp32", argmax_ptr="*i64",
-                       rank_ptr="*i64", n_rows="i32", splits="i32", exp2_scale="fp32",
-                       inv_temp="fp32"),
-        constexprs=dict(HAS_ROWS=True, BLOCK_M=32, BLOCK_S=32), div16=[])
-    return [target, finish]
-
-
-@pytest.mark.skipif(not nvidia_backend(), reason="triton has no NVIDIA backend here")
-def test_kernels_compile_for_each_gpu_target():
-    # each target with its own configuration, every specialisation the backend launches: fp16,
-    # bf16 and fp32 with TF32 (float32 without TF32 takes the chunked path, see pplfast._triton)
-    specs = []
-    for capability in GPU_TARGETS:
-        for dtype, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
-            for flags in ((False, False, False, True), (True, True, True, False)):
-                specs.append(_partial_spec(capability, dtype, precision, flags))
-    for capability in ((8, 0), (9, 0)):
-        specs += _small_kernel_specs(capability)
-    for spec, got in zip(specs, compile_triton(specs)):
-        tag = spec["tag"]
-        assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (tag, got)
-        assert got["registers"] <= 255, (tag, got)
-        limit = GPU_TARGETS.get((got["arch"] // 10, got["arch"] % 10), 99)
-        assert got["shared"] <= limit << 10, (tag, got)
-        if spec["kernel"] == "_stats_partial_kernel":
-            # tensor cores: wgmma on Hopper, mma.sync on Ampere / Ada
-            unit = "wgmma" if got["arch"] == 90 else "mma"
-            assert got["counts"][unit] > 0, (tag, got)

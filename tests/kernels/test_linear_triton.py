@@ -7,10 +7,11 @@ import torch
 
 import pplfast
 from pplfast import _chunked, reference
-from helpers import LSE_RTOL, assert_nll_close, compile_triton, nvidia_backend, row_lse
+from helpers import LSE_RTOL, assert_nll_close, row_lse
 
 pytest.importorskip("triton")
 from pplfast import _triton  # noqa: E402
+from pplfast.kernels import _plan  # noqa: E402
 from pplfast.kernels import linear_token_nll as kernel  # noqa: E402
 
 pytestmark = [
@@ -178,28 +179,28 @@ def test_finish_merges_many_splits():
     b[::97] = 8.0  # maxima in several ranges, so the merge rescales
     out = fused(hidden, weight, b, targets, splits=40)
     check(out, hidden, weight, b, targets)
-    assert kernel.split_columns(40 * 32, 40, CONFIG[1]) == (40, 32)
+    assert _plan.split_columns(40 * 32, 40, CONFIG[1]) == (40, 32)
 
 
 def test_splits_and_configs():
     # H100 (132 SMs), 128x256 tiles: 8192 tokens are 64 blocks, so 17 vocabulary splits make
     # about 8 waves; a million tokens need none; 5 tokens split as far as the tiles allow, but
     # never past 2 x SM count
-    assert kernel.choose_splits(8192, 131072, 128, 256, 132) == 17
-    assert kernel.choose_splits(1 << 20, 131072, 128, 256, 132) == 1
-    assert kernel.choose_splits(5, 1000, 128, 256, 132) == 4
-    assert kernel.choose_splits(5, 262144, 128, 256, 132) == 264
+    assert _plan.choose_splits(8192, 131072, 128, 256, 132) == 17
+    assert _plan.choose_splits(1 << 20, 131072, 128, 256, 132) == 1
+    assert _plan.choose_splits(5, 1000, 128, 256, 132) == 4
+    assert _plan.choose_splits(5, 262144, 128, 256, 132) == 264
     assert kernel.config_for(None, torch.float32) == (16, 32, 32, 1, 1)
     # the pipelined operand tiles fit in shared memory per block (sm_80 163 KiB, sm_86/89
     # 99 KiB, sm_90 227 KiB); the compile test checks what the compiler really allocates
-    for capability, limit_kib in GPU_TARGETS.items():
+    for capability, limit_kib in {(8, 0): 163, (8, 6): 99, (8, 9): 99, (9, 0): 227}.items():
         for dtype in (torch.float16, torch.float32):
             bn, bv, bd, warps, stages = kernel.config_for(capability, dtype)
             assert (bn + bv) * bd * (4 if dtype == torch.float32 else 2) * (stages - 1) <= (
                 limit_kib << 10)
-            assert kernel._SPLIT_ALIGN % bv == 0
+            assert _plan.FUSED_SPLIT_ALIGN % bv == 0
     for bn, bv, bd, warps, stages in kernel._AUTOTUNE_SPACE:
-        assert kernel._SPLIT_ALIGN % bv == 0 and 64 % bd == 0
+        assert _plan.FUSED_SPLIT_ALIGN % bv == 0 and 64 % bd == 0
 
 
 @pytest.mark.cuda
@@ -240,8 +241,8 @@ def test_launcher_trusts_the_callers_scored_rows(monkeypatch):
     # the scored rows are counted once per call (pplfast._ops); with every row scored the backend
     # says so, and the launcher must not search again (a second host sync on a GPU)
     calls = []
-    find = kernel.scored_rows
-    monkeypatch.setattr(kernel, "scored_rows", lambda *a: calls.append(a) or find(*a))
+    find = _plan.scored_rows  # the fused launchers' shared row search
+    monkeypatch.setattr(_plan, "scored_rows", lambda *a: calls.append(a) or find(*a))
     hidden, weight, _, targets = make_inputs(9, 32, 40, torch.float16)
     out = pplfast.linear_token_nll(hidden, weight, targets, backend="triton")
     assert calls == []
@@ -281,7 +282,7 @@ def test_chunked_fallback_with_triton_logits_kernel(dtype, monkeypatch):
         assert_nll_close(out, expected, row_lse(logits.cpu(), softcap=4.0))
 
 
-# ---- GPU only: devices and 64-bit offsets (twins of tests/test_cuda.py) ----------------------
+# ---- GPU only: devices and 64-bit offsets (twins of tests/kernels/test_cuda.py) ----------
 
 
 @pytest.mark.cuda
@@ -325,65 +326,3 @@ def test_gpu_rows_times_dim_past_2_pow_31():
         want = reference.linear_token_nll(hidden[rows], weight, targets[rows])
         assert_nll_close(got[rows], want, row_lse((hidden[rows].double() @ weight.double().T)
                                                   .cpu()), rtol=4 * LSE_RTOL)
-
-
-# ---- compiled code for the real targets (no GPU needed) --------------------------------------
-
-# compute capability -> shared memory per block, KiB
-GPU_TARGETS = {(8, 0): 163, (8, 6): 99, (8, 9): 99, (9, 0): 227}
-_PTRS = ["h_ptr", "w_ptr", "b_ptr", "rows_ptr", "part_max_ptr", "part_sum_ptr"]
-
-
-def _partial_spec(capability, dtype, precision, flags):
-    rows, bias, cap, even = flags
-    bn, bv, bd, warps, stages = kernel.config_for(capability, getattr(torch, {
-        "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]))
-    return dict(
-        module="pplfast.kernels.linear_token_nll", kernel="_lse_partial_kernel",
-        arch=capability[0] * 10 + capability[1], num_warps=warps, num_stages=stages,
-        tag=f"sm{capability[0]}{capability[1]} {dtype} {precision} {flags}",
-        signature=dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype,
-                       rows_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp64",
-                       n_rows="i32", V="i32", D="i32", stride_hn="i32", stride_wv="i32",
-                       cols_per_split="i32", softcap="fp32", inv_softcap="fp32",
-                       exp2_scale="fp32"),
-        constexprs=dict(stride_hd=1, stride_wd=1, HAS_ROWS=rows, HAS_BIAS=bias, HAS_SOFTCAP=cap,
-                        EVEN_D=even, INPUT_PRECISION=precision, BLOCK_N=bn, BLOCK_V=bv,
-                        BLOCK_D=bd),
-        div16=_PTRS + ["V", "D", "stride_hn", "stride_wv", "cols_per_split"],
-        count={"wgmma": r"wgmma\.mma_async", "mma": r"\bmma\.sync"},
-    )
-
-
-@pytest.mark.skipif(not nvidia_backend(), reason="triton has no NVIDIA backend here")
-def test_kernels_compile_for_each_gpu_target():
-    # Each target with its own configuration, every specialisation the backend launches: fp16,
-    # bf16 and fp32 with TF32 (float32 without TF32 takes the chunked path, see pplfast._triton)
-    specs = []
-    for capability in GPU_TARGETS:
-        for dtype, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
-            for flags in ((False, False, False, True), (True, True, True, False)):
-                specs.append(_partial_spec(capability, dtype, precision, flags))
-    for capability in ((8, 0), (9, 0)):
-        specs.append(dict(
-            module="pplfast.kernels.linear_token_nll", kernel="_finish_kernel",
-            arch=capability[0] * 10 + capability[1], num_warps=4, num_stages=3,
-            tag=f"finish sm{capability[0]}{capability[1]}",
-            signature=dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", rows_ptr="*i64",
-                           targets_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp64",
-                           out_ptr="*fp32", n_rows="i32", D="i32", stride_hn="i32",
-                           stride_wv="i32", splits="i32", softcap="fp32", inv_softcap="fp32",
-                           exp2_scale="fp32", inv_temp="fp32"),
-            constexprs=dict(stride_hd=1, stride_wd=1, HAS_ROWS=True, HAS_BIAS=True,
-                            HAS_SOFTCAP=True, BLOCK_M=32, BLOCK_S=32, BLOCK_D=64),
-            div16=["h_ptr", "w_ptr", "D", "stride_hn", "stride_wv"]))
-    for spec, got in zip(specs, compile_triton(specs)):
-        tag = spec["tag"]
-        assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (tag, got)
-        assert got["registers"] <= 255, (tag, got)
-        limit = GPU_TARGETS.get((got["arch"] // 10, got["arch"] % 10), 99)
-        assert got["shared"] <= limit << 10, (tag, got)
-        if spec["kernel"] == "_lse_partial_kernel":
-            # tensor cores: wgmma on Hopper, mma.sync on Ampere / Ada
-            unit = "wgmma" if got["arch"] == 90 else "mma"
-            assert got["counts"][unit] > 0, (tag, got)

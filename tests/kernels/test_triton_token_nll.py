@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_nll_close, compile_triton, nvidia_backend, row_lse
+from helpers import assert_nll_close, row_lse
 from pplfast import reference
 
 pytestmark = [
@@ -265,7 +265,7 @@ def test_confident_tokens_never_negative(dtype, softcap, temperature, path):
 def test_split_cases_reach_the_split_kernel(V, block_v):
     # the "split" cases above run the split + merge kernels on the GPU as in the interpreter:
     # chunks are whole blocks (a multiple of 16 entries), not of a GPU-only alignment
-    from pplfast.kernels.token_nll import plan
+    from pplfast.kernels._plan import plan
 
     for on_gpu in (False, True):
         n_split, chunk, block, _ = plan(6, V, on_gpu=on_gpu, dtype=torch.bfloat16, sm_count=4,
@@ -274,7 +274,8 @@ def test_split_cases_reach_the_split_kernel(V, block_v):
 
 
 def test_split_plan_on_gpus():
-    from pplfast.kernels.token_nll import CONFIG, plan
+    from pplfast.kernels._plan import LOGITS_CONFIG as CONFIG
+    from pplfast.kernels._plan import plan
 
     # GPT-2's vocabulary, one row, 132 SMs: 25 chunks of 2048 = 8 blocks of 256, so that past
     # the aligned head every block but the last is unmasked
@@ -345,94 +346,3 @@ def test_gpu_more_than_2_pow_31_logits():
     view = logits[N - 3 :: 2]  # rows past 2^31 elements through a strided view
     got = _forward(view.unsqueeze(0), targets[N - 3 :: 2].contiguous())
     assert_nll_close(got, reference.token_nll(view, targets[N - 3 :: 2]), row_lse(view))
-
-
-def test_kernels_import_nothing_from_the_package_and_read_no_environment():
-    # pplfast.kernels sits below every pplfast module: its launchers take the switches and the
-    # SM count as arguments (pplfast._triton reads them), so no import of pplfast or os here
-    import ast
-    import pathlib
-
-    import pplfast.kernels
-
-    files = sorted(pathlib.Path(pplfast.kernels.__file__).parent.glob("*.py"))
-    assert {f.name for f in files} >= {"_common.py", "token_nll.py", "linear_token_nll.py"}
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [("." * node.level) + (node.module or "")]
-            else:
-                continue
-            for name in names:
-                assert not name.startswith(("pplfast", "os", "..")), (path.name, name)
-                siblings = {"." + f.stem for f in files}  # kernels may share each other's code
-                allowed = siblings | {"__future__", "contextlib", "functools", "typing",
-                                      "torch", "triton", "triton.language"}
-                if path.name == "__init__.py":  # hands a top-level `kernels` import over
-                    allowed |= {"importlib.machinery", "importlib.util", "pathlib", "sys"}
-                assert name in allowed, (path.name, name)
-
-
-# ---- compiled code for the real targets (no GPU needed) --------------------------------------
-
-# sm_80 (A100), sm_86 (A10, RTX 30), sm_89 (L4, L40, RTX 40), sm_90 (H100, H200)
-GPU_ARCHS = (80, 86, 89, 90)
-_PTRS = ["logits_ptr", "targets_ptr", "out_ptr", "part_ptr"]
-# global loads in the PTX: 16-byte vectors, and any load that is neither a 2- nor a 4-vector
-_LOADS = {"v4": r"ld\.global[\w:.]*\.v4", "scalar": r"ld\.global(?![\w:.]*\.v[24])[\w:.]*\s"}
-
-
-@pytest.mark.skipif(not nvidia_backend(), reason="triton has no NVIDIA backend here")
-def test_kernels_compile_for_each_gpu_target():
-    # Every variant for each real target. Aligned contiguous rows must stream as 16-byte
-    # vector loads in the one-pass and the split kernel alike, the tail block included: what
-    # stays scalar is the target logit, the target, and the ALIGN-lane head and end of the row.
-    from pplfast.kernels.token_nll import CONFIG
-
-    block2, block4, warps = CONFIG
-    specs = []
-    for arch in GPU_ARCHS:
-        # every variant for sm_90; elsewhere fp16 (as bf16) and the unaligned rows are left out
-        full = arch == 90
-        for dtype, nbytes, block in (("bf16", 2, block2), ("fp16", 2, block2), ("fp32", 4, block4)):
-            if dtype == "fp16" and not full:
-                continue
-            for contig, align in ((True, 16 // nbytes), (True, 1), (False, 1)):
-                if contig and align == 1 and not full:
-                    continue
-                for split in (False, True):
-                    for cap in (False, True):
-                        sig = dict(logits_ptr="*" + dtype, targets_ptr="*i64", out_ptr="*fp32",
-                                   part_ptr="*fp32", T="i32", V="i32",
-                                   stride_b="i64", stride_t="i32", stride_v="i32", chunk="i32",
-                                   n_split="i32", ignore_index="i32", softcap="fp32",
-                                   inv_softcap="fp32", exp2_scale="fp32", inv_temp="fp32")
-                        consts = dict(HAS_SOFTCAP=cap, VOCAB_CONTIGUOUS=contig, SPLIT=split,
-                                      ALIGN=align, BLOCK_V=block)
-                        if contig:
-                            consts["stride_v"] = 1
-                        specs.append(dict(
-                            module="pplfast.kernels.token_nll", kernel="_token_nll_kernel",
-                            arch=arch, signature=sig, constexprs=consts, div16=_PTRS,
-                            num_warps=warps, count=_LOADS,
-                            tag=f"sm{arch} {dtype} contig={contig} align={align} split={split} "
-                                f"softcap={cap}"))
-        sig = dict(logits_ptr="*bf16", targets_ptr="*i64", out_ptr="*fp32", part_ptr="*fp32",
-                   T="i32", stride_b="i64", stride_t="i32", stride_v="i32",
-                   n_split="i32", ignore_index="i32", softcap="fp32", inv_softcap="fp32",
-                   exp2_scale="fp32", inv_temp="fp32")
-        for cap in (False, True):
-            specs.append(dict(module="pplfast.kernels.token_nll", kernel="_merge_kernel",
-                              arch=arch, signature=sig, div16=_PTRS, num_warps=1,
-                              constexprs=dict(HAS_SOFTCAP=cap, FINISH=True, BLOCK_S=8,
-                                              stride_v=1),
-                              tag=f"sm{arch} merge softcap={cap}"))
-    assert len(specs) == (3 * 3 * 2 * 2 + 2) + 3 * (2 * 2 * 2 * 2 + 2)
-    for spec, got in zip(specs, compile_triton(specs)):
-        tag = spec["tag"]
-        assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (tag, got)
-        if spec["constexprs"].get("ALIGN", 1) > 1:
-            assert got["counts"]["v4"] > 0, ("no 16-byte loads", tag, got)
-            assert got["counts"]["scalar"] <= 4, ("scalar loads in the row body", tag, got)
