@@ -28,7 +28,7 @@ NLL and the rank both use that value. Ties. The target's own column is left out 
 tile value (a ``tl.dot`` product) and the stored value are summed in different orders, and the
 target would count itself wherever the first rounds above the second. Another column within that
 rounding difference of the target logit (IEEE float32 products: about D x 2^-24 x
-sum_d |h_d w_vd|) is a tie, where either count is right (README, "Token statistics"); the argmax
+sum_d |h_d w_vd|) is a tie, where either count is right (docs/ops.md, "Token statistics"); the argmax
 compares tile values only, all rounded alike, so exact ties go to the lowest index. With TF32
 products (float32 inputs, TF32 asked for) the band is TF32's (``linear_token_nll.py``), wider
 than one float32 ulp: argmax and rank are exact only outside it.

@@ -11,7 +11,7 @@ import torch
 
 @dataclass(frozen=True)
 class TokenStats:
-    """Statistics of each position's distribution ``p = softmax(z)`` (README, "Token statistics").
+    """Statistics of each position's distribution ``p = softmax(z)`` (docs/ops.md, "Token statistics").
 
     Every field has the leading shape ``L`` of :func:`pplfast.token_nll` for the same call. At
     ignored positions float fields are 0 and integer fields -1.
@@ -72,8 +72,8 @@ class ComparisonResult:
     """llama.cpp's comparison statistics (``llama-perplexity --kl-divergence``) over the scored
     tokens; "test" is its Q model. Each ``<field>_stderr`` is the uncertainty llama.cpp prints
     after "±"; the percentile fields map the percentile (``99.9``, ``50.0``, ...) to the value
-    (``delta_p_percentiles[100.0]`` is the maximum, ``[0.0]`` the minimum). README "Comparing two
-    models" gives the formulas. ``token_comparison`` and ``scored`` are set by
+    (``delta_p_percentiles[100.0]`` is the maximum, ``[0.0]`` the minimum). docs/compare.md
+    gives the formulas. ``token_comparison`` and ``scored`` are set by
     :func:`pplfast.compare_models` (aligned with its ``input_ids``), None from the metric.
     """
 

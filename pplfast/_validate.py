@@ -1,4 +1,4 @@
-"""Argument checks shared by every public function (README, "Bad input").
+"""Argument checks shared by every public function (docs/ops.md, "Bad input").
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong value or shape)
 naming the argument and the offending value, before any kernel runs.

@@ -3,8 +3,7 @@ both NLLs and both argmaxes per position (:class:`TokenComparison`) in one pass.
 
 Each function states its contract and hands the call to the front door (``pplfast._frontend``).
 :class:`pplfast.Comparison` (``pplfast.metric``) accumulates the results over batches and ranks
-into llama.cpp's comparison statistics (:class:`ComparisonResult`). README section "Comparing
-two models".
+into llama.cpp's comparison statistics (:class:`ComparisonResult`); docs/compare.md.
 """
 from __future__ import annotations
 

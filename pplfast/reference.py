@@ -12,7 +12,7 @@ Every quantity is formed relative to the row's maximum ``m`` of the soft-capped 
 of the size of the logits: near the top of the float range (|z| ~ 1e38) float64 rounds the small
 log-sum term away and the difference to 0. Where ``m`` is not finite (a +inf entry, an all -inf
 row, NaN) the reference point is 0 instead, so that the special values come out as
-``logsumexp(z) - z[target]`` gives them (README "Special values").
+``logsumexp(z) - z[target]`` gives them (docs/ops.md, "Special values").
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def linear_token_stats(
     return _stats_result(parts, lead, top_k)
 
 
-# ---- compare: two models' rows read together (README "Comparing two models") ------------------
+# ---- compare: two models' rows read together (docs/compare.md) ------------------
 
 def _compare_rows(yp: torch.Tensor, yq: torch.Tensor, raw_p: torch.Tensor, raw_q: torch.Tensor,
                   targets: torch.Tensor, ignore_index: int, temperature: float):

@@ -42,7 +42,7 @@ examples:
   pplfast compare --base ./model --model ./model-int8 --input wiki.test.jsonl --window 1024
 
 Python API: pplfast.token_nll, pplfast.linear_token_nll, pplfast.Perplexity, pplfast.score_model,
-pplfast.compare, pplfast.compare_models (see the README).
+pplfast.compare, pplfast.compare_models (see docs/ops.md, docs/models.md and docs/compare.md).
 """
 
 

@@ -97,7 +97,7 @@ class RunStats:
 
     def summary(self, *, num_outliers: int, outliers, seconds: float, documents: int,
                 tokens: int) -> dict:
-        """The summary object of ``pplfast score-corpus`` (see the README)."""
+        """The summary object of ``pplfast score-corpus`` (docs/corpus.md, "Outputs")."""
         x = np.frombuffer(self._mean_nll, dtype=np.float64) if len(self._mean_nll) else np.zeros(0)
         percentiles = ({str(p): float(v) for p, v in zip(PERCENTILES, _percentiles(safe_exp(x)))}
                        if len(x) else {str(p): None for p in PERCENTILES})

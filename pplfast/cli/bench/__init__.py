@@ -1,6 +1,6 @@
 """``pplfast bench``: time pplfast against its peers on this machine and print one table.
 
-Method (the README's "Benchmarks" section): every figure is measured side by side in one run and
+Method (benchmarks/README.md): every figure is measured side by side in one run and
 reported as a ratio to a baseline from the same run, with the machine, versions, command and
 timestamp.
 

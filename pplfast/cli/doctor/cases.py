@@ -97,7 +97,7 @@ def _options(gen, dtype):
 
 
 def _special_rows(gen, V=129):
-    """Rows of each special value of the README's table, and an ignored one."""
+    """Rows of each special value of docs/ops.md's table ("Special values"), and an ignored one."""
     x, t = _randn(gen, 8, V, scale=3.0), _targets(gen, V, 8)
     x[0, 3] = NAN                        # NaN in a row: NaN
     x[1, (int(t[1]) + 1) % V] = INF      # +inf at a non-target entry: NLL +inf

@@ -1,5 +1,5 @@
 """What ``pplfast doctor`` calls right: one op's result against the float64 reference
-(``pplfast.reference``), field by field, with the README's bounds.
+(``pplfast.reference``), field by field, with docs/ops.md's bounds ("Accuracy").
 
 - NLL fields (``nll``, ``nll_base``, ``nll_test``): ``2e-6 * max(1, |logsumexp of the row|,
   |NLL|)`` ("Accuracy"); ``entropy``, ``max_logprob`` and the top-k log-probabilities
