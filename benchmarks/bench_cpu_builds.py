@@ -10,6 +10,11 @@ same op of the first build. An earlier build may have the earlier binding (``tok
 
     python benchmarks/bench_cpu_builds.py --before OLD/_C.cpython-311-x86_64-linux-gnu.so
     python benchmarks/bench_cpu_builds.py --shape 4096x128256 --dtypes fp32,bf16,fp16 --rounds 7
+    python benchmarks/bench_cpu_builds.py --before OLD/_C.so --build a=A/_C.so --build b=B/_C.so \
+        --isas avx2 --ops compare
+
+``--build LABEL=FILE`` (repeatable) replaces the installed build by other ones (candidates of one
+change, each loaded from its file), all in the same rounds.
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ def load(path):
     return module
 
 
-def calls_for(C, logits, test, targets, threads):
-    """op name -> a call of that op on these logits through module C's binding."""
+def calls_for(C, logits, test, targets, threads, softcap=0.0, temperature=1.0):
+    """op name -> a call of that op on these logits through module C's binding (``softcap`` 0:
+    none)."""
+    cap, T = softcap, temperature
     N, V = logits.shape
     code = CODES[logits.dtype]
     p = lambda t: t.data_ptr()
@@ -51,15 +58,15 @@ def calls_for(C, logits, test, targets, threads):
     def compare():
         C.compare_init(p(cstate), N)
         C.compare_update(p(logits), code, 0, V, 1, p(test), code, 0, V, 1, N, N, V, 0,
-                         p(targets), -100, 0.0, 1.0, p(cstate), threads)
-        C.compare_finish(p(cstate), p(targets), -100, N, 1.0, *(p(t) for t in couts))
+                         p(targets), -100, cap, T, p(cstate), threads)
+        C.compare_finish(p(cstate), p(targets), -100, N, T, *(p(t) for t in couts))
 
     if not hasattr(C, "nll_update"):  # the binding before the running-state convention
         return {
             "token_nll": lambda: C.token_nll(p(logits), code, 1, N, V, 0, V, 1, p(targets), -100,
-                                             0.0, 1.0, p(out), threads),
+                                             cap, T, p(out), threads),
             "token_stats": lambda: C.token_stats(p(logits), code, 1, N, V, 0, V, 1, p(targets),
-                                                 -100, 0.0, 1.0, 0, *(p(t) for t in outs),
+                                                 -100, cap, T, 0, *(p(t) for t in outs),
                                                  threads),
             "compare": compare,
         }
@@ -68,15 +75,15 @@ def calls_for(C, logits, test, targets, threads):
 
     def nll():
         C.nll_init(p(nstate), N)
-        C.nll_update(p(logits), code, 0, V, 1, N, N, V, 0, p(targets), -100, 0.0, 1.0,
+        C.nll_update(p(logits), code, 0, V, 1, N, N, V, 0, p(targets), -100, cap, T,
                      p(nstate), threads)
-        C.nll_finish(p(nstate), p(targets), -100, N, 1.0, p(out))
+        C.nll_finish(p(nstate), p(targets), -100, N, T, p(out))
 
     def stats():
         C.stats_init(p(sstate), N, 0, 0)
-        C.stats_update(p(logits), code, 0, V, 1, N, N, V, 0, p(targets), -100, 0.0, 1.0, 0,
+        C.stats_update(p(logits), code, 0, V, 1, N, N, V, 0, p(targets), -100, cap, T, 0,
                        p(sstate), threads)
-        C.stats_finish(p(sstate), p(targets), -100, N, 0, 1.0, *(p(t) for t in outs))
+        C.stats_finish(p(sstate), p(targets), -100, N, 0, T, *(p(t) for t in outs))
 
     return {"token_nll": nll, "token_stats": stats, "compare": compare}
 
@@ -91,9 +98,15 @@ def with_isa(isa, fn):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", help="another build of pplfast._C (its .so file)")
+    parser.add_argument("--build", action="append", default=[], metavar="LABEL=FILE",
+                        help="a build to time instead of the installed one (repeatable)")
+    parser.add_argument("--isas", default=None,
+                        help="instruction sets to run the builds on (default: all this CPU runs)")
     parser.add_argument("--shape", default="4096x128256", help="NxV (default %(default)s)")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--ops", default="token_nll,token_stats,compare")
+    parser.add_argument("--softcap", type=float, default=0.0, help="0: none (default)")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--bandwidth-mib", type=int, default=1024)
     parser.add_argument("--json", metavar="FILE")
@@ -105,10 +118,21 @@ def main(argv=None) -> int:
     if args.before:
         builds.append(("before", load(args.before), None))
     isas = ["avx2"] + (["avx512"] if _C.cpu_has_avx512() and _C.built_avx512() else [])
-    builds += [(f"after[{isa}]", _C, isa) for isa in isas]
+    if args.isas:
+        isas = [isa for isa in args.isas.split(",") if isa in isas]
+    afters = [("after", _C)]
+    if args.build:
+        afters = [(label, load(path)) for label, path in
+                  (spec.split("=", 1) for spec in args.build)]
+    builds += [(f"{label}[{isa}]", C, isa) for label, C in afters for isa in isas]
     probe = torch.ones(args.bandwidth_mib << 18)
     saved = os.environ.get("PPLFAST_CPU_ISA")
-    record = {"command": " ".join(["python", "benchmarks/bench_cpu_builds.py", *sys.argv[1:]]),
+    # the command as recorded names each other build by its file name only (no local paths)
+    argv = [a if not a.endswith(".so") else
+            (a.split("=", 1)[0] + "=" if "=" in a else "") + os.path.basename(a)
+            for a in (sys.argv[1:] if argv is None else argv)]
+    record = {"command": " ".join(["python", "benchmarks/bench_cpu_builds.py", *argv]),
+              "softcap": args.softcap, "temperature": args.temperature,
               "threads": threads, "torch": torch.__version__, "shape": args.shape,
               "rounds": args.rounds, "results": []}
     print(f"{args.shape}, {threads} threads, {args.rounds} interleaved rounds (medians); "
@@ -123,7 +147,7 @@ def main(argv=None) -> int:
         targets = torch.randint(0, V, (N,), generator=gen)
         entries = [("probe", "", lambda: probe.sum())]
         for build, C, isa in builds:
-            calls = calls_for(C, logits, test, targets, threads)
+            calls = calls_for(C, logits, test, targets, threads, args.softcap, args.temperature)
             for op in ops:
                 fn = calls[op] if isa is None else with_isa(isa, calls[op])
                 entries.append((op, build, fn))

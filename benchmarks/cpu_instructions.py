@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     print(f"{so} ({'state' if new else 'earlier'} binding), {rows}x{V}, {args.calls} calls, "
           "one thread")
     print(f"{'case':28} {'instructions':>14} {'per element':>12}")
-    record = {"so": so, "shape": args.shape, "calls": args.calls, "results": {}}
+    record = {"so": os.path.basename(so),  # the file name only: no local paths in a record
+              "shape": args.shape, "calls": args.calls, "results": {}}
     for case in CASES:
         if wanted is not None and case[0] not in wanted:
             continue

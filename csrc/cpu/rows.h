@@ -6,20 +6,23 @@
 //   A. load (fp16/bf16 converted in registers), soft-cap, fold into the block maximum (four
 //      independent max chains) and, for the statistics, count the entries above the target's
 //      value and flag top-k candidates; the values go to an L1 buffer, except for contiguous fp32
-//      rows without a softcap, whose second pass reads the source again (still in L1/L2);
+//      rows without a softcap, whose second pass reads the source again (still in L1). The loop
+//      over a contiguous row's full vectors has no branch; the last partial vector is gathered
+//      and padded apart;
 //   B. with m the running maximum, t = y * s - R(m s) (s = log2(e) / T, R the float rounding; one
-//      FMA per element), exp2 of t clamped, summed in four independent fp32 accumulators (the
-//      lane sums of one block, at most kBlock / (4 W) terms each, are the only fp32 sums), reduced
-//      in double and multiplied by 2^(R(m s) - m s), computed exactly in double once per maximum.
-//      The statistics also sum e * t for the entropy.
+//      FMA per element), exp2 of t clamped, summed in kAcc independent fp32 accumulators (the lane
+//      sums of one block, at most kBlock / W terms each, are the only fp32 sums), reduced in
+//      double and multiplied by 2^(R(m s) - m s), computed exactly in double once per maximum.
+//      The statistics also sum e * t for the entropy. While it computes, pass B prefetches the
+//      row's next block (prefetch), so that memory is never idle.
 // When the maximum grows, the running double sums are rescaled (common.h). Without a softcap,
 // NaN is not tested per element: a NaN makes its block's sum NaN (simd.h's clamp keeps it), and
 // only blocks the sum cannot see (all -inf, or after a +inf maximum) are scanned for it. With a
 // softcap NaN is tested on the loaded value, before tanh (which maps it to +-1).
 //
-// compare reads both rows' blocks into two buffers, then folds them fast (8 or 16 lanes, no
-// infinity or NaN, bounded values), masked (infinities or NaN) or wide (every term in double); see
-// compare.cpp for the algorithm and the special values.
+// compare reads both rows' blocks (into two buffers, or in place for contiguous fp32 without a
+// softcap), then folds them fast (no infinity or NaN, bounded values), masked (infinities or NaN)
+// or wide (every term in double); see compare.cpp for the algorithm and the special values.
 #include <cstdint>
 
 #include "isa.h"
@@ -32,6 +35,37 @@ using F = S::F;
 constexpr int W = S::W;
 constexpr int64_t kBlock = 2048;
 constexpr int64_t kCompareBlock = 1024;
+// Independent accumulators of pass B: two keep the adds' latency off the path of a loop step of
+// 15 or more instructions, and leave AVX2's 16 registers to the exp's constants (four spilled
+// accumulators to the stack, two instructions per step each).
+constexpr int kAcc = 2;
+
+template <int DT>
+constexpr int64_t kBytes = DT == kFloat32 ? 4 : 2;
+
+// ---- software prefetch --------------------------------------------------------------------------
+
+// Pass A's loads are the only reads from memory, and pass B computes from L1 for longer than they
+// take: left alone, memory idles during pass B (the hardware prefetcher follows the loads and
+// stops with them; compare ran at 0.7-0.8x of the kernels before this layout, which prefetched,
+// out of cache). Pass B therefore requests the row's next block: at its element i, the lines of
+// element i of the next block (`ahead`). Past a row's end this requests the start of the next row
+// of a contiguous tensor, which the same thread scans next; a prefetch never faults. A strided
+// row has no next block to request: `ahead` is then the block's own buffer (in L1), so that the
+// loop carries no branch for it.
+template <int DT, int ELEMS>
+inline void prefetch(const char* ahead, int64_t i) {
+  constexpr int64_t bytes = ELEMS * kBytes<DT>;
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(ahead + i * kBytes<DT> + k, 0, 3);
+}
+
+// The bytes of element start + next of a row (its next block), or `own` for a strided row.
+template <int DT>
+inline const char* ahead_of(const void* base, int64_t stride, int64_t start, int64_t next,
+                            const float* own) {
+  return stride == 1 ? static_cast<const char*>(base) + (start + next) * kBytes<DT>
+                     : reinterpret_cast<const char*>(own);
+}
 
 // ---- pass A -------------------------------------------------------------------------------------
 
@@ -52,11 +86,10 @@ struct BlockScan {
   bool candidates = false;
 };
 
-// W values of a row from element i on (n_left of them remain, >= 1): one load for contiguous
-// rows, else gathered; lanes past n_left are 0 here and -inf once transformed (pad).
+// The last n_left (< W, >= 1) elements of a row from element i on, one lane each; the lanes past
+// them are 0 here and -inf once transformed (pad). Strided rows load every vector this way.
 template <int DT>
-inline F load_lanes(const void* base, int64_t stride, int64_t i, int64_t n_left) {
-  if (stride == 1 && n_left >= W) return S::template load_dt<DT>(base, i);
+inline F gather(const void* base, int64_t stride, int64_t i, int64_t n_left) {
   alignas(64) float raw[W];
   for (int j = 0; j < W; ++j) raw[j] = j < n_left ? load_scalar(base, DT, (i + j) * stride) : 0.0f;
   return S::load(raw);
@@ -84,50 +117,56 @@ inline BlockScan scan_block(const void* base, int64_t stride, int64_t start, int
   auto cand = nan;
   auto count = S::count_zero();
   const F vthr = S::set1(threshold), vkth = S::set1(kth);
-  int64_t i = 0;
-  if (DT == kFloat32 && !SOFTCAP && stride == 1) {
-    const float* src = static_cast<const float*>(base) + start;
-    const int64_t full = n / W * W;
-    auto step = [&](int64_t j, F& m) {
-      const F x = S::load(src + j);
-      m = S::max(x, m);
-      if constexpr (RANK) count = S::count_add(count, S::gt(x, vthr));
-      if constexpr (TOPK) cand = S::mask_or(cand, S::gt(x, vkth));
-    };
-    for (; i + 4 * W <= full; i += 4 * W) {
-      step(i, m0);
-      step(i + W, m1);
-      step(i + 2 * W, m2);
-      step(i + 3 * W, m3);
-    }
-    for (; i < full; i += W) step(i, m0);
-    pieces.p0 = src;
-    pieces.n0 = full;
-    pieces.p1 = buf;
-  } else {
-    pieces.p0 = buf;
-  }
-  const int64_t done = i;
-  auto step = [&](int64_t j, F& m) {
-    F x = load_lanes<DT>(base, stride, start + j, n - j);
-    if constexpr (SOFTCAP) nan = S::mask_or(nan, S::unord(x));
-    x = pad(soft_cap<SOFTCAP>(x, tf), n - j);
+  auto fold = [&](F x, F& m) {
     m = S::max(x, m);
     if constexpr (RANK) count = S::count_add(count, S::gt(x, vthr));
     if constexpr (TOPK) cand = S::mask_or(cand, S::gt(x, vkth));
-    S::store(buf + (j - done), x);
   };
-  for (; i + 4 * W <= n; i += 4 * W) {
-    step(i, m0);
-    step(i + W, m1);
-    step(i + 2 * W, m2);
-    step(i + 3 * W, m3);
-  }
-  for (; i < n; i += W) step(i, m0);
-  if (pieces.p0 == buf) {
-    pieces.n0 = i - done;
+  // a loaded vector: NaN flagged before the softcap, transformed, folded, buffered at dst
+  auto put = [&](F x, float* dst, F& m) {
+    if constexpr (SOFTCAP) nan = S::mask_or(nan, S::unord(x));
+    x = soft_cap<SOFTCAP>(x, tf);
+    fold(x, m);
+    S::store(dst, x);
+  };
+  const int64_t full = n / W * W;
+  int64_t i = 0;
+  float* tail = buf;  // where the last partial vector goes
+  if (DT == kFloat32 && !SOFTCAP && stride == 1) {
+    const float* src = static_cast<const float*>(base) + start;
+    for (; i + 4 * W <= full; i += 4 * W) {
+      fold(S::load(src + i), m0);
+      fold(S::load(src + i + W), m1);
+      fold(S::load(src + i + 2 * W), m2);
+      fold(S::load(src + i + 3 * W), m3);
+    }
+    for (; i < full; i += W) fold(S::load(src + i), m0);
+    pieces.p0 = src;
+    pieces.n0 = full;
+    pieces.p1 = buf;
+    pieces.n1 = full < n ? W : 0;
   } else {
-    pieces.n1 = i - done;
+    if (stride == 1) {
+      for (; i + 4 * W <= full; i += 4 * W) {
+        put(S::template load_dt<DT>(base, start + i), buf + i, m0);
+        put(S::template load_dt<DT>(base, start + i + W), buf + i + W, m1);
+        put(S::template load_dt<DT>(base, start + i + 2 * W), buf + i + 2 * W, m2);
+        put(S::template load_dt<DT>(base, start + i + 3 * W), buf + i + 3 * W, m3);
+      }
+      for (; i < full; i += W) put(S::template load_dt<DT>(base, start + i), buf + i, m0);
+    } else {
+      for (; i < full; i += W) put(gather<DT>(base, stride, start + i, W), buf + i, m0);
+    }
+    tail = buf + full;
+    pieces.p0 = buf;
+    pieces.n0 = full < n ? full + W : full;
+  }
+  if (full < n) {
+    F x = gather<DT>(base, stride, start + full, n - full);
+    if constexpr (SOFTCAP) nan = S::mask_or(nan, S::unord(x));
+    x = pad(soft_cap<SOFTCAP>(x, tf), n - full);
+    fold(x, m1);
+    S::store(tail, x);
   }
   out.max = S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)));
   out.nan = S::any(nan);
@@ -142,6 +181,36 @@ inline bool has_nan(const void* base, int64_t stride, int64_t start, int64_t n) 
   for (int64_t i = 0; i < n; ++i)
     if (std::isnan(load_scalar(base, DT, (start + i) * stride))) return true;
   return false;
+}
+
+// The first i < n with z[i] == v, or -1 (z holds a multiple of W values, n of them real).
+inline int64_t first_equal(const float* z, int64_t n, float v) {
+  const F vv = S::set1(v);
+  for (int64_t i = 0; i < n; i += W) {
+    const uint32_t hit = S::bits(S::eq(S::load(z + i), vv));
+    if (hit) {
+      const int64_t at = i + __builtin_ctz(hit);
+      return at < n ? at : -1;
+    }
+  }
+  return -1;
+}
+
+// The first of elements [start, start + n) of a row equal to v, as an offset from start, or -1.
+template <int DT>
+inline int64_t first_equal_in_row(const void* base, int64_t stride, int64_t start, int64_t n,
+                                  float v) {
+  int64_t i = 0;
+  if (stride == 1) {
+    const F vv = S::set1(v);
+    for (; i + W <= n; i += W) {
+      const uint32_t hit = S::bits(S::eq(S::template load_dt<DT>(base, start + i), vv));
+      if (hit) return i + __builtin_ctz(hit);
+    }
+  }
+  for (; i < n; ++i)
+    if (load_scalar(base, DT, (start + i) * stride) == v) return i;
+  return -1;
 }
 
 // ---- pass B -------------------------------------------------------------------------------------
@@ -186,11 +255,12 @@ struct Sums {
   double sum = 0, ent = 0;  // sum of 2^t and of 2^t t over clamped t, as computed
 };
 
-// Pass B over n values (a multiple of W) at z.
-template <bool FOLD, bool ENT>
-inline void sum_exps(const float* z, int64_t n, const ExpSetup& e, Sums& out) {
+// Pass B over n values (a multiple of W) at z, prefetching from `ahead` (see prefetch).
+template <bool FOLD, bool ENT, int DT>
+inline void sum_exps(const float* z, int64_t n, const ExpSetup& e, Sums& out, const char* ahead) {
   const F va = S::set1(e.a), vb = S::set1(e.b), vc = S::set1(e.c);
-  F s0 = S::zero(), s1 = s0, s2 = s0, s3 = s0, h0 = s0, h1 = s0, h2 = s0, h3 = s0;
+  F s[kAcc], h[kAcc];
+  for (int k = 0; k < kAcc; ++k) s[k] = h[k] = S::zero();
   auto step = [&](int64_t j, F& s, F& h) {
     F t = S::fmadd(S::load(z + j), va, vb);
     if constexpr (!FOLD) t = S::mul(t, vc);
@@ -200,26 +270,28 @@ inline void sum_exps(const float* z, int64_t n, const ExpSetup& e, Sums& out) {
     if constexpr (ENT) h = S::fmadd(x, t, h);
   };
   int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    step(i, s0, h0);
-    step(i + W, s1, h1);
-    step(i + 2 * W, s2, h2);
-    step(i + 3 * W, s3, h3);
+  for (; i + kAcc * W <= n; i += kAcc * W) {
+    prefetch<DT, kAcc * W>(ahead, i);
+    for (int k = 0; k < kAcc; ++k) step(i + k * W, s[k], h[k]);
   }
-  for (; i < n; i += W) step(i, s0, h0);
-  out.sum += S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
-  if constexpr (ENT) out.ent += S::hsum(S::add(S::add(h0, h1), S::add(h2, h3)));
+  for (; i < n; i += W) step(i, s[0], h[0]);
+  for (int k = 1; k < kAcc; ++k) {
+    s[0] = S::add(s[0], s[k]);
+    h[0] = S::add(h[0], h[k]);
+  }
+  out.sum += S::hsum(s[0]);
+  if constexpr (ENT) out.ent += S::hsum(h[0]);
 }
 
-template <bool ENT>
-inline Sums block_sums(const Pieces& pieces, const ExpSetup& e) {
+template <bool ENT, int DT>
+inline Sums block_sums(const Pieces& pieces, const ExpSetup& e, const char* ahead) {
   Sums s;
   if (e.fold) {
-    sum_exps<true, ENT>(pieces.p0, pieces.n0, e, s);
-    if (pieces.n1) sum_exps<true, ENT>(pieces.p1, pieces.n1, e, s);
+    sum_exps<true, ENT, DT>(pieces.p0, pieces.n0, e, s, ahead);
+    if (pieces.n1) sum_exps<true, ENT, DT>(pieces.p1, pieces.n1, e, s, ahead);
   } else {
-    sum_exps<false, ENT>(pieces.p0, pieces.n0, e, s);
-    if (pieces.n1) sum_exps<false, ENT>(pieces.p1, pieces.n1, e, s);
+    sum_exps<false, ENT, DT>(pieces.p0, pieces.n0, e, s, ahead);
+    if (pieces.n1) sum_exps<false, ENT, DT>(pieces.p1, pieces.n1, e, s, ahead);
   }
   return s;
 }
@@ -247,7 +319,7 @@ void nll_row(const void* base, int64_t len, int64_t stride, const Transform& tf,
       acc.max = m;
     }
     if (!(e.m == m)) e = exp_setup(m, tf);
-    acc.sum += e.corr * block_sums<false>(pieces, e).sum;
+    acc.sum += e.corr * block_sums<false, DT>(pieces, e, ahead_of<DT>(base, stride, start, n, buf)).sum;
   }
   acc.nan = acc.nan || std::isnan(acc.sum);
 }
@@ -272,12 +344,15 @@ void stats_row(const void* base, int64_t len, int64_t stride, int64_t col0, cons
     acc.rank += count;
     acc.nan = acc.nan || b.nan;
     if (acc.amax_idx < 0 || b.max > acc.amax) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (pieces.at(i) == b.max) {
-          acc.amax = b.max;
-          acc.amax_idx = first + i;
-          break;
-        }
+      // the first entry holding the block's maximum (none: every entry NaN)
+      int64_t at = first_equal(pieces.p0, std::min(n, pieces.n0), b.max);
+      if (at < 0 && n > pieces.n0) {
+        at = first_equal(pieces.p1, n - pieces.n0, b.max);
+        if (at >= 0) at += pieces.n0;
+      }
+      if (at >= 0) {
+        acc.amax = b.max;
+        acc.amax_idx = first + at;
       }
     }
     if constexpr (TOPK) {
@@ -316,7 +391,7 @@ void stats_row(const void* base, int64_t len, int64_t stride, int64_t col0, cons
       acc.max = m;
     }
     if (!(e.m == m)) e = exp_setup(m, tf);
-    const Sums s = block_sums<true>(pieces, e);
+    const Sums s = block_sums<true, DT>(pieces, e, ahead_of<DT>(base, stride, start, n, buf));
     // 2^t undercounts by 2^-eps and t by eps (ExpSetup); the entropy moment in natural units
     acc.sum += e.corr * s.sum;
     acc.ent += e.nat * e.corr * (s.ent + e.eps * s.sum);
@@ -332,43 +407,81 @@ struct BlockInfo {
   bool inf() const { return zmax == kPosInf || zmin == kNegInf; }
 };
 
-// Load n elements (from column `start`) of one row into z (soft-capped, padded with -inf to a
-// multiple of W).
+// Pass A of one row's block for compare: n elements from column `start`, soft-capped. `z` is
+// pointed at the values: the source itself where that needs no copy (contiguous fp32 without a
+// softcap, n a multiple of W), else `buf`, padded with -inf to a multiple of W.
 template <int DT, bool SOFTCAP>
 inline BlockInfo load_block(const void* base, int64_t stride, int64_t start, int64_t n,
-                            const Transform& tf, float* z) {
+                            const Transform& tf, float* buf, const float*& z) {
   BlockInfo info;
-  F vraw = S::set1(kNegInf), vmax = vraw, vmin = S::set1(kPosInf);
+  F vraw = S::set1(kNegInf), vmax0 = vraw, vmax1 = vraw;
+  F vmin0 = S::set1(kPosInf), vmin1 = vmin0;
   auto nan = S::unord(S::zero());
-  for (int64_t i = 0; i < n; i += W) {
-    F x = load_lanes<DT>(base, stride, start + i, n - i);
-    if constexpr (SOFTCAP) {
-      nan = S::mask_or(nan, S::unord(x));
-      vraw = S::max(pad(x, n - i), vraw);
-      x = soft_cap<true>(x, tf);
+  const int64_t full = n / W * W;
+  int64_t i = 0;
+  if (DT == kFloat32 && !SOFTCAP && stride == 1 && full == n) {
+    const float* src = static_cast<const float*>(base) + start;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const F x0 = S::load(src + i), x1 = S::load(src + i + W);
+      vmax0 = S::max(x0, vmax0);
+      vmin0 = S::min(x0, vmin0);
+      vmax1 = S::max(x1, vmax1);
+      vmin1 = S::min(x1, vmin1);
     }
-    if (n - i < W) {
-      const auto real = S::first_lanes(static_cast<int>(n - i));
-      vmin = S::min(S::select(real, x, S::set1(kPosInf)), vmin);
-      x = S::select(real, x, S::set1(kNegInf));
-    } else {
+    for (; i < n; i += W) {
+      const F x = S::load(src + i);
+      vmax0 = S::max(x, vmax0);
+      vmin0 = S::min(x, vmin0);
+    }
+    z = src;
+  } else {
+    auto put = [&](F x, int64_t j, F& vmax, F& vmin) {
+      if constexpr (SOFTCAP) {
+        nan = S::mask_or(nan, S::unord(x));
+        vraw = S::max(x, vraw);
+        x = soft_cap<true>(x, tf);
+      }
       vmin = S::min(x, vmin);
+      vmax = S::max(x, vmax);
+      S::store(buf + j, x);
+    };
+    if (stride == 1) {
+      for (; i + 2 * W <= full; i += 2 * W) {
+        put(S::template load_dt<DT>(base, start + i), i, vmax0, vmin0);
+        put(S::template load_dt<DT>(base, start + i + W), i + W, vmax1, vmin1);
+      }
+      for (; i < full; i += W) put(S::template load_dt<DT>(base, start + i), i, vmax0, vmin0);
+    } else {
+      for (; i < full; i += W) put(gather<DT>(base, stride, start + i, W), i, vmax0, vmin0);
     }
-    vmax = S::max(x, vmax);
-    S::store(z + i, x);
+    if (full < n) {
+      const auto real = S::first_lanes(static_cast<int>(n - full));
+      F x = gather<DT>(base, stride, start + full, n - full);
+      if constexpr (SOFTCAP) {
+        nan = S::mask_or(nan, S::unord(x));
+        vraw = S::max(pad(x, n - full), vraw);
+        x = soft_cap<true>(x, tf);
+      }
+      vmin0 = S::min(S::select(real, x, S::set1(kPosInf)), vmin0);
+      x = S::select(real, x, S::set1(kNegInf));
+      vmax0 = S::max(x, vmax0);
+      S::store(buf + full, x);
+    }
+    z = buf;
   }
-  info.zmax = S::hmax(vmax);
+  info.zmax = S::hmax(S::max(vmax0, vmax1));
   info.rawmax = SOFTCAP ? S::hmax(vraw) : info.zmax;  // untransformed: z = x
-  info.zmin = -S::hmax(S::sub(S::zero(), vmin));
+  info.zmin = -S::hmax(S::sub(S::zero(), S::min(vmin0, vmin1)));
   info.nan = S::any(nan);
   return info;
 }
 
-// Running argmax (or first NaN) of the raw row, from one block's summary; `col0` is the column
-// of the range's first element in the full vocabulary.
-template <int DT>
-inline void track_argmax(Side& side, const BlockInfo& info, const void* base, int64_t stride,
-                         int64_t start, int64_t n, int64_t col0) {
+// Running argmax (or first NaN) of the raw row, from one block's summary and values z (the raw
+// values themselves without a softcap); `col0` is the column of the range's first element in the
+// full vocabulary.
+template <int DT, bool SOFTCAP>
+inline void track_argmax(Side& side, const BlockInfo& info, const float* z, const void* base,
+                         int64_t stride, int64_t start, int64_t n, int64_t col0) {
   if (side.nan) return;
   if (info.nan) {
     for (int64_t i = 0; i < n; ++i) {
@@ -380,12 +493,11 @@ inline void track_argmax(Side& side, const BlockInfo& info, const void* base, in
     }
   }
   if (info.rawmax > side.rawmax) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (load_scalar(base, DT, (start + i) * stride) == info.rawmax) {
-        side.rawmax = info.rawmax;
-        side.arg = col0 + start + i;
-        return;
-      }
+    const int64_t at = SOFTCAP ? first_equal_in_row<DT>(base, stride, start, n, info.rawmax)
+                               : first_equal(z, n, info.rawmax);
+    if (at >= 0) {
+      side.rawmax = info.rawmax;
+      side.arg = col0 + start + at;
     }
   }
 }
@@ -394,13 +506,15 @@ inline void track_argmax(Side& side, const BlockInfo& info, const void* base, in
 // a NaN shows as a NaN sum and the caller folds the block again, masked). Exponents by the fold
 // (t = y s - R(m s)); A's differences are those of the t's, (y_a - m_p) s - (y_b - m_q) s, moved
 // back to natural units and corrected for both roundings R in double. The padding lanes of the
-// last partial vector weigh 0.
+// last partial vector weigh 0. One set of accumulators: a step is over 30 instructions, longer
+// than an add's latency, and AVX2's registers hold the constants of two exps besides.
+template <int DA, int DB>
 inline BlockSums fold_fast(const float* za, const float* zb, int64_t n, float mp, float mq,
-                           const Transform& tf) {
+                           const Transform& tf, const char* ahead_a, const char* ahead_b) {
   const ExpSetup ep = exp_setup(mp, tf), eq = exp_setup(mq, tf);  // both fold (compare_range)
   const F scale = S::set1(tf.fold_scale), bp = S::set1(ep.b), bq = S::set1(eq.b);
-  F sp0 = S::zero(), sp1 = sp0, ap0 = sp0, ap1 = sp0, sq0 = sp0, sq1 = sp0, aq0 = sp0, aq1 = sp0;
-  auto step = [&](int64_t i, F& sp, F& ap, F& sq, F& aq) {
+  F sp = S::zero(), ap = sp, sq = sp, aq = sp;
+  auto step = [&](int64_t i) {
     const F ta = S::fmadd(S::load(za + i), scale, bp);
     const F tb = S::fmadd(S::load(zb + i), scale, bq);
     const F ea = S::exp2(clamp_exp2<S>(ta));
@@ -414,10 +528,12 @@ inline BlockSums fold_fast(const float* za, const float* zb, int64_t n, float mp
   const int64_t full = n / W * W;
   int64_t i = 0;
   for (; i + 2 * W <= full; i += 2 * W) {
-    step(i, sp0, ap0, sq0, aq0);
-    step(i + W, sp1, ap1, sq1, aq1);
+    prefetch<DA, 2 * W>(ahead_a, i);
+    prefetch<DB, 2 * W>(ahead_b, i);
+    step(i);
+    step(i + W);
   }
-  for (; i < full; i += W) step(i, sp0, ap0, sq0, aq0);
+  for (; i < full; i += W) step(i);
   if (full < n) {
     const auto real = S::first_lanes(static_cast<int>(n - full));
     const F ta = S::fmadd(S::load(za + i), scale, bp);
@@ -425,19 +541,18 @@ inline BlockSums fold_fast(const float* za, const float* zb, int64_t n, float mp
     const F ea = S::and_mask(real, S::exp2(clamp_exp2<S>(ta)));
     const F eb = S::and_mask(real, S::exp2(clamp_exp2<S>(tb)));
     const F d = S::and_mask(real, S::sub(ta, tb));
-    sp0 = S::add(sp0, ea);
-    sq0 = S::add(sq0, eb);
-    ap0 = S::fmadd(ea, d, ap0);
-    aq0 = S::fnmadd(eb, d, aq0);
+    sp = S::add(sp, ea);
+    sq = S::add(sq, eb);
+    ap = S::fmadd(ea, d, ap);
+    aq = S::fnmadd(eb, d, aq);
   }
-  const double sp = S::hsum(S::add(sp0, sp1)), ap = S::hsum(S::add(ap0, ap1));
-  const double sq = S::hsum(S::add(sq0, sq1)), aq = S::hsum(S::add(aq0, aq1));
+  const double dsp = S::hsum(sp), dap = S::hsum(ap), dsq = S::hsum(sq), daq = S::hsum(aq);
   const double shift = ep.eps - eq.eps, per_t = 1.0 / static_cast<double>(tf.fold_scale);
   BlockSums out;
-  out.sp = out.wp = ep.corr * sp;
-  out.sq = out.wq = eq.corr * sq;
-  out.ap = ep.corr * (ap + shift * sp) * per_t;
-  out.aq = eq.corr * (aq - shift * sq) * per_t;
+  out.sp = out.wp = ep.corr * dsp;
+  out.sq = out.wq = eq.corr * dsq;
+  out.ap = ep.corr * (dap + shift * dsp) * per_t;
+  out.aq = eq.corr * (daq - shift * dsq) * per_t;
   return out;
 }
 
@@ -445,14 +560,17 @@ inline BlockSums fold_fast(const float* za, const float* zb, int64_t n, float mp
 // W): -inf and NaN entries weigh exactly 0, terms whose difference is not finite stay out of A
 // and w. A side whose maximum is +inf adds nothing (its sums no longer matter), nor does A
 // when either maximum is +inf.
+template <int DA, int DB>
 inline BlockSums fold_masked(const float* za, const float* zb, int64_t len, float mp, float mq,
-                             const Transform& tf) {
+                             const Transform& tf, const char* ahead_a, const char* ahead_b) {
   const bool live_p = mp != kPosInf, live_q = mq != kPosInf, live_a = live_p && live_q;
   const F vmp = S::set1(live_p ? mp : 0.0f), vmq = S::set1(live_q ? mq : 0.0f);
   const F scale = S::set1(tf.fold_scale);
   const F vninf = S::set1(kNegInf), vposinf = S::set1(kPosInf);
   F sp = S::zero(), ap = sp, wp = sp, sq = sp, aq = sp, wq = sp;
   for (int64_t i = 0; i < len; i += W) {
+    prefetch<DA, W>(ahead_a, i);
+    prefetch<DB, W>(ahead_b, i);
     const F x = S::load(za + i), y = S::load(zb + i);
     const F ua = S::sub(x, vmp), ub = S::sub(y, vmq);
     // weight 0 for -inf and NaN entries (the comparison is false for both)
@@ -542,14 +660,15 @@ inline bool has_nan_sum(const BlockSums& b) {
 template <int DA, int DB, bool SOFTCAP>
 void compare_range(const void* a, int64_t a_stride, const void* b, int64_t b_stride, int64_t len,
                    int64_t col0, const Transform& tf, Side& p, Side& q) {
-  alignas(64) float za[kCompareBlock];
-  alignas(64) float zb[kCompareBlock];
+  alignas(64) float bufa[kCompareBlock];
+  alignas(64) float bufb[kCompareBlock];
   const double inv_t = tf.inv_temperature;
   p.arg = q.arg = col0;
   for (int64_t start = 0; start < len; start += kCompareBlock) {
     const int64_t n = std::min(kCompareBlock, len - start);
-    BlockInfo ia = load_block<DA, SOFTCAP>(a, a_stride, start, n, tf, za);
-    BlockInfo ib = load_block<DB, SOFTCAP>(b, b_stride, start, n, tf, zb);
+    const float *za, *zb;
+    BlockInfo ia = load_block<DA, SOFTCAP>(a, a_stride, start, n, tf, bufa, za);
+    BlockInfo ib = load_block<DB, SOFTCAP>(b, b_stride, start, n, tf, bufb, zb);
     const int64_t padded = (n + W - 1) / W * W;
     auto find_nan = [&] {  // without a softcap NaN is found only where it matters
       if (!SOFTCAP) {
@@ -564,6 +683,8 @@ void compare_range(const void* a, int64_t a_stride, const void* b, int64_t b_str
     // maxima of +-inf (an all -inf block, +inf entries) are decided apart, never differenced
     const bool maxima_within = (mp == kNegInf || mp == kPosInf || within(mp, inv_t)) &&
                                (mq == kNegInf || mq == kPosInf || within(mq, inv_t));
+    const char* pa = ahead_of<DA>(a, a_stride, start, n, bufa);
+    const char* pb = ahead_of<DB>(b, b_stride, start, n, bufb);
     BlockSums sums;
     if (inf) find_nan();
     const bool special = inf || ia.nan || ib.nan;
@@ -575,16 +696,16 @@ void compare_range(const void* a, int64_t a_stride, const void* b, int64_t b_str
       sums = fold_wide(za, zb, n, mp, mq, inv_t);
     } else if (special || !fold_fits(static_cast<double>(mp) * tf.fold_scale) ||
                !fold_fits(static_cast<double>(mq) * tf.fold_scale)) {
-      sums = fold_masked(za, zb, padded, mp, mq, tf);
+      sums = fold_masked<DA, DB>(za, zb, padded, mp, mq, tf, pa, pb);
     } else {
-      sums = fold_fast(za, zb, n, mp, mq, tf);
+      sums = fold_fast<DA, DB>(za, zb, n, mp, mq, tf, pa, pb);
       if (!SOFTCAP && has_nan_sum(sums)) {
         find_nan();
-        sums = fold_masked(za, zb, padded, mp, mq, tf);
+        sums = fold_masked<DA, DB>(za, zb, padded, mp, mq, tf, pa, pb);
       }
     }
-    track_argmax<DA>(p, ia, a, a_stride, start, n, col0);
-    track_argmax<DB>(q, ib, b, b_stride, start, n, col0);
+    track_argmax<DA, SOFTCAP>(p, ia, za, a, a_stride, start, n, col0);
+    track_argmax<DB, SOFTCAP>(q, ib, zb, b, b_stride, start, n, col0);
     add(p, q, sums);
   }
 }

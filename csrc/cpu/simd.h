@@ -80,6 +80,7 @@ struct Scalar {
   static F copysign(F mag, F sign) { return std::copysign(mag, sign); }
   static Mask gt(F a, F b) { return a > b; }
   static Mask lt(F a, F b) { return a < b; }
+  static Mask eq(F a, F b) { return a == b; }
   static Mask unord(F a) { return a != a; }
   static Mask mask_or(Mask a, Mask b) { return a || b; }
   static bool any(Mask m) { return m; }
@@ -148,6 +149,7 @@ struct Avx2 {
   }
   static Mask gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static Mask lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static Mask eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static Mask unord(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   static Mask mask_or(Mask a, Mask b) { return _mm256_or_ps(a, b); }
   static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
@@ -239,6 +241,7 @@ struct Avx512 {
   }
   static Mask gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static Mask lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static Mask eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static Mask unord(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static Mask mask_or(Mask a, Mask b) { return static_cast<Mask>(a | b); }
   static bool any(Mask m) { return m != 0; }
