@@ -619,7 +619,9 @@ def test_bench_compare_path(capsys):
     assert {r["impl"] for r in rows} == {"pplfast", "torch_kl", "token_nll_one"}
     for r in rows:
         assert r["error"] is None and r["ms"] > 0, r
-        assert r["logits_bytes"] == 2 * 32 * 700 * (4 if r["dtype"] == "fp32" else 2)
+        tensors = 1 if r["impl"] == "token_nll_one" else 2  # token_nll reads one of the two
+        assert r["logits_bytes"] == tensors * 32 * 700 * (4 if r["dtype"] == "fp32" else 2)
+        assert r["gelems"] == pytest.approx(tensors * 32 * 700 / (r["ms"] * 1e-3) / 1e9)
         assert r["peak_extra_bytes"] is not None
     assert "compare path" in table and "log_softmax+kl_div+argmax" in table
     assert cli.main(["bench", "--path", "compare", "--shapes", "4x8x16"]) == 2

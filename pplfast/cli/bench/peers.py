@@ -17,6 +17,7 @@ class Impl:
     role: str  # "pplfast", "baseline" or "floor"
     fn: Callable[..., torch.Tensor]
     clobbers_input: bool = False  # writes into its first input: gets its own copy
+    one_tensor: bool = False  # reads one of compare's two logits tensors (its GB/s counts one)
 
 
 def _first(out):
@@ -44,7 +45,7 @@ def implementations(path: str, device: torch.device, backend: str):
                           lambda a, b, t: comparison.compare(a, b, t, backend=backend)))
         impls.append(Impl("torch_kl", "log_softmax+kl_div+argmax", "baseline", _torch_compare))
         impls.append(Impl("token_nll_one", f"token_nll[{resolved}] of one tensor", "baseline",
-                          lambda a, b, t: api.token_nll(a, t, backend=backend)))
+                          lambda a, b, t: api.token_nll(a, t, backend=backend), one_tensor=True))
         return impls, skipped
     if path == "logits":
         impls.append(Impl("pplfast", label, "pplfast",

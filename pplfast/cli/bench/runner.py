@@ -123,7 +123,8 @@ def bench(plan: Plan, progress: bool = True,
                 if impl.clobbers_input:
                     args = (inputs[0].clone(),) + tuple(inputs[1:])
                 row = {"path": path, "shape": list(shape), "dtype": dtype, "impl": impl.name,
-                       "label": impl.label, "role": impl.role, "error": None, "ms": None,
+                       "label": impl.label, "role": impl.role, "one_tensor": impl.one_tensor,
+                       "error": None, "ms": None,
                        "ms_all": None, "peak_extra_bytes": None}
                 case_rows.append(row)
                 calls.append(functools.partial(impl.fn, *args))
@@ -215,8 +216,10 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
     """Ratios within one case: throughput, fraction of the floor, pplfast speed-up."""
     ref = next((r for r in case_rows if r["role"] == "pplfast" and r["ms"]), None)
     floor = next((r for r in case_rows if r["role"] == "floor" and r["ms"]), None)
-    nbytes = logits_bytes(shape, dtype) * (2 if path == "compare" else 1)  # compare reads two
     for r in case_rows:
+        # compare reads two tensors, except a row that scores one of them (token_nll of one)
+        share = 2 if r.get("one_tensor") else 1
+        nbytes = logits_bytes(shape, dtype) * (2 if path == "compare" else 1) // share
         r["logits_bytes"] = nbytes
         r["read_gbps"] = read_gbps
         ms = r["ms"]
@@ -225,7 +228,7 @@ def _derive(case_rows: List[dict], path: str, shape, dtype: str, read_gbps: floa
         r["pplfast_speedup"] = ms / ref["ms"] if ref else None
         if path in ("logits", "stats", "compare"):
             r["gbps"] = nbytes / (ms * 1e-3) / 1e9
-            r["gelems"] = logits_elements(path, shape) / (ms * 1e-3) / 1e9
+            r["gelems"] = logits_elements(path, shape) // share / (ms * 1e-3) / 1e9
             r["read_bw_fraction"] = r["gbps"] / read_gbps
             r["floor_ms"] = nbytes / (read_gbps * 1e9) * 1e3
         else:
