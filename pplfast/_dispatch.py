@@ -72,14 +72,18 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def module(backend: str):
-    """Import the launcher module of a concrete backend, with an actionable error."""
+def module(backend: str, *, slices: bool = False):
+    """Import the launcher module of a concrete backend, with an actionable error; ``slices``:
+    the module of its vocabulary-slice launchers (vocab-parallel scoring; the cuda backend's
+    are the Triton kernels', as its statistics and comparison are)."""
     name = {
         "reference": "pplfast._reference_backend",
-        "cpu": "pplfast._cpu",
+        "cpu": "pplfast._cpu_slices" if slices else "pplfast._cpu",
         "triton": "pplfast._triton",
-        "cuda": "pplfast._cuda",
+        "cuda": "pplfast._triton" if slices else "pplfast._cuda",
     }[backend]
+    if slices and backend == "cuda":
+        backend = "triton"
     try:
         return importlib.import_module(name)
     except ImportError as exc:

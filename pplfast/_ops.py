@@ -75,9 +75,8 @@ def _vocab_call(targets: Tensor, shard: List[int], group: str, ignore_index: int
 
 
 def _slices(backend: str, name: str):
-    """The backend module with the slice launcher ``name`` (the cuda backend's slices are the
-    Triton kernels', as its statistics and comparison are)."""
-    module = _dispatch.module("triton" if backend == "cuda" else backend)
+    """The backend module with the slice launcher ``name``."""
+    module = _dispatch.module(backend, slices=True)
     if not hasattr(module, name):
         raise _dispatch.BackendUnavailableError(
             f'vocab-parallel scoring has no slice launcher {name} on backend="{backend}": use '

@@ -30,6 +30,7 @@ import torch
 
 from . import _validate
 from ._metric_sums import comparison_sums, perplexity_sums
+from ._metric_sync import all_gather_rows, all_reduce_sums, counts_here, noted_group
 from ._results import ComparisonResult, PerplexityResult, TokenComparison
 from ._summary import COMPARISON_SUMS, TOKENS, comparison_statistics, safe_exp
 from .api import linear_token_nll, token_nll
@@ -42,70 +43,6 @@ __all__ = ["Comparison", "ComparisonResult", "Perplexity", "PerplexityResult", "
 _STATE_SIZE = 10
 _SUM_NLL, _SUM_SQ, _TOKENS, _BYTES, _WORDS, _TOKENS_W_BYTES, _TOKENS_W_WORDS = range(7)
 _SUM_ENTROPY, _TOP1, _TOKENS_W_STATS = 7, 8, 9
-
-
-def _process_group_device(group):
-    """The device collectives of ``group`` run on (CPU for gloo, the current GPU for NCCL);
-    an error naming the fix when no process group is initialised."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("sync() needs an initialised torch.distributed process group")
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
-    """The float64 ``sums`` added over every rank of ``group`` (a copy, on the CPU)."""
-    import torch.distributed as dist
-
-    total = sums.to(_process_group_device(group), copy=True)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total.cpu()
-
-
-def all_gather_rows(values: torch.Tensor, group=None) -> torch.Tensor:
-    """``(k, n_rank)`` float32 values of every rank of ``group``, concatenated along the second
-    axis in rank order (the ranks may hold different ``n``), on the CPU."""
-    import torch.distributed as dist
-
-    device = _process_group_device(group)
-    local = values.to(device)
-    world = dist.get_world_size(group)
-    length = torch.tensor([local.shape[1]], dtype=torch.int64, device=device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    longest = max(int(x) for x in lengths)
-    padded = torch.zeros(local.shape[0], longest, dtype=local.dtype, device=device)
-    padded[:, : local.shape[1]] = local
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g[:, : int(k)] for g, k in zip(gathered, lengths)], dim=1).cpu()
-
-
-def counts_here(group=None, vocab_group_=None) -> bool:
-    """Whether this rank adds its state in a sync over ``group``: always without a vocabulary
-    group; with one, only if it is the lowest global rank among the ranks that ``group`` and
-    the vocabulary group share (they all hold the same rows and the same sums)."""
-    if vocab_group_ is None:
-        return True
-    import torch.distributed as dist
-
-    _process_group_device(group)  # the error naming the fix when nothing is initialised
-    world = dist.group.WORLD
-    synced = set(dist.get_process_group_ranks(world if group is None else group))
-    shared = synced & set(dist.get_process_group_ranks(vocab_group_))
-    return dist.get_rank() == min(shared)
-
-
-def _noted(current, group):
-    """The vocabulary group of a metric's updates: the first one seen; a second, different one
-    is refused."""
-    if group is None or current is None or group is current:
-        return current if group is None else group
-    raise ValueError("this metric's updates split the vocabulary over different process groups: "
-                     "use one metric per vocabulary group")
 
 
 def _count(value, name: str) -> Optional[int]:
@@ -171,7 +108,7 @@ class Perplexity:
             The per-token NLL, float32, shaped like :func:`pplfast.token_nll`'s output; with
             ``stats=True`` the :class:`pplfast.TokenStats`.
         """
-        self._vocab_group = _noted(self._vocab_group,
+        self._vocab_group = noted_group(self._vocab_group,
                                    vocab_group(logits, options.get("vocab_shard"), -1))
         if stats:
             result = token_stats(logits, targets, **options)
@@ -186,7 +123,7 @@ class Perplexity:
         """Like :meth:`update` from final hidden states ``(..., D)`` and the output layer
         ``weight`` ``(V, D)`` (``bias=`` among ``options``); see :func:`pplfast.linear_token_nll`
         (and :func:`pplfast.linear_token_stats` with ``stats=True``)."""
-        self._vocab_group = _noted(self._vocab_group,
+        self._vocab_group = noted_group(self._vocab_group,
                                    vocab_group(weight, options.get("vocab_shard"), 0))
         if stats:
             result = linear_token_stats(hidden, weight, targets, **options)
@@ -255,7 +192,7 @@ class Perplexity:
         self._placed = True
         self._state = self._state + other._state.to(self._state.device)
         self._global = None
-        self._vocab_group = _noted(self._vocab_group, other._vocab_group)
+        self._vocab_group = noted_group(self._vocab_group, other._vocab_group)
         return self
 
     def sync(self, group=None, *, vocab_group=None) -> "Perplexity":
@@ -344,7 +281,7 @@ class Comparison:
     def update(self, logits_base: torch.Tensor, logits_test: torch.Tensor,
                targets: torch.Tensor, **options) -> TokenComparison:
         """:func:`pplfast.compare` of a batch, added; returns its :class:`TokenComparison`."""
-        self._vocab_group = _noted(self._vocab_group,
+        self._vocab_group = noted_group(self._vocab_group,
                                    vocab_group(logits_base, options.get("vocab_shard"), -1))
         result = compare(logits_base, logits_test, targets, **options)
         self.update_tokens(result, targets, ignore_index=options.get("ignore_index", -100),
@@ -355,7 +292,7 @@ class Comparison:
                       hidden_test: torch.Tensor, weight_test: torch.Tensor,
                       targets: torch.Tensor, **options) -> TokenComparison:
         """:func:`pplfast.linear_compare` of a batch, added; returns its comparison."""
-        self._vocab_group = _noted(self._vocab_group,
+        self._vocab_group = noted_group(self._vocab_group,
                                    vocab_group(weight_base, options.get("vocab_shard"), 0))
         result = linear_compare(hidden_base, weight_base, hidden_test, weight_test, targets,
                                 **options)
@@ -411,7 +348,7 @@ class Comparison:
         self._sums = self._sums + other._sums
         self._tokens.extend(other._tokens)
         self._global = None
-        self._vocab_group = _noted(self._vocab_group, other._vocab_group)
+        self._vocab_group = noted_group(self._vocab_group, other._vocab_group)
         return self
 
     def sync(self, group=None, *, vocab_group=None) -> "Comparison":

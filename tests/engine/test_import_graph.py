@@ -26,6 +26,7 @@ LAYERS = [
      "pplfast.kernels.token_nll", "pplfast.kernels.linear_token_nll"},
     {"pplfast._chunked", "pplfast._validate", "pplfast.reference"},
     {"pplfast._cpu", "pplfast._cuda", "pplfast._triton", "pplfast._reference_backend"},
+    {"pplfast._cpu_slices"},
     {"pplfast._dispatch"},
     {"pplfast._ops"},
     {"pplfast.api"},
