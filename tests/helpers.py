@@ -277,6 +277,56 @@ for spec in json.loads(sys.stdin.read()):
 """
 
 
+def hidden_rows_past_2_pow_31(D: int = 4096, V: int = 1000):
+    """A GPU case whose hidden states hold more than 2^31 elements (4.3 GB in bf16), so that
+    row offsets must be 64-bit: ``(hidden (N, D) bf16, weight (V, D) bf16, targets (N,))`` with
+    the last 200 and the first 50 rows scored (the others ignored, -100). Skips when the GPU has
+    too little free memory."""
+    N = (1 << 31) // D + 256
+    free, _ = torch.cuda.mem_get_info()
+    if free < N * D * 2 * 1.2:
+        pytest.skip(f"needs {N * D * 2 * 1.2 / 2**30:.1f} GiB free on the GPU")
+    hidden = torch.empty(N, D, dtype=torch.bfloat16, device="cuda")
+    for r0 in range(0, N, 4096):
+        hidden[r0 : r0 + 4096].copy_(torch.randn(min(4096, N - r0), D, device="cuda"))
+    weight = (torch.randn(V, D, device="cuda") / 64).to(torch.bfloat16)
+    targets = torch.full((N,), -100, device="cuda")
+    targets[N - 200 :] = torch.randint(0, V, (200,), device="cuda")
+    targets[:50] = torch.randint(0, V, (50,), device="cuda")
+    return hidden, weight, targets
+
+
+def logits_past_2_pow_31(V: int = 128256, generator=None):
+    """GPU bf16 logits ``(N, V)`` with N x V > 2^31 elements (4.3 GB) and targets ``(N,)``, whose
+    far rows are marked so that reading the wrong place cannot pass: row -1's target 7 holds
+    40.0, row -2 is all -inf but its target 5 (1.0). Skips when the GPU has too little free
+    memory."""
+    N = (1 << 31) // V + 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 2 * N * V * 2:
+        pytest.skip(f"needs {2 * N * V * 2 / 2**30:.1f} GiB free on the GPU")
+    logits = torch.empty(N, V, dtype=torch.bfloat16, device="cuda")
+    for r0 in range(0, N, 2048):  # in chunks, to keep the float32 temporaries small
+        chunk = logits[r0 : r0 + 2048]
+        chunk.copy_(torch.randn(chunk.shape, device="cuda", generator=generator) * 3)
+    logits[-1, 7] = 40.0
+    logits[-2, :] = float("-inf")
+    logits[-2, 5] = 1.0
+    targets = torch.randint(0, V, (N,), device="cuda")
+    targets[-1], targets[-2] = 7, 5
+    assert N * V > 2**31
+    return logits, targets
+
+
+# Triton's interpreter evaluates exp2 and products of +-inf with numpy, which warns where the GPU
+# is silent: the marks that silence those warnings in a module of interpreted kernels
+NUMPY_FLOAT_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
+
+
 # the float scalars of the kernels' signatures (every other scalar is an integer)
 FLOAT_SCALARS = frozenset({"softcap", "inv_softcap", "exp2_scale", "inv_temp", "a_scale"})
 

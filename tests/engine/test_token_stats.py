@@ -17,14 +17,12 @@ import torch.nn.functional as F
 
 import pplfast
 from pplfast import reference
-from helpers import (ALL_BACKENDS, EXTREME_BIASES, assert_nll_close, backend_device, extreme_bias,
-                     extreme_option_params, extreme_scale, float32_extreme_rows, on_backend,
-                     row_lse)
+from helpers import (ALL_BACKENDS, EXTREME_BIASES, NUMPY_FLOAT_WARNINGS, assert_nll_close,
+                     backend_device, extreme_bias, extreme_option_params, extreme_scale,
+                     float32_extreme_rows, on_backend, row_lse)
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    *NUMPY_FLOAT_WARNINGS,
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -118,7 +118,7 @@ def special_logits(bounds):
 def hidden_inputs(case, bounds):
     """(hidden (1, T, D), weight (V, D), bias (V,), targets (1, T), test weight (V, D))."""
     s = _slices(bounds)
-    first, second, last = s[0], s[1], s[-1]
+    first, last = s[0], s[-1]
     hidden = torch.randn(1, T, D)
     weight = torch.randn(V, D) * (2.0 / D ** 0.5)
     bias = torch.randn(V)

@@ -14,7 +14,7 @@ import pplfast
 from pplfast import _chunked, reference
 
 from helpers import (LSE_RTOL, assert_nll_close, extreme_option_params, extreme_scale,
-                     float32_extreme_rows, row_lse)
+                     float32_extreme_rows, logits_past_2_pow_31, row_lse)
 
 pytestmark = pytest.mark.cuda
 
@@ -272,24 +272,9 @@ def test_second_device(cuda_backend):
 
 def test_more_than_2_pow_31_elements(cuda_backend):
     """N x V > 2^31 in bf16 (4.3 GB): rows past element 2^31 must be read where they are."""
-    V = 128256
-    N = (1 << 31) // V + 64
-    free, _ = torch.cuda.mem_get_info()
-    if free < 2 * N * V * 2:
-        pytest.skip(f"needs {2 * N * V * 2 / 2**30:.1f} GiB free on the GPU")
-    logits = torch.empty(N, V, dtype=torch.bfloat16, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for r0 in range(0, N, 2048):  # in chunks, to keep the float32 temporaries small
-        chunk = logits[r0 : r0 + 2048]
-        chunk.copy_(torch.randn(chunk.shape, device="cuda", generator=gen) * 3)
-    # mark the far rows so that reading the wrong place cannot pass
-    logits[-1, 7] = 40.0
-    logits[-2, :] = float("-inf")
-    logits[-2, 5] = 1.0
-    targets = torch.randint(0, V, (N,), device="cuda")
-    targets[-1] = 7
-    targets[-2] = 5
-    assert N * V > 2**31
+    logits, targets = logits_past_2_pow_31(generator=gen)
+    N = logits.shape[0]
     for plan in [(512, 1), (256, 3)]:
         got = run_plan(cuda_backend, logits.unsqueeze(0), targets.unsqueeze(0), *plan)[0]
         tail = slice(N - 256, N)

@@ -7,7 +7,7 @@ import torch
 
 import pplfast
 from pplfast import _chunked, reference
-from helpers import LSE_RTOL, assert_nll_close, row_lse
+from helpers import LSE_RTOL, assert_nll_close, hidden_rows_past_2_pow_31, row_lse
 
 pytest.importorskip("triton")
 from pplfast import _triton  # noqa: E402
@@ -308,19 +308,8 @@ def test_gpu_tensors_on_another_device(dtype, monkeypatch):
 @pytest.mark.cuda
 def test_gpu_rows_times_dim_past_2_pow_31():
     # hidden rows x D > 2^31 elements (4.3 GB in bf16): row offsets must be 64-bit
-    D = 4096
-    N = (1 << 31) // D + 256
-    free, _ = torch.cuda.mem_get_info()
-    if free < N * D * 2 * 1.2:
-        pytest.skip(f"needs {N * D * 2 * 1.2 / 2**30:.1f} GiB free on the GPU")
-    hidden = torch.empty(N, D, dtype=torch.bfloat16, device="cuda")
-    for r0 in range(0, N, 4096):
-        hidden[r0 : r0 + 4096].copy_(torch.randn(min(4096, N - r0), D, device="cuda"))
-    weight = (torch.randn(1000, D, device="cuda") / 64).to(torch.bfloat16)
-    targets = torch.full((N,), -100, device="cuda")
-    tail = torch.arange(N - 200, N, device="cuda")
-    targets[tail] = torch.randint(0, 1000, (200,), device="cuda")
-    targets[:50] = torch.randint(0, 1000, (50,), device="cuda")
+    hidden, weight, targets = hidden_rows_past_2_pow_31()
+    N = hidden.shape[0]
     got = fused(hidden, weight, None, targets, config=None)
     for rows in (slice(N - 200, N), slice(0, 50)):
         want = reference.linear_token_nll(hidden[rows], weight, targets[rows])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_nll_close, extreme_scale, float32_extreme_rows
+from helpers import NUMPY_FLOAT_WARNINGS, assert_nll_close, extreme_scale, float32_extreme_rows
 from pplfast import reference
 
 pytest.importorskip("triton")
@@ -26,9 +26,7 @@ from pplfast.kernels.token_stats import (token_stats_forward,  # noqa: E402
 
 pytestmark = [
     pytest.mark.interpreter,
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    *NUMPY_FLOAT_WARNINGS,
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

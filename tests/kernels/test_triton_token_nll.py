@@ -10,15 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_nll_close, row_lse
+from helpers import NUMPY_FLOAT_WARNINGS, assert_nll_close, logits_past_2_pow_31, row_lse
 from pplfast import reference
 
 pytestmark = [
     pytest.mark.interpreter,
-    # the interpreter evaluates exp2/products of +-inf with numpy, which warns where the GPU is silent
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    *NUMPY_FLOAT_WARNINGS,
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -322,21 +319,8 @@ def test_gpu_tensors_on_another_device(num_splits):
 @pytest.mark.cuda
 def test_gpu_more_than_2_pow_31_logits():
     """N x V > 2^31 in bf16 (4.3 GB): rows past element 2^31 must be read where they are."""
-    V = 128256
-    N = (1 << 31) // V + 64
-    free, _ = torch.cuda.mem_get_info()
-    if free < 2 * N * V * 2:
-        pytest.skip(f"needs {2 * N * V * 2 / 2**30:.1f} GiB free on the GPU")
-    logits = torch.empty(N, V, dtype=torch.bfloat16, device="cuda")
-    for r0 in range(0, N, 2048):  # in chunks, to keep the float32 temporaries small
-        chunk = logits[r0 : r0 + 2048]
-        chunk.copy_(torch.randn(chunk.shape, device="cuda") * 3)
-    logits[-1, 7] = 40.0  # mark the far rows so that reading the wrong place cannot pass
-    logits[-2, :] = float("-inf")
-    logits[-2, 5] = 1.0
-    targets = torch.randint(0, V, (N,), device="cuda")
-    targets[-1], targets[-2] = 7, 5
-    assert N * V > 2**31
+    logits, targets = logits_past_2_pow_31()
+    N = logits.shape[0]
     for num_splits in (1, 3):
         got = _forward(logits.unsqueeze(0), targets, num_splits=num_splits)
         for rows in (slice(N - 256, N), slice(0, 64)):
