@@ -163,6 +163,16 @@ def load_tokenizer(name_or_path, **options):
                              f"{first_line(exc)}") from None
 
 
+def torch_dtype(dtype, device):
+    """What ``from_pretrained`` is given for one of :data:`DTYPES` (or a ``torch.dtype``) on
+    ``device``: ``"auto"`` (the checkpoint's dtype) on GPU, float32 on CPU for ``"auto"``."""
+    import torch
+
+    if dtype == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
 def load_model(name_or_path, *, device=None, dtype="auto", tokenizer: bool = True):
     """``(model, tokenizer or None)``: the causal LM in eval mode on ``device`` (see
     :func:`parse_device`; None: cuda when available, else cpu), or :class:`ModelLoadError`.
@@ -170,8 +180,6 @@ def load_model(name_or_path, *, device=None, dtype="auto", tokenizer: bool = Tru
     ``dtype``: one of :data:`DTYPES` or a ``torch.dtype`` (``"auto"``: the checkpoint's dtype on
     GPU, float32 on CPU).
     """
-    import torch
-
     try:
         device = parse_device(device)
     except ValueError as exc:
@@ -179,10 +187,7 @@ def load_model(name_or_path, *, device=None, dtype="auto", tokenizer: bool = Tru
     check_dtype(dtype)
     transformers = _transformers("loading a model by name")
     check_model_dir(name_or_path)
-    if dtype == "auto":
-        dtype = "auto" if device.type == "cuda" else torch.float32
-    elif not isinstance(dtype, torch.dtype):
-        dtype = getattr(torch, dtype)
+    dtype = torch_dtype(dtype, device)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     tok = load_tokenizer(name_or_path) if tokenizer else None

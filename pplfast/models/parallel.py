@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from .loading import (ModelLoadError, _transformers, first_line, load_model, load_tokenizer,
-                      parse_device)
+                      parse_device, torch_dtype)
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -87,12 +87,7 @@ def shard_output_layer(model, mesh) -> None:
 def load_model_tp(name, *, mesh, device, dtype="auto", tokenizer: bool = True):
     """``(model, tokenizer or None)``: the model split over ``mesh`` (module notes) on
     ``device``, or :class:`ModelLoadError`."""
-    torch_dtype = dtype
-    if dtype == "auto":
-        torch_dtype = "auto" if device.type == "cuda" else torch.float32
-    elif not isinstance(dtype, torch.dtype):
-        torch_dtype = getattr(torch, dtype)
-    model = _with_tp_plan(name, mesh, torch_dtype)
+    model = _with_tp_plan(name, mesh, torch_dtype(dtype, device))
     if model is not None:
         return model, load_tokenizer(name) if tokenizer else None
     model, tok = load_model(name, device=device, dtype=dtype, tokenizer=tokenizer)
