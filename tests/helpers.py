@@ -6,7 +6,7 @@ from typing import Optional
 import pytest
 import torch
 
-# README "Accuracy": per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
+# docs/ops.md "Accuracy": per-token error <= LSE_RTOL * max(1, |logsumexp of the row|).
 LSE_RTOL = 2e-6
 
 
@@ -70,7 +70,7 @@ def row_lse(logits, *, softcap=None, temperature=1.0, shift=False) -> torch.Tens
 
 # ---- logits at the top of the float32 range ------------------------------------------------
 #
-# README "Accuracy": near the top of the float range the log-sum-exp is ~3e38, and a bound of
+# docs/ops.md "Accuracy": near the top of the float range the log-sum-exp is ~3e38, and a bound of
 # 2e-6 * |lse| would accept any answer. Every backend works relative to the row's maximum, so
 # the error of a value is that of float32 arithmetic on numbers of its own size and of the
 # logits that carry weight beside the maximum: the bound's scale is max(|value|, |lse of the

@@ -155,7 +155,7 @@ def test_console_script_missing_model_no_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-# ---- --stats / --top-k (README "Token statistics") ----------------------------------------
+# ---- --stats / --top-k (docs/ops.md "Token statistics") ----------------------------------------
 
 
 def test_cli_score_stats(saved, capsys, tmp_path):

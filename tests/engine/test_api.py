@@ -1,4 +1,5 @@
-"""Public API contract: shapes, dtypes, dispatch, and every bad input of the README's "Bad input"."""
+"""Public API contract: shapes, dtypes, dispatch, and every bad input of docs/ops.md's
+"Bad input"."""
 import math
 import re
 

@@ -152,7 +152,7 @@ def test_special_values(backend, dtype, opts):
     expected = reference.compare(a, b, t, **opts)
     assert_comparison_close(got, expected, row_lse(a, **opts), row_lse(b, **opts),
                             what=f"{backend} {opts}")
-    # the rules, spelled out (README "Comparing two models")
+    # the rules, spelled out (docs/compare.md)
     kl = dict(zip(names, got.kl.tolist()))
     assert kl["a_ninf"] >= 0 and math.isfinite(kl["a_ninf"])
     assert math.isnan(kl["a_nan"]) and math.isnan(kl["b_nan"])
@@ -163,7 +163,7 @@ def test_special_values(backend, dtype, opts):
     assert got.argmax_base[names.index("ties")] == 10 and got.argmax_test[names.index("ties")] == 2
 
 
-# ---- the top of the float32 range (README "Special values") ---------------------------------
+# ---- the top of the float32 range (docs/ops.md "Special values") ---------------------------------
 
 def assert_extreme_comparison(got, expected, base, test, opts, what):
     """Float fields against the oracle rounded to float32 (beyond FLT_MAX: +inf), within

@@ -1,4 +1,4 @@
-"""The package's import graph is a DAG (README, "Layout"), read with ``ast`` from the sources.
+"""The package's import graph is a DAG (docs/architecture.md), read with ``ast`` from the sources.
 
 Every import of a package module counts, at module level or inside a function: an import moved
 into a function to dodge a cycle still closes the cycle here. ``kernels/`` (installed as
@@ -163,7 +163,7 @@ def test_engine_imports_go_down_the_layers():
     assert set(rank) - EXTENSIONS <= set(GRAPH), "a layer names a module that does not exist"
 
 
-# ---- the wings above the engine (README "Layout", docs/architecture.md) --------------------
+# ---- the wings above the engine (docs/architecture.md) --------------------
 # cli -> serve / corpus -> models -> engine -> kernels and the compiled extensions. A module
 # imports its own wing or a lower one, never a sibling (serve and corpus know nothing of each
 # other), and from another wing (the engine included) only public names of public modules:

@@ -1,8 +1,8 @@
-"""The special-value matrix (README "Special values"): NaN, +-inf, all -inf rows, -inf targets,
+"""The special-value matrix (docs/ops.md "Special values"): NaN, +-inf, all -inf rows, -inf targets,
 ignored rows and +-1e4 extremes, on every backend, both paths (logits through ``token_nll``,
 hidden states through ``linear_token_nll``), under every option combination (softcap, temperature,
 shift, bias), against the float64 reference: NaN where it is NaN, the same infinities, finite
-values within the README's accuracy bound, and no scored NLL below 0. Then confident tokens (one
+values within docs/ops.md's accuracy bound, and no scored NLL below 0. Then confident tokens (one
 logit far above the rest) over dtypes x options: the NLL is ~0 and never negative. Then logits at
 the top of the float32 range (3e38, FLT_MAX; ``helpers.float32_extreme_rows``) under softcap and
 temperatures 0.5, 3 and 5e37, with a bound that scales with the NLL, never with the
@@ -65,7 +65,7 @@ def fresh_targets():
 
 
 def check(got, want, lse, scored, what):
-    """README "Accuracy": |error| <= 2e-6 * max(1, |lse|, |NLL|). The |NLL| term matters only
+    """docs/ops.md "Accuracy": |error| <= 2e-6 * max(1, |lse|, |NLL|). The |NLL| term matters only
     where the target logit lies far below the row's maximum (-1e4 here): the NLL is then much
     larger than the lse and a float32 output alone rounds it by up to 6e-8 * |NLL|."""
     scale = torch.maximum(lse.abs(), torch.where(torch.isfinite(want), want.abs(), 0.0))
@@ -294,7 +294,7 @@ def test_confident_tokens_never_negative_logits(backend, opts, dtype, shift):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_confident_tokens_never_negative_hidden(backend, opts, dtype, with_bias):
     if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
-        pytest.skip("bf16 tl.dot is wrong in Triton's interpreter (README \"Tests\")")
+        pytest.skip("bf16 tl.dot is wrong in Triton's interpreter (docs/architecture.md \"Tests\")")
     N = 8
     hidden = torch.randn(N, D)
     hidden[:, 0] = 1.0

@@ -1,5 +1,5 @@
-"""token_stats / linear_token_stats (README "Token statistics") on every backend that runs here,
-against the float64 oracle ``pplfast.reference.token_stats``.
+"""token_stats / linear_token_stats (docs/ops.md "Token statistics") on every backend that runs
+here, against the float64 oracle ``pplfast.reference.token_stats``.
 
 Float fields: ``2e-6 * max(1, |logsumexp of the row|)``; on rows at the top of the float32 range
 (``helpers.float32_extreme_rows``) ``2e-6 * max(1, |value|, |lse of the ordinary logits|)``
@@ -467,7 +467,7 @@ def test_bench_stats_path(capsys):
     assert main(["bench", "--path", "stats", "--shapes", "8x16x300"]) == 2
 
 
-# ---- the top of the float32 range (README "Special values") ---------------------------------
+# ---- the top of the float32 range (docs/ops.md "Special values") ---------------------------------
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opts", extreme_option_params())
