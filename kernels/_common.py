@@ -64,6 +64,15 @@ def tanh(y):
 
 
 @triton.jit
+def row_offset(row, T, stride_b, stride_t):
+    """Element offset of row ``row = b * T + t`` of a ``(B, T, V)`` tensor, in int64 (rows x V
+    passes 2^31 on real batches)."""
+    b = row // T
+    t = row - b * T
+    return b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+
+
+@triton.jit
 def capped(x, mask, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
     """``softcap * tanh(x / softcap)`` when HAS_SOFTCAP (so +-inf become +-softcap, as in the
     reference), and -inf on masked-off lanes, which the cap would turn into -softcap."""

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, NO_INDEX, capped, device_guard, half_diff, rescale
+from ._common import LOG2E, NO_INDEX, capped, device_guard, half_diff, rescale, row_offset
 from ._plan import compare_plan, resolve_sm_count
 from .partials import check_v_offset, cross_scale, global_ids, target_field
 
@@ -75,10 +75,8 @@ def _compare_kernel(
     split = tl.program_id(1)
     target = tl.load(targets_ptr + row)
     scored = target != ignore_index
-    b = row // T
-    t = row - b * T
-    base_row = base_ptr + b.to(tl.int64) * sb_b + t.to(tl.int64) * sb_t
-    test_row = test_ptr + b.to(tl.int64) * st_b + t.to(tl.int64) * st_t
+    base_row = base_ptr + row_offset(row, T, sb_b, sb_t)
+    test_row = test_ptr + row_offset(row, T, st_b, st_t)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     end = tl.where(scored, end, start)  # an ignored row loads nothing

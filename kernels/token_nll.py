@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale
+from ._common import (LOG2E, capped, device_guard, exp2_shifted, merge, nll_from_lse, rescale,
+                      row_offset)
 from ._plan import merge_block, plan, resolve_sm_count
 from .partials import check_v_offset, target_field
 
@@ -73,10 +74,7 @@ def _token_nll_kernel(
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
     scored = target != ignore_index
-    b = row // T
-    t = row - b * T
-    # int64 row offsets: rows x V passes 2^31 on real batches
-    row_off = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    row_off = row_offset(row, T, stride_b, stride_t)
     if SPLIT:
         start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, V)
@@ -177,9 +175,7 @@ def _merge_kernel(
     if FINISH:
         target = tl.load(targets_ptr + row)
         scored = target != ignore_index
-        b = row // T
-        t = row - b * T
-        row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+        row_ptr = logits_ptr + row_offset(row, T, stride_b, stride_t)
         nll = _row_nll(row_ptr, target, scored, row_max, row_sum, stride_v,
                        softcap, inv_softcap, inv_temp, HAS_SOFTCAP)
         tl.store(out_ptr + row, nll)

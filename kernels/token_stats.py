@@ -36,9 +36,25 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, NO_INDEX, argmax_fold, capped, device_guard, half_diff,
-                      rescale_moment, stats_finish)
+                      rescale_moment, row_offset, stats_finish)
 from ._plan import STATS_CONFIG, merge_block, plan, resolve_sm_count
 from .partials import check_v_offset, global_ids, target_field
+
+
+@triton.jit
+def _store_finished(row, scored, m, S, E, any_nan, target_y, amax_idx, rank, inv_temp,
+                    nll_ptr, ent_ptr, mlp_ptr, max_ptr, logs_ptr, amax_ptr, rank_ptr):
+    """Finish a row's merged state (``stats_finish``) and write its statistics; an ignored row
+    gets 0 and -1 (its maximum and log-sum still go to ``max_ptr`` / ``logs_ptr`` for the top-k)."""
+    nll, entropy, max_logprob, m, log_s = stats_finish(m, S, E, any_nan, target_y, scored,
+                                                      inv_temp)
+    tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
+    tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
+    tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
+    tl.store(max_ptr + row, m)
+    tl.store(logs_ptr + row, log_s)
+    tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == NO_INDEX, 0, amax_idx), -1))
+    tl.store(rank_ptr + row, tl.where(scored, rank, -1))
 
 
 @triton.jit
@@ -53,9 +69,7 @@ def _token_stats_kernel(
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
     scored = target != ignore_index
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+    row_ptr = logits_ptr + row_offset(row, T, stride_b, stride_t)
     if SPLIT:
         start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, V)
@@ -110,15 +124,8 @@ def _token_stats_kernel(
         tl.store(part_i_ptr + part * 3 + 1, amax_idx)
         tl.store(part_i_ptr + part * 3 + 2, rank)
     else:
-        nll, entropy, max_logprob, m, log_s = stats_finish(m, S, E, any_nan, target_y, scored,
-                                                      inv_temp)
-        tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
-        tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
-        tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
-        tl.store(max_ptr + row, m)
-        tl.store(logs_ptr + row, log_s)
-        tl.store(amax_ptr + row, tl.where(scored, tl.where(amax_idx == NO_INDEX, 0, amax_idx), -1))
-        tl.store(rank_ptr + row, tl.where(scored, rank, -1))
+        _store_finished(row, scored, m, S, E, any_nan, target_y, amax_idx, rank, inv_temp,
+                        nll_ptr, ent_ptr, mlp_ptr, max_ptr, logs_ptr, amax_ptr, rank_ptr)
 
 
 @triton.jit
@@ -154,21 +161,11 @@ def _stats_merge_kernel(
     if FINISH:
         target = tl.load(targets_ptr + row)
         scored = target != ignore_index
-        b = row // T
-        t = row - b * T
-        row_ptr = logits_ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t
+        row_ptr = logits_ptr + row_offset(row, T, stride_b, stride_t)
         tx = tl.load(row_ptr + target * stride_v, mask=scored, other=0.0).to(tl.float32)
         target_y = capped(tx, True, softcap, inv_softcap, HAS_SOFTCAP)
-        nll, entropy, max_logprob, m, log_s = stats_finish(m, S, E, any_nan, target_y, scored,
-                                                      inv_temp)
-        tl.store(nll_ptr + row, tl.where(scored, nll, 0.0))
-        tl.store(ent_ptr + row, tl.where(scored, entropy, 0.0))
-        tl.store(mlp_ptr + row, tl.where(scored, max_logprob, 0.0))
-        tl.store(max_ptr + row, m)
-        tl.store(logs_ptr + row, log_s)
-        tl.store(amax_ptr + row,
-                 tl.where(scored, tl.where(amax_idx == NO_INDEX, 0, amax_idx), -1))
-        tl.store(rank_ptr + row, tl.where(scored, rank, -1))
+        _store_finished(row, scored, m, S, E, any_nan, target_y, amax_idx, rank, inv_temp,
+                        nll_ptr, ent_ptr, mlp_ptr, max_ptr, logs_ptr, amax_ptr, rank_ptr)
     else:
         rec_f = max_ptr + row.to(tl.int64) * 5
         tl.store(rec_f, m)
