@@ -17,8 +17,9 @@ every temporary (logits buffer, float32 copies of fp16/bf16 operand tiles, gathe
 the budget (``PPLFAST_CPU_CHUNK_MB``, default 32 MiB); beyond that the extra memory is the O(N)
 state (24 bytes per scored row for the NLL) and the output.
 
-A vocabulary slice's partials (vocab-parallel scoring) are read from these states by
-``pplfast._cpu_slices``.
+The tile loop itself (tile sizes, the generator of logit tiles) is ``pplfast._cpu_tiles``; the
+``fold_linear_*`` functions fold its tiles into a family's state at a vocabulary offset, for the
+ops here and for a vocabulary slice's partials (vocab-parallel scoring, ``pplfast._cpu_slices``).
 """
 from __future__ import annotations
 
@@ -28,15 +29,9 @@ import torch
 
 from . import _C, _env
 from ._chunked import Scored, _scatter_compare, _scatter_scored, _select_scored
+from ._cpu_tiles import cpu_tile_sizes, logit_tiles, target_thresholds
 
 _DTYPE_CODE = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
-
-# Preferred tile: 2048 tokens x 2048 vocabulary entries (a 16 MiB float32 buffer). Smaller tiles
-# cost x86 BLAS 10-30% of its rate (operand packing per call); this one runs at or above the rate
-# of one full-size GEMM and its buffer still sits in a server L3 for the reduction pass.
-_CPU_ROWS = 2048
-_CPU_COLS = 2048
-_MIN_COLS = 16
 
 
 def _threads() -> int:
@@ -106,31 +101,6 @@ def token_nll(logits3, targets, ignore_index, softcap, temperature) -> torch.Ten
     return nll_finish(state, targets, ignore_index, temperature)
 
 
-def cpu_tile_sizes(rows: int, V: int, D: int, *, upcast: bool, gather_bytes: int,
-                   budget: int) -> tuple[int, int]:
-    """(token rows, vocabulary columns) of one CPU tile whose temporaries fit in ``budget`` bytes.
-
-    Temporaries per tile: the float32 logits buffer (rows x cols); with ``upcast`` (fp16/bf16
-    inputs) float32 copies of the weight tile (cols x D) and hidden chunk (rows x D); with
-    ``gather_bytes`` > 0 (some rows ignored) the gathered hidden chunk, rows x D x gather_bytes.
-    """
-
-    def cost(n: int, c: int) -> int:
-        extra = 4 * (n + c) * D if upcast else 0
-        return 4 * n * c + extra + gather_bytes * n * D
-
-    n, c = max(1, min(rows, _CPU_ROWS)), max(1, min(V, _CPU_COLS))
-    while cost(n, c) > budget:
-        # halve the longer side; keep a few columns per tile so the GEMM is not a GEMV
-        if (c >= n or n == 1) and c > _MIN_COLS:
-            c = (c + 1) // 2
-        elif n > 1:
-            n = (n + 1) // 2
-        else:
-            break  # one row x a few columns: the least any tile can use
-    return n, c
-
-
 def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temperature, *,
                      budget_mb: Optional[float] = None,
                      scored: Optional[Scored] = None) -> torch.Tensor:
@@ -155,71 +125,23 @@ def linear_token_nll(hidden2, weight, bias, targets, ignore_index, softcap, temp
     rows, targets = scored if scored is not None else _select_scored(targets, ignore_index)
     if targets.numel() == 0:
         return out
-    n_scored = targets.shape[0]
-    state = nll_state(n_scored)
-    for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, n_scored, budget):
-        nll_update(logits.unsqueeze(0), targets[r0 : r0 + n], v0, ignore_index, softcap,
-                   temperature, state[r0 : r0 + n])
+    state = nll_state(targets.shape[0])
+    fold_linear_nll(hidden2, weight, bias, rows, targets, 0, ignore_index, softcap, temperature,
+                    budget, state)
     nll = nll_finish(state, targets, ignore_index, temperature)
     return _scatter_scored(out, rows, nll)
 
 
-def logit_tiles(hidden2, weight, bias, rows: Optional[torch.Tensor], n_scored: int, budget: int,
-                *, tile: Optional[tuple[int, int]] = None):
-    """The tile loop of the hidden-states ops, as a generator of ``(logits, v0, r0, n)``.
-
-    ``logits`` is the ``(n, c)`` float32 block of vocabulary columns ``v0 ...`` for scored rows
-    ``r0 ... r0 + n`` (``rows``: their indices in ``hidden2``, None for all), in one reused buffer
-    that the caller folds before asking for the next tile. Vocabulary tiles run outside, so the
-    weight (the large operand) is read once and each row sees its columns in increasing order.
-    ``tile``: the (rows, columns) of a tile, fixed by the caller (two models' loops in lockstep);
-    by default :func:`cpu_tile_sizes` within ``budget``.
-    """
-    D = hidden2.shape[1]
-    V = weight.shape[0]
-    upcast = hidden2.dtype != torch.float32
-    gather_bytes = 0 if rows is None else hidden2.element_size()
-    if tile is not None:
-        n_max, c_max = tile
-    else:
-        n_max, c_max = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
-                                      budget=budget)
-
-    logits_buf = torch.empty(n_max * c_max, dtype=torch.float32)
-    if rows is not None:
-        # gathered rows go to one reused buffer: a fresh tensor per tile lets the allocator's
-        # heap grow past the budget
-        gather_buf = torch.empty(n_max * D, dtype=hidden2.dtype)
-    if upcast:
-        # fp16/bf16 products are exact in float32; a float32 GEMM then leaves only the
-        # accumulation error, well below that of rounding the logits to fp16/bf16
-        weight_buf = torch.empty(c_max * D, dtype=torch.float32)
-        hidden_buf = torch.empty(n_max * D, dtype=torch.float32)
-    fused_bias = bias is not None and bias.dtype == torch.float32
-
-    for v0 in range(0, V, c_max):
-        c = min(c_max, V - v0)
-        w_tile = weight[v0 : v0 + c]
-        if upcast:
-            w_tile = weight_buf[: c * D].view(c, D).copy_(w_tile)
-        b_tile = None if bias is None else bias[v0 : v0 + c]
-        for r0 in range(0, n_scored, n_max):
-            n = min(n_max, n_scored - r0)
-            if rows is None:
-                h_tile = hidden2[r0 : r0 + n]
-            else:
-                h_tile = torch.index_select(hidden2, 0, rows[r0 : r0 + n],
-                                            out=gather_buf[: n * D].view(n, D))
-            if upcast:
-                h_tile = hidden_buf[: n * D].view(n, D).copy_(h_tile)
-            logits = logits_buf[: n * c].view(n, c)
-            if fused_bias:
-                torch.addmm(b_tile, h_tile, w_tile.T, out=logits)
-            else:
-                torch.matmul(h_tile, w_tile.T, out=logits)
-                if b_tile is not None:
-                    logits.add_(b_tile)
-            yield logits, v0, r0, n
+def fold_linear_nll(hidden2, weight, bias, rows, targets, v_offset, ignore_index, softcap,
+                    temperature, budget, state) -> None:
+    """Fold ``F.linear``'s logits of the scored rows (``rows``, None: all; ``targets`` theirs)
+    into the NLL ``state``, tile by tile (:func:`logit_tiles`), the weight's first row being
+    vocabulary id ``v_offset``; nothing without a scored row."""
+    if not targets.shape[0]:
+        return
+    for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, targets.shape[0], budget):
+        nll_update(logits.unsqueeze(0), targets[r0 : r0 + n], v_offset + v0, ignore_index,
+                   softcap, temperature, state[r0 : r0 + n])
 
 
 def _stats_outputs(n: int, top_k: int):
@@ -273,24 +195,6 @@ def token_stats(logits3, targets, ignore_index, softcap, temperature, top_k):
     return stats_finish(state, targets, ignore_index, temperature, top_k)
 
 
-def target_thresholds(hidden2, weight, bias, targets, rows, softcap, step):
-    """Each scored row's soft-capped target logit (float32), the rank's threshold: one dot
-    product per row in float32, as the tiles' GEMM computes it, soft-capped in float64 (the
-    temperature, increasing, orders nothing differently)."""
-    out = torch.empty(targets.shape[0], dtype=torch.float32)
-    for r0 in range(0, targets.shape[0], step):
-        t = targets[r0 : r0 + step]
-        h = hidden2[r0 : r0 + step] if rows is None else hidden2.index_select(0, rows[r0 : r0 + step])
-        z = (h.float() * weight.index_select(0, t).float()).sum(-1)
-        if bias is not None:
-            z = z + bias.index_select(0, t).float()
-        z = z.double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        out[r0 : r0 + step] = z
-    return out
-
-
 def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, temperature, top_k,
                        *, budget_mb: Optional[float] = None, scored: Optional[Scored] = None):
     """Statistics of ``F.linear(hidden2, weight, bias)`` through the CPU tile loop of the
@@ -304,14 +208,11 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
     threshold = None
     if n:
-        step = max(1, budget // max(1, 8 * hidden2.shape[1]))
         threshold = target_thresholds(hidden2, weight, bias, scored_targets, rows, softcap,
-                                       step)
+                                       budget)
     state = stats_state(n, top_k, threshold)
-    if n:
-        for logits, v0, r0, m in logit_tiles(hidden2, weight, bias, rows, n, budget):
-            stats_update(logits.unsqueeze(0), scored_targets[r0 : r0 + m], v0, ignore_index,
-                         softcap, temperature, top_k, state[r0 : r0 + m])
+    fold_linear_stats(hidden2, weight, bias, rows, scored_targets, 0, ignore_index, softcap,
+                      temperature, top_k, budget, state)
     fields = stats_finish(state, scored_targets, ignore_index, temperature, top_k)
     if rows is None:
         return fields
@@ -319,6 +220,16 @@ def linear_token_stats(hidden2, weight, bias, targets, ignore_index, softcap, te
     for full, part, fill in zip(out, fields, fills):
         full.fill_(fill).index_copy_(0, rows, part)
     return out
+
+
+def fold_linear_stats(hidden2, weight, bias, rows, targets, v_offset, ignore_index, softcap,
+                      temperature, top_k, budget, state) -> None:
+    """As :func:`fold_linear_nll`, into the statistics' ``state``."""
+    if not targets.shape[0]:
+        return
+    for logits, v0, r0, n in logit_tiles(hidden2, weight, bias, rows, targets.shape[0], budget):
+        stats_update(logits.unsqueeze(0), targets[r0 : r0 + n], v_offset + v0, ignore_index,
+                     softcap, temperature, top_k, state[r0 : r0 + n])
 
 
 # ---- two models at once: compare / linear_compare ----------------------------------------------
@@ -380,24 +291,31 @@ def linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_te
     """
     budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, budget_mb)
     N = hidden2_base.shape[0]
-    V = weight_base.shape[0]
     rows, scored_targets = scored if scored is not None else _select_scored(targets, ignore_index)
-    n_scored = scored_targets.shape[0]
-    state = compare_state(n_scored)
-    if n_scored:
-        hiddens = (hidden2_base, hidden2_test)
-        D = max(h.shape[1] for h in hiddens)
-        upcast = any(h.dtype != torch.float32 for h in hiddens)
-        gather_bytes = 0 if rows is None else max(h.element_size() for h in hiddens)
-        # the two models share the budget: one model's tile within half of it
-        tile = cpu_tile_sizes(n_scored, V, D, upcast=upcast, gather_bytes=gather_bytes,
-                              budget=budget // 2)
-        base_tiles = logit_tiles(hidden2_base, weight_base, bias_base, rows, n_scored, budget,
-                                 tile=tile)
-        test_tiles = logit_tiles(hidden2_test, weight_test, bias_test, rows, n_scored, budget,
-                                 tile=tile)
-        for (zb, v0, r0, n), (zt, _, _, _) in zip(base_tiles, test_tiles):
-            compare_update(zb.unsqueeze(0), zt.unsqueeze(0), scored_targets[r0 : r0 + n], v0,
-                           ignore_index, softcap, temperature, state[r0 : r0 + n])
+    state = compare_state(scored_targets.shape[0])
+    fold_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
+                        bias_test, rows, scored_targets, 0, ignore_index, softcap, temperature,
+                        budget, state)
     fields = compare_finish(state, scored_targets, ignore_index, temperature)
     return _scatter_compare(fields, rows, N)
+
+
+def fold_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
+                        bias_test, rows, targets, v_offset, ignore_index, softcap, temperature,
+                        budget, state) -> None:
+    """As :func:`fold_linear_nll` for two models in lockstep, into the comparison's ``state``:
+    the same tile sizes for both, chosen for the wider model within half the budget each."""
+    n = targets.shape[0]
+    if not n:
+        return
+    hiddens = (hidden2_base, hidden2_test)
+    D = max(h.shape[1] for h in hiddens)
+    upcast = any(h.dtype != torch.float32 for h in hiddens)
+    gather_bytes = 0 if rows is None else max(h.element_size() for h in hiddens)
+    tile = cpu_tile_sizes(n, weight_base.shape[0], D, upcast=upcast, gather_bytes=gather_bytes,
+                          budget=budget // 2)
+    base_tiles = logit_tiles(hidden2_base, weight_base, bias_base, rows, n, budget, tile=tile)
+    test_tiles = logit_tiles(hidden2_test, weight_test, bias_test, rows, n, budget, tile=tile)
+    for (zb, v0, r0, m), (zt, _, _, _) in zip(base_tiles, test_tiles):
+        compare_update(zb.unsqueeze(0), zt.unsqueeze(0), targets[r0 : r0 + m], v_offset + v0,
+                       ignore_index, softcap, temperature, state[r0 : r0 + m])

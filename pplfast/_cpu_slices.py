@@ -13,8 +13,9 @@ import torch
 
 from . import _C, _env
 from ._chunked import _select_scored
-from ._cpu import (compare_state, compare_update, cpu_tile_sizes, logit_tiles, nll_state,
-                   nll_update, stats_state, stats_update, target_thresholds)
+from ._cpu import (compare_state, compare_update, fold_linear_compare, fold_linear_nll,
+                   fold_linear_stats, nll_state, nll_update, stats_state, stats_update,
+                   target_thresholds)
 from ._vocab_merge import inside, lse_words
 
 
@@ -47,9 +48,8 @@ def _scattered(fields, rows, n: int, fills) -> tuple:
     return tuple(out)
 
 
-def _tiles(hidden2, weight, bias, rows, n_scored: int):
-    budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, None)
-    return logit_tiles(hidden2, weight, bias, rows, n_scored, budget)
+def _budget() -> int:
+    return _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, None)
 
 
 _NLL_FILLS = (-_INF, 0.0, 0.0)
@@ -68,10 +68,8 @@ def linear_token_nll_slice(hidden2, weight, bias, targets, v_offset, ignore_inde
     rows, scored = _select_scored(targets, ignore_index)
     n = scored.shape[0]
     state = nll_state(n)
-    if n:
-        for logits, v0, r0, m in _tiles(hidden2, weight, bias, rows, n):
-            nll_update(logits.unsqueeze(0), scored[r0 : r0 + m], v_offset + v0, ignore_index,
-                       softcap, temperature, state[r0 : r0 + m])
+    fold_linear_nll(hidden2, weight, bias, rows, scored, v_offset, ignore_index, softcap,
+                    temperature, _budget(), state)
     words = lse_words(state[:, _NLL_MAX], state[:, _NLL_SUM], state[:, _NLL_TARGET],
                       inside(scored, v_offset, weight.shape[0]), temperature)
     return _scattered(words, rows, targets.shape[0], _NLL_FILLS)
@@ -96,10 +94,8 @@ def linear_target_logits(hidden2, weight, bias, targets, v_offset):
     held = inside(targets, v_offset, weight.shape[0])
     if weight.shape[0] == 0 or targets.numel() == 0:
         return torch.zeros(targets.shape[0], dtype=torch.float32)
-    budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, None)
-    step = max(1, budget // max(1, 8 * hidden2.shape[1]))
     local = torch.where(held, targets - v_offset, 0)
-    values = target_thresholds(hidden2, weight, bias, local, None, None, step)
+    values = target_thresholds(hidden2, weight, bias, local, None, None, _budget())
     return torch.where(held, values, 0.0)
 
 
@@ -134,10 +130,8 @@ def linear_token_stats_slice(hidden2, weight, bias, targets, v_offset, ignore_in
     n = scored.shape[0]
     own = target_x if rows is None else target_x.index_select(0, rows)
     state = stats_state(n, top_k, _transformed(own, softcap).float())
-    if n:
-        for logits, v0, r0, m in _tiles(hidden2, weight, bias, rows, n):
-            stats_update(logits.unsqueeze(0), scored[r0 : r0 + m], v_offset + v0, ignore_index,
-                         softcap, temperature, top_k, state[r0 : r0 + m])
+    fold_linear_stats(hidden2, weight, bias, rows, scored, v_offset, ignore_index, softcap,
+                      temperature, top_k, _budget(), state)
     words = _stats_words(state, scored, v_offset, weight.shape[0], temperature, top_k)
     return _scattered(words, rows, targets.shape[0], _stats_fills(top_k))
 
@@ -176,22 +170,11 @@ def compare_slice(logits3_base, logits3_test, targets, v_offset, ignore_index, s
 
 def linear_compare_slice(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
                          bias_test, targets, v_offset, ignore_index, softcap, temperature):
-    budget = _env.budget_bytes(_env.CPU_CHUNK_MB, _env.DEFAULT_CPU_CHUNK_MB, None)
     V = weight_base.shape[0]
     rows, scored = _select_scored(targets, ignore_index)
-    n = scored.shape[0]
-    state = compare_state(n)
-    if n:
-        hiddens = (hidden2_base, hidden2_test)
-        D = max(h.shape[1] for h in hiddens)
-        upcast = any(h.dtype != torch.float32 for h in hiddens)
-        gather_bytes = 0 if rows is None else max(h.element_size() for h in hiddens)
-        tile = cpu_tile_sizes(n, V, D, upcast=upcast, gather_bytes=gather_bytes,
-                              budget=budget // 2)
-        base = logit_tiles(hidden2_base, weight_base, bias_base, rows, n, budget, tile=tile)
-        test = logit_tiles(hidden2_test, weight_test, bias_test, rows, n, budget, tile=tile)
-        for (zb, v0, r0, m), (zt, _, _, _) in zip(base, test):
-            compare_update(zb.unsqueeze(0), zt.unsqueeze(0), scored[r0 : r0 + m], v_offset + v0,
-                           ignore_index, softcap, temperature, state[r0 : r0 + m])
+    state = compare_state(scored.shape[0])
+    fold_linear_compare(hidden2_base, weight_base, bias_base, hidden2_test, weight_test,
+                        bias_test, rows, scored, v_offset, ignore_index, softcap, temperature,
+                        _budget(), state)
     words = _compare_words(state, scored, v_offset, V, temperature)
     return _scattered(words, rows, targets.shape[0], _COMPARE_FILLS)

@@ -24,7 +24,7 @@ EXTENSIONS = {"pplfast._C", "pplfast._cuda_C"}  # compiled modules: leaves
 LAYERS = [
     {"pplfast._env", "pplfast._C", "pplfast._cuda_C", "pplfast.kernels",
      "pplfast.kernels.token_nll", "pplfast.kernels.linear_token_nll"},
-    {"pplfast._chunked", "pplfast._validate", "pplfast.reference"},
+    {"pplfast._chunked", "pplfast._validate", "pplfast.reference", "pplfast._cpu_tiles"},
     {"pplfast._cpu", "pplfast._cuda", "pplfast._triton", "pplfast._reference_backend"},
     {"pplfast._cpu_slices"},
     {"pplfast._dispatch"},
