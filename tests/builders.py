@@ -79,6 +79,25 @@ def rounded_copy(model, dtype=torch.bfloat16):
     return copy_
 
 
+def save_tiny_llama(root, *, context=48):
+    """A random tiny Llama and its trained tokenizer, saved together in ``root / "model"``;
+    returns ``(model, tokenizer)``."""
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=context)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return model, tokenizer
+
+
+def llamacpp_case():
+    """``(model, tokenizer, ids)``: a tiny Llama of context 64 and one long text's ids, for
+    llama.cpp's schedule."""
+    tokenizer = train_tokenizer()
+    model = build_model("llama", len(tokenizer), context=64)
+    ids = torch.tensor(tokenizer(" ".join(corpus(30, seed=5)))["input_ids"])
+    return model, tokenizer, ids
+
+
 def save_trained_llama(root, *, context=64, steps=25, seed=0):
     """A tiny Llama and its tokenizer (:func:`build_model`, :func:`train_tokenizer`), trained
     ``steps`` Adam steps on the word corpus (:func:`corpus`) so that text off that corpus scores

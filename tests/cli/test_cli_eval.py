@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from builders import build_model, local_task, train_tokenizer
+from builders import build_model, local_task, save_tiny_llama, train_tokenizer
 
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -22,10 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=CONTEXT)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root, context=CONTEXT)
     return root
 
 

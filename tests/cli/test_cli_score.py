@@ -8,7 +8,7 @@ import pytest
 
 from pplfast import score_texts
 from pplfast.cli import main
-from builders import build_model, corpus, train_tokenizer
+from builders import corpus, save_tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -16,10 +16,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=48)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model, tokenizer = save_tiny_llama(root)
     texts = [" ".join(corpus(n, seed=30 + n)) for n in (2, 9, 4)] + ["naïve café ✓ 東京"]
     (root / "docs.jsonl").write_text(
         "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)),

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pplfast
-from builders import build_model, corpus, train_tokenizer
+from builders import corpus, save_tiny_llama
 from pplfast.cli import main
 from pplfast.cli._common import human, token_text
 from pplfast.corpus.io import CorpusIOError, expand_inputs, file_kind, iter_documents
@@ -31,10 +31,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("ux")
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=48)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model, tokenizer = save_tiny_llama(root)
     texts = [" ".join(corpus(n, seed=40 + n)) for n in (2, 5)] + ["naïve café ✓ 東京"]
     lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     (root / "docs.jsonl").write_text(lines, encoding="utf-8")

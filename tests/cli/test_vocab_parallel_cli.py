@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pplfast.cli import main
-from builders import build_model, corpus, train_tokenizer
+from builders import corpus, save_tiny_llama
 
 pytest.importorskip("transformers")
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -19,9 +19,7 @@ TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executab
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
-    tokenizer = train_tokenizer()
-    build_model("llama", len(tokenizer), context=48).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root)
     texts = [" ".join(corpus(n, seed=50 + n)) for n in (3, 7)]
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts),
                                      encoding="utf-8")

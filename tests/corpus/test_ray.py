@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
-from builders import build_model, corpus, train_tokenizer  # noqa: E402
+from builders import corpus, save_tiny_llama  # noqa: E402
 from pplfast import CorpusScorer  # noqa: E402
 from pplfast.corpus.io import iter_score_rows  # noqa: E402
 
@@ -29,14 +29,25 @@ def local_ray():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=48)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model, tokenizer = save_tiny_llama(root)
     rng = random.Random(0)
     texts = [" ".join(corpus(rng.randint(1, 8), seed=500 + i)) for i in range(40)] + ["", "  "]
     records = [{"text": t, "doc": f"d{i:02d}"} for i, t in enumerate(texts)]
     return root, model, tokenizer, records
+
+
+def assert_same_rows(rows, single, figures):
+    """Each Ray row equals the single-process row of its id: the same columns in the same order,
+    tokens and outlier flag exactly, ``figures`` to 1e-5 (NaN where NaN)."""
+    for row in rows:
+        ref = single[row["id"]]
+        assert list(row) == list(ref)
+        assert row["num_tokens"] == ref["num_tokens"] and row["outlier"] == ref["outlier"]
+        for key in figures:
+            if math.isnan(ref[key]):
+                assert math.isnan(row[key])
+            else:
+                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["id"], key)
 
 
 def test_score_dataset_equals_single_process(local_ray, saved):
@@ -85,15 +96,7 @@ def test_cli_ray_equals_single_process_run(local_ray, saved, tmp_path, capsys):
     assert files and all(f.endswith(".json") for f in files)
     rows = [r for f in files for r in iter_score_rows(str(tmp_path / "ray-out" / f))]
     assert sorted(r["id"] for r in rows) == sorted(single)
-    for row in rows:
-        ref = single[row["id"]]
-        assert list(row) == list(ref)  # same columns, same order
-        assert row["num_tokens"] == ref["num_tokens"] and row["outlier"] == ref["outlier"]
-        for key in ("sum_nll", "sum_nll_sq", "perplexity", "bits_per_byte"):
-            if math.isnan(ref[key]):
-                assert math.isnan(row[key])
-            else:
-                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["id"], key)
+    assert_same_rows(rows, single, ("sum_nll", "sum_nll_sq", "perplexity", "bits_per_byte"))
     for key in ("num_documents", "num_tokens", "num_outliers"):
         assert ray_summary[key] == single_summary[key]
     assert ray_summary["perplexity"] == pytest.approx(single_summary["perplexity"], rel=1e-6)
@@ -156,16 +159,8 @@ def test_cli_ray_default_ids_equal_single_process_run(local_ray, saved, tmp_path
     rows = [r for f in sorted(os.listdir("ray-out")) for r in iter_score_rows(os.path.join("ray-out", f))]
     assert len(single) == 40 and sorted(r["id"] for r in rows) == sorted(single)
     assert {"a.jsonl:2", "b.jsonl.gz:12", "c.parquet:12", os.path.join("txt", "d1.txt")} <= set(single)
-    for row in rows:
-        ref = single[row["id"]]
-        assert list(row) == list(ref)
-        assert row["num_tokens"] == ref["num_tokens"] and row["outlier"] == ref["outlier"]
-        assert row["num_bytes"] == ref["num_bytes"]
-        for key in ("sum_nll", "perplexity"):
-            if math.isnan(ref[key]):
-                assert math.isnan(row[key])
-            else:
-                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["id"], key)
+    assert_same_rows(rows, single, ("sum_nll", "perplexity"))
+    assert all(row["num_bytes"] == single[row["id"]]["num_bytes"] for row in rows)
     for key in ("num_documents", "num_tokens", "num_outliers"):
         assert ray_summary[key] == single_summary[key]
     # a worker's error is one line too

@@ -227,17 +227,10 @@ def test_hidden_path(backend, opts, case, via):
     run_hidden_case(backend, opts, case, via)
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("opts,case,via", hidden_params())
-def test_hidden_path_fused_triton(opts, case, via, monkeypatch):
-    """The same matrix through the fused Triton kernel. backend="triton" sends float32 hidden
-    states without TF32 to the chunked path (what ``test_hidden_path`` exercises), so these run
-    in float16, which always takes the fused kernel: products exact in float32, only the
-    accumulation rounds, so the bound is the same. A spy proves the fused kernel ran."""
+def spy_fused_nll(monkeypatch) -> list:
+    """The dtypes of the hidden states each call of the fused Triton NLL kernel received."""
     from pplfast import _triton
 
-    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
     fused = _triton.linear_token_nll_forward
     calls = []
 
@@ -246,6 +239,19 @@ def test_hidden_path_fused_triton(opts, case, via, monkeypatch):
         return fused(*args, **kwargs)
 
     monkeypatch.setattr(_triton, "linear_token_nll_forward", spy)
+    return calls
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts,case,via", hidden_params())
+def test_hidden_path_fused_triton(opts, case, via, monkeypatch):
+    """The same matrix through the fused Triton kernel. backend="triton" sends float32 hidden
+    states without TF32 to the chunked path (what ``test_hidden_path`` exercises), so these run
+    in float16, which always takes the fused kernel: products exact in float32, only the
+    accumulation rounds, so the bound is the same. A spy proves the fused kernel ran."""
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused kernel needs CUDA capability >= 8.0")
+    calls = spy_fused_nll(monkeypatch)
     run_hidden_case("triton", opts, case, via, dtype=torch.float16)
     assert calls == [torch.float16], f"fused kernel calls: {calls}"
 
@@ -427,21 +433,12 @@ def test_hidden_path_float32_extremes_fused_triton(opts, case, monkeypatch):
     unless TF32 is allowed): float32 with TF32 allowed under the interpreter, whose dots are
     exact float32; bfloat16 on a GPU (TF32 products would widen the error of the ordinary
     logits). A spy proves the fused kernel ran."""
-    from pplfast import _triton
-
     if HAS_CUDA and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the fused kernel needs CUDA capability >= 8.0")
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     if not HAS_CUDA:
         monkeypatch.setenv("PPLFAST_ALLOW_TF32", "1")
-    fused = _triton.linear_token_nll_forward
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(_triton, "linear_token_nll_forward", spy)
+    calls = spy_fused_nll(monkeypatch)
     run_hidden_extreme("triton", opts, case, dtype=dtype)
     assert calls == [dtype], f"fused kernel calls: {calls}"
 

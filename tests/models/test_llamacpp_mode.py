@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import pplfast
-from builders import ascii_text, build_model, corpus, covered, llamacpp_loop, train_tokenizer
+from builders import (ascii_text, build_model, corpus, covered,
+                      llamacpp_case, llamacpp_loop, train_tokenizer)
 from pplfast.windows import make_windows
 
 pytest.importorskip("transformers")
@@ -20,10 +21,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def setup():
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=64)
-    ids = torch.tensor(tokenizer(" ".join(corpus(30, seed=5)))["input_ids"])
-    return model, tokenizer, ids
+    return llamacpp_case()
 
 
 def test_schedule_indices():

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from builders import build_model, corpus, local_task, train_tokenizer
+from builders import corpus, local_task, save_tiny_llama
 
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -23,10 +23,7 @@ CONTEXT = 48
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    tokenizer = train_tokenizer()
-    model = build_model("llama", len(tokenizer), context=CONTEXT)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root, context=CONTEXT)
     return root
 
 
