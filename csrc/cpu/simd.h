@@ -61,7 +61,7 @@ constexpr float kTanhP0 = -5.70498872745e-3f, kTanhP1 = 2.06390887954e-2f;
 constexpr float kTanhP2 = -5.37397155531e-2f, kTanhP3 = 1.33314422036e-1f;
 constexpr float kTanhP4 = -3.33332819422e-1f;
 
-// ---- Scalar: one lane, the same operations in the same order as the vector forms ------------
+// ---- Scalar: one lane, the same operations in the same order as AVX2 (AVX-512: see exp2) ---
 
 struct Scalar {
   using F = float;
