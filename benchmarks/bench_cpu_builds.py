@@ -12,6 +12,7 @@ same op of the first build. An earlier build may have the earlier binding (``tok
     python benchmarks/bench_cpu_builds.py --shape 4096x128256 --dtypes fp32,bf16,fp16 --rounds 7
     python benchmarks/bench_cpu_builds.py --before OLD/_C.so --build a=A/_C.so --build b=B/_C.so \
         --isas avx2 --ops compare
+    python benchmarks/bench_cpu_builds.py --before OLD/_C.so --threads 1 --shape 2048x128256
 
 ``--build LABEL=FILE`` (repeatable) replaces the installed build by other ones (candidates of one
 change, each loaded from its file), all in the same rounds.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -34,8 +36,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+_LOADS = itertools.count(1)
+
+
 def load(path):
-    spec = importlib.util.spec_from_file_location("other._C", path)
+    """The extension built at ``path`` as a module of its own. Each load takes a new package
+    name: under one name, a second build's module would be the first one again (the import
+    system keeps extension modules by name), and every build would run the first one's code."""
+    spec = importlib.util.spec_from_file_location(f"build{next(_LOADS)}._C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,8 +97,17 @@ def calls_for(C, logits, test, targets, threads, softcap=0.0, temperature=1.0):
 
 
 def with_isa(isa, fn):
+    """fn, called with PPLFAST_CPU_ISA=isa; isa None: as the environment had it at the start
+    (the other builds' calls set it in between)."""
+    saved = os.environ.get("PPLFAST_CPU_ISA")
+
     def call():
-        os.environ["PPLFAST_CPU_ISA"] = isa
+        if isa is not None:
+            os.environ["PPLFAST_CPU_ISA"] = isa
+        elif saved is None:
+            os.environ.pop("PPLFAST_CPU_ISA", None)
+        else:
+            os.environ["PPLFAST_CPU_ISA"] = saved
         fn()
     return call
 
@@ -109,9 +126,15 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--bandwidth-mib", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of every kernel and of the probe (default: torch's)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     N, V = (int(x) for x in args.shape.lower().split("x"))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: {args.threads}; give 1 or more")
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     ops = args.ops.split(",")
     builds = []
@@ -149,7 +172,7 @@ def main(argv=None) -> int:
         for build, C, isa in builds:
             calls = calls_for(C, logits, test, targets, threads, args.softcap, args.temperature)
             for op in ops:
-                fn = calls[op] if isa is None else with_isa(isa, calls[op])
+                fn = with_isa(isa, calls[op])
                 entries.append((op, build, fn))
         times = {k: [] for k in range(len(entries))}
         for fn in (e[2] for e in entries):  # warm-up
