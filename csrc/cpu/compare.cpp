@@ -17,8 +17,9 @@
 //   - fast (the common case: no infinity or NaN, and every value and both maxima below
 //     kValueBound, and below kFastBound * T, in magnitude): vector exps and sums, reduced in
 //     double; no difference, and no lane sum of A's terms (each below 2 kValueBound), can
-//     overflow there, and the exp's clamp (1e-38 for exponents below -87.3) adds at most
-//     1e-38 * 2 kFastBound per term. Without a softcap NaN is not tested per element: it makes
+//     overflow there, and the exp's clamp (1e-38 for exponents below -87.3; AVX-512: 0, the
+//     exp unclamped with denormals flushed to zero) changes a term by at most
+//     1.2e-38 * 2 kFastBound. Without a softcap NaN is not tested per element: it makes
 //     the block's sums NaN, and the block is folded again, masked;
 //   - masked (infinities or NaN, finite values bounded as above): the same in fp32 lanes, with
 //     -inf entries weighted exactly 0 and the terms of a non-finite difference left out of A;

@@ -10,10 +10,12 @@
 // so the loop is bound by throughput, not latency). AVX-512 takes n = floor(t) instead, with
 // f = t - n in [0, 1) from one vreduceps and the minimax polynomial of that range (Avx512::exp2),
 // two instructions fewer per vector. Degree 4 would be 2.6e-6 at best, above the
-// NLL's 2e-6 bound by itself; degree 6 (before) gained nothing the fp32 rounding of t leaves. Callers fold log2(e) and the temperature into the product that forms t
-// (rows.h), so exp costs no multiply of its own. The clamp (-87.3 in natural units, ~1e-38, a
-// normal float) maps -inf to ~1e-38 and keeps NaN (max(clamp, t) returns t when t is NaN): a NaN
-// input gives a NaN sum, which is how the kernels without a softcap detect it.
+// NLL's 2e-6 bound by itself; degree 6 (before) gained nothing the fp32 rounding of t leaves.
+// Callers fold log2(e) and the temperature into the product that forms t (rows.h), so exp costs
+// no multiply of its own. The clamp (-87.3 in natural units, ~1e-38, a normal float) maps -inf to
+// ~1e-38 and keeps NaN (max(clamp, t) returns t when t is NaN): a NaN input gives a NaN sum, which
+// is how the kernels without a softcap detect it. AVX-512's exp takes any finite t
+// (kExpAnyExponent): compare's fast fold, which sees no infinity, runs it unclamped.
 //
 // Measured over every float d in [-87.3, 0] (tests/kernels/test_cpu_isa.py samples the range;
 // benchmarks/results/cpu-2026-12-07.md has the exhaustive run), exp2(d * log2 e) against exp in
@@ -69,6 +71,7 @@ struct Scalar {
   using Count = int64_t;
   static constexpr int W = 1;
   static constexpr const char* kName = "scalar";
+  static constexpr bool kExpAnyExponent = false;  // exp2 needs t >= kExpClampLog2 (clamp_exp2)
 
   static F set1(float x) { return x; }
   static F zero() { return 0.0f; }
@@ -128,6 +131,7 @@ struct Avx2 {
   using Count = __m256i;
   static constexpr int W = 8;
   static constexpr const char* kName = "avx2";
+  static constexpr bool kExpAnyExponent = false;
 
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F zero() { return _mm256_setzero_ps(); }
@@ -219,6 +223,11 @@ struct Avx512 {
   using Count = __m512i;
   static constexpr int W = 16;
   static constexpr const char* kName = "avx512";
+  // exp2 takes any finite t: vscalefps scales by any power of 2 (0 below 2^-149). A result
+  // between 2^-149 and 2^-126 is a denormal, about 170 cycles per vector on this machine's CPU
+  // (cpu-2026-12-08.md) unless the thread flushes denormals to zero (FlushToZero in rows.h);
+  // with that, no clamp is needed, and every exponent below -126 gives 0.
+  static constexpr bool kExpAnyExponent = true;
 
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F zero() { return _mm512_setzero_ps(); }
@@ -232,7 +241,13 @@ struct Avx512 {
       const __m256i h = _mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
       if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      // bf16: one vpermw moves half-word j to the high half of lane j and zeroes the low halves
+      // (the mask keeps the odd words), where widening and shifting took two instructions
+      alignas(64) static constexpr uint16_t kHigh[32] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5,
+                                                          5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10,
+                                                          11, 11, 12, 12, 13, 13, 14, 14, 15, 15};
+      return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+          0xAAAAAAAAu, _mm512_load_si512(kHigh), _mm512_castsi256_si512(h)));
     }
   }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
@@ -264,10 +279,11 @@ struct Avx512 {
     return _mm512_mask_sub_epi32(c, m, c, _mm512_set1_epi32(-1));
   }
   static int64_t count_total(Count c) { return _mm512_reduce_add_epi32(c); }
-  // 2^t (t >= kExpClampLog2 or NaN) as 2^floor(t) p(f): vreduceps gives f = t - floor(t) in
-  // [0, 1) exactly in one instruction, and vscalefps multiplies by 2^floor(t) itself, so that
-  // neither the integer part nor a subtraction is formed (two instructions fewer than rounding
-  // to nearest with vrndscaleps: pass B's exp step measured 14% faster). NaN stays NaN.
+  // 2^t (any finite t, see kExpAnyExponent; NaN stays NaN) as 2^floor(t) p(f): vreduceps gives
+  // f = t - floor(t) in [0, 1) exactly in one instruction, and vscalefps multiplies by
+  // 2^floor(t) itself, so that neither the integer part nor a subtraction is formed (two
+  // instructions fewer than rounding to nearest with vrndscaleps: pass B's exp step measured 14%
+  // faster).
   static F exp2(F t) {
     const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp01C5), f, _mm512_set1_ps(kExp01C4));

@@ -5,6 +5,7 @@ implementation written here from llama.cpp's definitions; merge and gloo sync; C
 live control."""
 import math
 import os
+import platform
 import textwrap
 
 import pytest
@@ -12,12 +13,15 @@ import torch
 import torch.multiprocessing as mp
 
 import pplfast
-from pplfast import reference
+from pplfast import _C, reference
 from helpers import (ALL_BACKENDS, EXTREME_BIASES, LSE_RTOL, ORDINARY_BOUND, assert_nll_close,
                      backend_device, extreme_bias, extreme_option_params, extreme_scale,
                      float32_extreme_rows, on_backend, row_lse, run_json_child)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the CPU kernels' instruction sets this machine runs (tests/kernels/test_cpu_isa.py)
+CPU_ISAS = (["avx2"] if platform.machine().lower() in ("x86_64", "amd64") else ["scalar"]) + (
+    ["avx512"] if _C.cpu_has_avx512() and _C.built_avx512() else [])
 FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
 
 
@@ -210,6 +214,69 @@ def test_float32_extremes(backend, opts, V, pairing):
     assert_extreme_comparison(got, expected, base, test, opts, f"{backend} {pairing} {opts}")
     if pairing == "self":
         assert bool((got.kl.abs() <= 2e-6 * float(V)).all()), got.kl
+
+
+def block_special_rows(V, dtype, generator):
+    """``(base, test, targets)`` of rows several CPU blocks long (2048 columns each), with special
+    values in some blocks only, so that the kernel's fold changes along a row (fast, masked or
+    exact, by each block's content): -inf or NaN in one middle block, every block masked to -inf
+    but a few entries (top-k sampling; the same mask on both sides, and different masks), values
+    far below the maximum on one side only (the exact fold) or at the same columns on both,
+    -1e19 (within the fast fold at T = 1, beyond it at small temperatures) and -1e36, and values
+    95 below the maximum (their exps below the smallest normal float)."""
+    inf = float("inf")
+    a = torch.randn(12, V, generator=generator) * 2
+    b = a + 0.5 * torch.randn(12, V, generator=generator)
+    keep = lambda: torch.rand(V, generator=generator) < 0.01
+    a[1, 2100:2110] = -inf
+    b[2, 4500] = -inf
+    m = keep()
+    a[3, ~m], b[3, ~m] = -inf, -inf
+    a[4, ~m], b[4, ~keep() & ~m] = -inf, -inf
+    a[5, 4400] = float("nan")
+    b[6, 2500] = -1e30
+    a[7, 100:140], b[7, 100:140] = -1e30, -1e30
+    a[8, 3000] = -1e25
+    b[9, 5000] = -1e19
+    a[10, -1], b[10, -1] = -inf, -inf  # in the last, partial block
+    b[11, 3333] = -1e36  # q = 0 there: a fast fold's clamped term 1e-38 * 1e36 would show
+    a[0, 2048:2300] = a[0].max() - 95.0  # exps of 2^-137: denormal, or 0 where flushed
+    t = torch.randint(0, V, (12,), generator=generator)
+    return a.to(dtype), b.to(dtype), t
+
+
+@pytest.mark.parametrize("opts", [dict(softcap=None, temperature=1.0),
+                                  dict(softcap=None, temperature=0.05),
+                                  dict(softcap=20.0, temperature=0.7)],
+                         ids=["plain", "T0.05", "softcap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_blocks_change_path_along_a_row(isa, dtype, opts, monkeypatch):
+    """Every instruction set, against the float64 oracle, with the maxima and the fast fold's
+    exponent setup carried from block to block (it is made again only when a maximum grows)."""
+    monkeypatch.setenv("PPLFAST_CPU_ISA", isa)
+    base, test, t = block_special_rows(3 * 2048 + 501, dtype, torch.Generator().manual_seed(5))
+    got = pplfast.compare(base, test, t, backend="cpu", **opts)
+    expected = reference.compare(base, test, t, **opts)
+    assert_extreme_comparison(got, expected, base, test, opts, f"{isa} {dtype} {opts}")
+    if dtype is not torch.float16 and opts == dict(softcap=None, temperature=1.0):  # fp16: no 1e19
+        kl, rev = got.kl.tolist(), got.kl_reverse.tolist()
+        assert math.isinf(rev[1]) and math.isinf(kl[2]) and math.isinf(rev[4])
+        assert math.isnan(kl[5]) and kl[6] > 1e20 and rev[8] > 1e16 and kl[9] > 1e12
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_compare_leaves_denormals_alone(isa, monkeypatch):
+    """The AVX-512 compare flushes denormal results to zero in its threads while it runs, and
+    puts the floating-point state back: a denormal still comes out of ordinary arithmetic
+    after it, in this thread (which runs part of the work) and in the kernels' other threads."""
+    monkeypatch.setenv("PPLFAST_CPU_ISA", isa)
+    a, b = torch.randn(8, 5000), torch.randn(8, 5000)
+    pplfast.compare(a, b, torch.zeros(8, dtype=torch.long), backend="cpu")
+    tiny = 1e-300
+    assert tiny * 1e-10 > 0.0  # 1e-310, a denormal double: 0 under flush-to-zero
+    x = torch.full((4096,), 1e-30)
+    assert bool(((x * 1e-10) > 0).all())  # torch's own threads: 1e-40, a denormal float
 
 
 @pytest.mark.parametrize("opts", extreme_option_params())
