@@ -10,6 +10,17 @@ import torch
 LSE_RTOL = 2e-6
 
 
+def cpu_isas() -> list:
+    """The native CPU kernels' instruction sets this machine runs: the build's baseline ("avx2" on
+    x86-64, else "scalar"), then "avx512" where both the CPU and the build have it."""
+    import platform
+
+    from pplfast import _C
+
+    baseline = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "scalar"
+    return [baseline] + (["avx512"] if _C.cpu_has_avx512() and _C.built_avx512() else [])
+
+
 def backend_params(*names: str) -> list:
     """``pytest.param`` per backend, id = its name: "triton" carries the ``interpreter`` mark
     (it runs under TRITON_INTERPRET=1 where there is no GPU), "cuda" the ``cuda`` mark (skipped

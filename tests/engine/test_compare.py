@@ -5,7 +5,6 @@ implementation written here from llama.cpp's definitions; merge and gloo sync; C
 live control."""
 import math
 import os
-import platform
 import textwrap
 
 import pytest
@@ -13,15 +12,12 @@ import torch
 import torch.multiprocessing as mp
 
 import pplfast
-from pplfast import _C, reference
+from pplfast import reference
 from helpers import (ALL_BACKENDS, EXTREME_BIASES, LSE_RTOL, ORDINARY_BOUND, assert_nll_close,
-                     backend_device, extreme_bias, extreme_option_params, extreme_scale,
+                     backend_device, cpu_isas, extreme_bias, extreme_option_params, extreme_scale,
                      float32_extreme_rows, on_backend, row_lse, run_json_child)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# the CPU kernels' instruction sets this machine runs (tests/kernels/test_cpu_isa.py)
-CPU_ISAS = (["avx2"] if platform.machine().lower() in ("x86_64", "amd64") else ["scalar"]) + (
-    ["avx512"] if _C.cpu_has_avx512() and _C.built_avx512() else [])
 FIELDS = ("kl", "kl_reverse", "nll_base", "nll_test", "argmax_base", "argmax_test")
 
 
@@ -250,7 +246,7 @@ def block_special_rows(V, dtype, generator):
                                   dict(softcap=20.0, temperature=0.7)],
                          ids=["plain", "T0.05", "softcap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_cpu_blocks_change_path_along_a_row(isa, dtype, opts, monkeypatch):
     """Every instruction set, against the float64 oracle, with the maxima and the fast fold's
     exponent setup carried from block to block (it is made again only when a maximum grows)."""
@@ -265,7 +261,7 @@ def test_cpu_blocks_change_path_along_a_row(isa, dtype, opts, monkeypatch):
         assert math.isnan(kl[5]) and kl[6] > 1e20 and rev[8] > 1e16 and kl[9] > 1e12
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_cpu_compare_leaves_denormals_alone(isa, monkeypatch):
     """The AVX-512 compare flushes denormal results to zero in its threads while it runs, and
     puts the floating-point state back: a denormal still comes out of ordinary arithmetic

@@ -4,7 +4,6 @@ CPU runs, and no AVX-512 instruction outside the AVX-512 kernels (the build stay
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -16,11 +15,11 @@ import torch
 
 import pplfast
 from pplfast import _C, reference
-from helpers import assert_nll_close, row_lse
+from helpers import assert_nll_close, cpu_isas, row_lse
 
-BASELINE = "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "scalar"
 # every instruction set this machine can run (the AVX-512 kernels only where the CPU has them)
-ISAS = [BASELINE] + (["avx512"] if _C.cpu_has_avx512() and _C.built_avx512() else [])
+ISAS = cpu_isas()
+BASELINE = ISAS[0]
 
 
 @pytest.fixture
