@@ -416,45 +416,45 @@ template <int DT, bool SOFTCAP>
 inline BlockInfo load_block(const void* base, int64_t stride, int64_t start, int64_t n,
                             const Transform& tf, float* buf, const float*& z) {
   BlockInfo info;
-  F vraw = S::set1(kNegInf), vmax0 = vraw, vmax1 = vraw;
-  F vmin0 = S::set1(kPosInf), vmin1 = vmin0;
+  // four independent chains each for the maximum and the minimum (as scan_block): with two, their
+  // latency bounded the loop (AVX2 compare 1.13x faster in bf16 with four)
+  F vraw = S::set1(kNegInf), vmax[4], vmin[4];
+  for (int k = 0; k < 4; ++k) {
+    vmax[k] = vraw;
+    vmin[k] = S::set1(kPosInf);
+  }
   auto nan = S::unord(S::zero());
   const int64_t full = n / W * W;
   int64_t i = 0;
   if (DT == kFloat32 && !SOFTCAP && stride == 1 && full == n) {
     const float* src = static_cast<const float*>(base) + start;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      const F x0 = S::load(src + i), x1 = S::load(src + i + W);
-      vmax0 = S::max(x0, vmax0);
-      vmin0 = S::min(x0, vmin0);
-      vmax1 = S::max(x1, vmax1);
-      vmin1 = S::min(x1, vmin1);
-    }
-    for (; i < n; i += W) {
-      const F x = S::load(src + i);
-      vmax0 = S::max(x, vmax0);
-      vmin0 = S::min(x, vmin0);
-    }
+    auto fold = [&](int64_t j, int k) {
+      const F x = S::load(src + j);
+      vmax[k] = S::max(x, vmax[k]);
+      vmin[k] = S::min(x, vmin[k]);
+    };
+    for (; i + 4 * W <= n; i += 4 * W)
+      for (int k = 0; k < 4; ++k) fold(i + k * W, k);
+    for (; i < n; i += W) fold(i, 0);
     z = src;
   } else {
-    auto put = [&](F x, int64_t j, F& vmax, F& vmin) {
+    auto put = [&](F x, int64_t j, int k) {
       if constexpr (SOFTCAP) {
         nan = S::mask_or(nan, S::unord(x));
         vraw = S::max(x, vraw);
         x = soft_cap<true>(x, tf);
       }
-      vmin = S::min(x, vmin);
-      vmax = S::max(x, vmax);
+      vmin[k] = S::min(x, vmin[k]);
+      vmax[k] = S::max(x, vmax[k]);
       S::store(buf + j, x);
     };
     if (stride == 1) {
-      for (; i + 2 * W <= full; i += 2 * W) {
-        put(S::template load_dt<DT>(base, start + i), i, vmax0, vmin0);
-        put(S::template load_dt<DT>(base, start + i + W), i + W, vmax1, vmin1);
-      }
-      for (; i < full; i += W) put(S::template load_dt<DT>(base, start + i), i, vmax0, vmin0);
+      for (; i + 4 * W <= full; i += 4 * W)
+        for (int k = 0; k < 4; ++k)
+          put(S::template load_dt<DT>(base, start + i + k * W), i + k * W, k);
+      for (; i < full; i += W) put(S::template load_dt<DT>(base, start + i), i, 0);
     } else {
-      for (; i < full; i += W) put(gather<DT>(base, stride, start + i, W), i, vmax0, vmin0);
+      for (; i < full; i += W) put(gather<DT>(base, stride, start + i, W), i, 0);
     }
     if (full < n) {
       const auto real = S::first_lanes(static_cast<int>(n - full));
@@ -464,16 +464,17 @@ inline BlockInfo load_block(const void* base, int64_t stride, int64_t start, int
         vraw = S::max(pad(x, n - full), vraw);
         x = soft_cap<true>(x, tf);
       }
-      vmin0 = S::min(S::select(real, x, S::set1(kPosInf)), vmin0);
+      vmin[0] = S::min(S::select(real, x, S::set1(kPosInf)), vmin[0]);
       x = S::select(real, x, S::set1(kNegInf));
-      vmax0 = S::max(x, vmax0);
+      vmax[0] = S::max(x, vmax[0]);
       S::store(buf + full, x);
     }
     z = buf;
   }
-  info.zmax = S::hmax(S::max(vmax0, vmax1));
+  info.zmax = S::hmax(S::max(S::max(vmax[0], vmax[1]), S::max(vmax[2], vmax[3])));
   info.rawmax = SOFTCAP ? S::hmax(vraw) : info.zmax;  // untransformed: z = x
-  info.zmin = -S::hmax(S::sub(S::zero(), S::min(vmin0, vmin1)));
+  info.zmin = -S::hmax(
+      S::sub(S::zero(), S::min(S::min(vmin[0], vmin[1]), S::min(vmin[2], vmin[3]))));
   info.nan = S::any(nan);
   return info;
 }
