@@ -264,15 +264,15 @@ def test_cpu_blocks_change_path_along_a_row(isa, dtype, opts, monkeypatch):
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_cpu_compare_leaves_denormals_alone(isa, monkeypatch):
     """The AVX-512 compare flushes denormal results to zero in its threads while it runs, and
-    puts the floating-point state back: a denormal still comes out of ordinary arithmetic
-    after it, in this thread (which runs part of the work) and in the kernels' other threads."""
+    puts the floating-point state back: a denormal still comes out of ordinary arithmetic after
+    it in this thread, which runs part of the work (OpenMP's first thread)."""
     monkeypatch.setenv("PPLFAST_CPU_ISA", isa)
     a, b = torch.randn(8, 5000), torch.randn(8, 5000)
     pplfast.compare(a, b, torch.zeros(8, dtype=torch.long), backend="cpu")
     tiny = 1e-300
     assert tiny * 1e-10 > 0.0  # 1e-310, a denormal double: 0 under flush-to-zero
     x = torch.full((4096,), 1e-30)
-    assert bool(((x * 1e-10) > 0).all())  # torch's own threads: 1e-40, a denormal float
+    assert bool(((x * 1e-10) > 0).all())  # 1e-40, a denormal float, through torch's kernels
 
 
 @pytest.mark.parametrize("opts", extreme_option_params())
